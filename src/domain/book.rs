@@ -1,0 +1,415 @@
+//! The book: the slice of state one batch needs (organizations, pools and their lots,
+//! workspace consumption, participants), and the effects the batch produced. The store
+//! loads it, the rules in the sibling modules change it, the store writes back what is
+//! marked dirty.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+
+use super::commands::{Command, CommandBody};
+use super::ids::{EventId, OrgId, ParticipantId, Product, WorkspaceId};
+
+/// How the organization's modules are handed out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// When true, an enabled module moves from the pool by itself, like seats (rule 6).
+    pub modules_auto_assign: bool,
+}
+
+/// One organization's ledger position.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Organization {
+    /// The sequence of the organization's last ledger entry; 0 before the first.
+    pub last_sequence: i64,
+    pub dirty: bool,
+}
+
+/// An organization's pool of one product: the units available now and the running totals
+/// that explain them (`available = granted - transferred - expired`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pool {
+    pub available: i64,
+    pub granted_total: i64,
+    pub transferred_total: i64,
+    pub expired_total: i64,
+    pub dirty: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LotStatus {
+    /// Granted, but `valid_from` is still in the future.
+    Pending,
+    /// In the pool: its remaining units can be drawn.
+    Active,
+    /// Every unit was transferred.
+    Spent,
+    /// `expires_at` passed; what was left left the pool with an expiry entry.
+    Expired,
+}
+
+impl LotStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LotStatus::Pending => "pending",
+            LotStatus::Active => "active",
+            LotStatus::Spent => "spent",
+            LotStatus::Expired => "expired",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        Some(match value {
+            "pending" => LotStatus::Pending,
+            "active" => LotStatus::Active,
+            "spent" => LotStatus::Spent,
+            "expired" => LotStatus::Expired,
+            _ => return None,
+        })
+    }
+}
+
+/// The units of one grant, with their validity window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lot {
+    /// The grant's `event_id`.
+    pub lot_id: EventId,
+    pub org_id: OrgId,
+    pub product: Product,
+    pub quantity: i64,
+    pub remaining: i64,
+    pub valid_from: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub status: LotStatus,
+    pub source_kind: Option<String>,
+    pub source_reference: Option<String>,
+    /// True when the lot was created in this batch (the store inserts it).
+    pub is_new: bool,
+    pub dirty: bool,
+}
+
+/// One workspace's consumption of one product.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Consumption {
+    pub org_id: OrgId,
+    /// Counted participants for seats; 1 for an enabled module.
+    pub required: i64,
+    /// Units transferred into the workspace; never goes down.
+    pub allocated: i64,
+    /// When the current shortfall opened; None while nothing is missing. Refills serve
+    /// the oldest first.
+    pub shortfall_since: Option<DateTime<Utc>>,
+    /// The `missing` count last published on the shortfall topic (0: none open).
+    pub reported_missing: i64,
+    /// The `opened_at` of the open shortfall last published; None when none is open.
+    pub reported_opened_at: Option<DateTime<Utc>>,
+    /// How many alerts this (workspace, product) has published; part of the alert id.
+    pub alert_revision: i64,
+    /// The event that last changed it: the alert's `caused_by`.
+    pub last_cause: Option<EventId>,
+    pub dirty: bool,
+}
+
+impl Consumption {
+    pub fn new(org_id: OrgId) -> Self {
+        Self {
+            org_id,
+            required: 0,
+            allocated: 0,
+            shortfall_since: None,
+            reported_missing: 0,
+            reported_opened_at: None,
+            alert_revision: 0,
+            last_cause: None,
+            dirty: false,
+        }
+    }
+
+    /// `missing = required - allocated`, never below 0.
+    pub fn missing(&self) -> i64 {
+        (self.required - self.allocated).max(0)
+    }
+}
+
+/// A participant's latest event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParticipantRecord {
+    pub last_event_at: DateTime<Utc>,
+    pub last_event_id: EventId,
+    pub counted: bool,
+    pub dirty: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LedgerKind {
+    Grant,
+    Transfer,
+    Expiry,
+    ManualTransfer,
+}
+
+impl LedgerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LedgerKind::Grant => "grant",
+            LedgerKind::Transfer => "transfer",
+            LedgerKind::Expiry => "expiry",
+            LedgerKind::ManualTransfer => "manual_transfer",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        Some(match value {
+            "grant" => LedgerKind::Grant,
+            "transfer" => LedgerKind::Transfer,
+            "expiry" => LedgerKind::Expiry,
+            "manual_transfer" => LedgerKind::ManualTransfer,
+            _ => return None,
+        })
+    }
+}
+
+/// One ledger entry, as recorded and published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerEntry {
+    pub org_id: OrgId,
+    pub sequence: i64,
+    pub product: Product,
+    pub kind: LedgerKind,
+    pub quantity: i64,
+    pub workspace_id: Option<WorkspaceId>,
+    pub pool_available_after: i64,
+    pub caused_by: EventId,
+    pub actor: Option<String>,
+    pub recorded_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlertStatus {
+    Open,
+    Resolved,
+}
+
+impl AlertStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertStatus::Open => "open",
+            AlertStatus::Resolved => "resolved",
+        }
+    }
+}
+
+/// A change of a shortfall, to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alert {
+    pub org_id: OrgId,
+    pub workspace_id: WorkspaceId,
+    pub product: Product,
+    pub status: AlertStatus,
+    pub required: i64,
+    pub allocated: i64,
+    pub missing: i64,
+    pub opened_at: DateTime<Utc>,
+    pub occurred_at: DateTime<Utc>,
+    pub caused_by: EventId,
+    /// Counts the alerts of this (workspace, product), from 1: with them it makes the id.
+    pub revision: i64,
+}
+
+/// Why the core refused a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// The workspace belongs to another organization (rule 4).
+    TenantMismatch,
+    /// A manual transfer by someone without the entitlement manager role (rule 7).
+    Forbidden,
+    /// A manual transfer larger than the pool (rule 7).
+    InsufficientPool,
+    /// A manual transfer of a module the workspace already holds.
+    AlreadyAllocated,
+}
+
+impl Refusal {
+    /// The dead-letter `reason`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::TenantMismatch => "tenant_mismatch",
+            Refusal::Forbidden => "forbidden",
+            Refusal::InsufficientPool => "insufficient_pool",
+            Refusal::AlreadyAllocated => "already_allocated",
+        }
+    }
+}
+
+/// What became of one command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Applied,
+    /// The same `event_id` was already applied: nothing changes (rule 1).
+    Duplicate,
+    /// An older participant event arrived after a newer one: nothing changes (rule 2).
+    Stale,
+    Refused {
+        refusal: Refusal,
+        detail: String,
+    },
+}
+
+/// The slice of state a batch works on, and what the batch produced.
+#[derive(Debug, Default)]
+pub struct Book {
+    /// How modules are handed out; set once for the whole batch.
+    pub policy: Policy,
+    pub organizations: HashMap<OrgId, Organization>,
+    pub pools: HashMap<(OrgId, Product), Pool>,
+    /// Pending and active lots of the organizations in the book, by pool.
+    pub lots: HashMap<(OrgId, Product), Vec<Lot>>,
+    /// Workspace owners known before the batch.
+    pub owners: HashMap<WorkspaceId, OrgId>,
+    /// Workspaces first claimed in this batch; the store inserts them.
+    pub new_claims: Vec<(WorkspaceId, OrgId)>,
+    pub consumption: HashMap<(WorkspaceId, Product), Consumption>,
+    pub participants: HashMap<(WorkspaceId, ParticipantId), ParticipantRecord>,
+    /// Deduplicated event ids already applied, stored or earlier in this batch.
+    pub processed: HashSet<EventId>,
+    /// Deduplicated event ids applied in this batch; the store inserts them.
+    pub newly_processed: Vec<EventId>,
+    /// Organizations whose lots were already brought up to the batch's time.
+    pub settled: HashSet<OrgId>,
+    /// Ledger entries of this batch, in sequence order per organization.
+    pub ledger: Vec<LedgerEntry>,
+    /// Shortfall changes of this batch, filled by `finish`.
+    pub alerts: Vec<Alert>,
+}
+
+impl Book {
+    pub fn new(policy: Policy) -> Self {
+        Self {
+            policy,
+            ..Self::default()
+        }
+    }
+
+    /// Applies one command at the time `now` and says what became of it.
+    pub fn apply(&mut self, command: &Command, now: DateTime<Utc>) -> Verdict {
+        if command.needs_deduplication() && self.processed.contains(&command.event_id) {
+            return Verdict::Duplicate;
+        }
+        if let Some(workspace_id) = command.workspace_id() {
+            if !self.may_name(workspace_id, &command.org_id) {
+                return Verdict::Refused {
+                    refusal: Refusal::TenantMismatch,
+                    detail: format!(
+                        "Workspace {:?} belongs to another organization, not to {:?}; \
+                         the event changes nothing.",
+                        workspace_id.as_str(),
+                        command.org_id.as_str()
+                    ),
+                };
+            }
+        }
+        self.settle_time(&command.org_id, now);
+        let verdict = match &command.body {
+            CommandBody::ParticipantAdded {
+                workspace_id,
+                participant_id,
+            } => self.record_participant_event(command, workspace_id, participant_id, None, now),
+            CommandBody::ParticipantCancelled {
+                workspace_id,
+                participant_id,
+                activated,
+            } => self.record_participant_event(
+                command,
+                workspace_id,
+                participant_id,
+                Some(*activated),
+                now,
+            ),
+            CommandBody::ModuleEnabled {
+                workspace_id,
+                module,
+            } => self.enable_module(command, workspace_id, module, now),
+            CommandBody::EntitlementGranted { .. } => self.grant(command, now),
+            CommandBody::TransferRequested { .. } => self.manual_transfer(command, now),
+        };
+        if verdict == Verdict::Applied {
+            if let Some(workspace_id) = command.workspace_id() {
+                self.claim(workspace_id, &command.org_id);
+            }
+            if command.needs_deduplication() {
+                self.processed.insert(command.event_id.clone());
+                self.newly_processed.push(command.event_id.clone());
+            }
+        }
+        verdict
+    }
+
+    /// Ends the batch: publishes the shortfall changes it made.
+    pub fn finish(&mut self, now: DateTime<Utc>) {
+        self.collect_alerts(now);
+    }
+
+    pub(crate) fn organization_mut(&mut self, org_id: &OrgId) -> &mut Organization {
+        self.organizations.entry(org_id.clone()).or_default()
+    }
+
+    pub(crate) fn pool_mut(&mut self, org_id: &OrgId, product: &Product) -> &mut Pool {
+        self.pools
+            .entry((org_id.clone(), product.clone()))
+            .or_default()
+    }
+
+    pub fn pool(&self, org_id: &OrgId, product: &Product) -> Pool {
+        self.pools
+            .get(&(org_id.clone(), product.clone()))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn consumption_mut(
+        &mut self,
+        workspace_id: &WorkspaceId,
+        product: &Product,
+        org_id: &OrgId,
+    ) -> &mut Consumption {
+        self.consumption
+            .entry((workspace_id.clone(), product.clone()))
+            .or_insert_with(|| Consumption::new(org_id.clone()))
+    }
+
+    /// Appends a ledger entry with the organization's next sequence number.
+    pub(crate) fn record(&mut self, org_id: &OrgId, movement: Movement<'_>, now: DateTime<Utc>) {
+        debug_assert!(
+            movement.quantity > 0,
+            "a ledger entry moves at least one unit"
+        );
+        let pool_available_after = self.pool(org_id, movement.product).available;
+        debug_assert!(pool_available_after >= 0, "a pool never goes negative");
+        let organization = self.organization_mut(org_id);
+        organization.last_sequence += 1;
+        organization.dirty = true;
+        let sequence = organization.last_sequence;
+        self.ledger.push(LedgerEntry {
+            org_id: org_id.clone(),
+            sequence,
+            product: movement.product.clone(),
+            kind: movement.kind,
+            quantity: movement.quantity,
+            workspace_id: movement.workspace_id.cloned(),
+            pool_available_after,
+            caused_by: movement.caused_by.clone(),
+            actor: movement.actor.map(str::to_owned),
+            recorded_at: now,
+        });
+    }
+}
+
+/// What a ledger entry records, before it gets its sequence number.
+pub(crate) struct Movement<'a> {
+    pub product: &'a Product,
+    pub kind: LedgerKind,
+    pub quantity: i64,
+    pub workspace_id: Option<&'a WorkspaceId>,
+    pub caused_by: &'a EventId,
+    pub actor: Option<&'a str>,
+}

@@ -1,0 +1,33 @@
+//! The domain core: every rule of the contract, as plain Rust with no I/O and no async.
+//!
+//! | rule | place |
+//! | --- | --- |
+//! | 1, exactly once (duplicate `event_id`s) | [`book::Book::apply`] |
+//! | 2, order does not matter; 3, who counts | [`participants`] |
+//! | 4, tenancy | [`tenancy`] |
+//! | 5, seats move by themselves; 6, modules wait; 7, manual transfers | [`transfers`] |
+//! | 8, refills oldest first; 9, earliest expiry, never negative, expiry | [`pools`] |
+//! | alerts only on change | [`shortfalls`] |
+//!
+//! The store loads a [`book::Book`] with the state a batch needs, the batch's commands are
+//! applied one by one, and the store writes back what changed with the ledger entries and
+//! alerts the book collected.
+
+pub mod book;
+pub mod commands;
+pub mod ids;
+pub mod participants;
+pub mod pools;
+pub mod shortfalls;
+pub mod tenancy;
+pub mod transfers;
+
+pub use book::{
+    Alert, AlertStatus, Book, Consumption, LedgerEntry, LedgerKind, Lot, LotStatus, Organization,
+    ParticipantRecord, Policy, Pool, Refusal, Verdict,
+};
+pub use commands::{Actor, Command, CommandBody, GrantSource};
+pub use ids::{EventId, IdError, OrgId, ParticipantId, Product, Quantity, WorkspaceId};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,485 @@
+//! The contract's rules told as stories against the pure core, one batch at a time.
+
+use chrono::{DateTime, Duration, Utc};
+
+use super::*;
+
+fn at(minute: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(1_800_000_000, 0).unwrap() + Duration::minutes(minute)
+}
+
+/// A tiny world: one book kept across batches, the way the store keeps state.
+struct World {
+    book: Book,
+    next_event: u64,
+}
+
+impl World {
+    fn new() -> Self {
+        Self::with_policy(Policy::default())
+    }
+
+    fn with_policy(policy: Policy) -> Self {
+        Self {
+            book: Book::new(policy),
+            next_event: 0,
+        }
+    }
+
+    fn event_id(&mut self) -> EventId {
+        self.next_event += 1;
+        EventId::parse(&format!("e-{:06}", self.next_event)).unwrap()
+    }
+
+    fn command(&mut self, org: &str, body: CommandBody, occurred_at: DateTime<Utc>) -> Command {
+        Command {
+            event_id: self.event_id(),
+            occurred_at,
+            org_id: OrgId::parse(org).unwrap(),
+            body,
+        }
+    }
+
+    /// Runs commands as one batch at `now`, like the store does: fresh per-batch outputs.
+    fn batch(&mut self, commands: &[Command], now: DateTime<Utc>) -> Vec<Verdict> {
+        self.book.ledger.clear();
+        self.book.alerts.clear();
+        self.book.settled.clear();
+        for consumption in self.book.consumption.values_mut() {
+            consumption.dirty = false;
+        }
+        let verdicts = commands
+            .iter()
+            .map(|command| self.book.apply(command, now))
+            .collect();
+        self.book.finish(now);
+        verdicts
+    }
+
+    fn consumption(&self, workspace: &str, product: &str) -> Consumption {
+        self.book
+            .consumption
+            .get(&(
+                WorkspaceId::parse(workspace).unwrap(),
+                Product::parse(product).unwrap(),
+            ))
+            .cloned()
+            .unwrap_or_else(|| Consumption::new(OrgId::parse("none").unwrap()))
+    }
+
+    fn available(&self, org: &str, product: &str) -> i64 {
+        self.book
+            .pool(
+                &OrgId::parse(org).unwrap(),
+                &Product::parse(product).unwrap(),
+            )
+            .available
+    }
+}
+
+fn grant(product: &str, quantity: i64) -> CommandBody {
+    grant_window(product, quantity, None, None)
+}
+
+fn grant_window(
+    product: &str,
+    quantity: i64,
+    valid_from: Option<DateTime<Utc>>,
+    expires_at: Option<DateTime<Utc>>,
+) -> CommandBody {
+    CommandBody::EntitlementGranted {
+        product: Product::parse(product).unwrap(),
+        quantity: Quantity::parse(quantity).unwrap(),
+        valid_from,
+        expires_at,
+        source: None,
+    }
+}
+
+fn join(workspace: &str, participant: &str) -> CommandBody {
+    CommandBody::ParticipantAdded {
+        workspace_id: WorkspaceId::parse(workspace).unwrap(),
+        participant_id: ParticipantId::parse(participant).unwrap(),
+    }
+}
+
+fn cancel(workspace: &str, participant: &str, activated: bool) -> CommandBody {
+    CommandBody::ParticipantCancelled {
+        workspace_id: WorkspaceId::parse(workspace).unwrap(),
+        participant_id: ParticipantId::parse(participant).unwrap(),
+        activated,
+    }
+}
+
+fn enable(workspace: &str, module: &str) -> CommandBody {
+    CommandBody::ModuleEnabled {
+        workspace_id: WorkspaceId::parse(workspace).unwrap(),
+        module: Product::parse(module).unwrap(),
+    }
+}
+
+fn transfer(workspace: &str, product: &str, quantity: i64, role: &str) -> CommandBody {
+    CommandBody::TransferRequested {
+        workspace_id: WorkspaceId::parse(workspace).unwrap(),
+        product: Product::parse(product).unwrap(),
+        quantity: Quantity::parse(quantity).unwrap(),
+        requested_by: Actor {
+            user_id: "u-alice".into(),
+            role: role.into(),
+        },
+    }
+}
+
+fn refused(verdict: &Verdict) -> Option<Refusal> {
+    match verdict {
+        Verdict::Refused { refusal, .. } => Some(*refusal),
+        _ => None,
+    }
+}
+
+#[test]
+fn twelve_participants_in_a_pool_of_ten_then_five_more_seats() {
+    let mut world = World::new();
+    let grant10 = world.command("acme", grant("seat", 10), at(0));
+    world.batch(&[grant10], at(0));
+    let joins: Vec<_> = (0..12)
+        .map(|n| world.command("acme", join("summit", &format!("p{n}")), at(1)))
+        .collect();
+    world.batch(&joins, at(1));
+    let summit = world.consumption("summit", "seat");
+    assert_eq!(
+        (summit.required, summit.allocated, summit.missing()),
+        (12, 10, 2)
+    );
+    assert_eq!(world.available("acme", "seat"), 0);
+    assert_eq!(world.book.alerts.len(), 1, "one alert for the batch");
+    let alert = &world.book.alerts[0];
+    assert_eq!((alert.status, alert.missing), (AlertStatus::Open, 2));
+    let transferred: i64 = world.book.ledger.iter().map(|entry| entry.quantity).sum();
+    assert_eq!(transferred, 10, "ten seats moved, one per participant");
+
+    let grant5 = world.command("acme", grant("seat", 5), at(2));
+    world.batch(&[grant5], at(2));
+    let summit = world.consumption("summit", "seat");
+    assert_eq!((summit.allocated, summit.missing()), (12, 0));
+    assert_eq!(world.available("acme", "seat"), 3);
+    let kinds: Vec<_> = world
+        .book
+        .ledger
+        .iter()
+        .map(|entry| (entry.kind, entry.quantity, entry.pool_available_after))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![(LedgerKind::Grant, 5, 5), (LedgerKind::Transfer, 2, 3)]
+    );
+    let alert = &world.book.alerts[0];
+    assert_eq!((alert.status, alert.missing), (AlertStatus::Resolved, 0));
+    assert_eq!(
+        alert.opened_at,
+        at(1),
+        "the resolution names when it opened"
+    );
+}
+
+#[test]
+fn a_grant_seen_twice_is_credited_once() {
+    let mut world = World::new();
+    let grant10 = world.command("acme", grant("seat", 10), at(0));
+    let verdicts = world.batch(&[grant10.clone(), grant10.clone()], at(0));
+    assert_eq!(verdicts, vec![Verdict::Applied, Verdict::Duplicate]);
+    assert_eq!(world.batch(&[grant10], at(1)), vec![Verdict::Duplicate]);
+    assert_eq!(world.available("acme", "seat"), 10);
+}
+
+#[test]
+fn a_participant_event_seen_twice_changes_nothing() {
+    let mut world = World::new();
+    let grant10 = world.command("acme", grant("seat", 10), at(0));
+    let joined = world.command("acme", join("summit", "p1"), at(1));
+    world.batch(&[grant10, joined.clone()], at(1));
+    assert_eq!(world.batch(&[joined], at(2)), vec![Verdict::Duplicate]);
+    assert!(world.book.ledger.is_empty());
+    assert_eq!(world.consumption("summit", "seat").allocated, 1);
+}
+
+#[test]
+fn an_older_event_arriving_late_changes_nothing() {
+    let mut world = World::new();
+    let cancelled = world.command("acme", cancel("summit", "p1", false), at(5));
+    let joined_earlier = world.command("acme", join("summit", "p1"), at(1));
+    let verdicts = world.batch(&[cancelled, joined_earlier], at(6));
+    assert_eq!(verdicts, vec![Verdict::Applied, Verdict::Stale]);
+    assert_eq!(world.consumption("summit", "seat").required, 0);
+}
+
+#[test]
+fn a_cancelled_participant_who_never_activated_frees_a_seat_for_the_next() {
+    let mut world = World::new();
+    let grant1 = world.command("acme", grant("seat", 1), at(0));
+    let joined = world.command("acme", join("summit", "p1"), at(1));
+    let cancelled = world.command("acme", cancel("summit", "p1", false), at(2));
+    let next = world.command("acme", join("summit", "p2"), at(3));
+    world.batch(&[grant1, joined, cancelled, next], at(3));
+    let summit = world.consumption("summit", "seat");
+    assert_eq!(
+        (summit.required, summit.allocated, summit.missing()),
+        (1, 1, 0)
+    );
+    assert!(world.book.alerts.is_empty());
+}
+
+#[test]
+fn a_cancelled_participant_who_activated_keeps_its_seat() {
+    let mut world = World::new();
+    let grant1 = world.command("acme", grant("seat", 1), at(0));
+    let joined = world.command("acme", join("summit", "p1"), at(1));
+    let cancelled = world.command("acme", cancel("summit", "p1", true), at(2));
+    let next = world.command("acme", join("summit", "p2"), at(3));
+    world.batch(&[grant1, joined, cancelled, next], at(3));
+    let summit = world.consumption("summit", "seat");
+    assert_eq!(
+        (summit.required, summit.allocated, summit.missing()),
+        (2, 1, 1)
+    );
+}
+
+#[test]
+fn a_workspace_claimed_by_a_second_organization_is_refused_and_costs_it_nothing() {
+    let mut world = World::new();
+    let acme = world.command("acme", join("summit", "p1"), at(0));
+    let globex_grant = world.command("globex", grant("seat", 5), at(0));
+    let globex = world.command("globex", join("summit", "p2"), at(1));
+    let globex_transfer = world.command(
+        "globex",
+        transfer("summit", "seat", 2, "entitlement_manager"),
+        at(1),
+    );
+    let verdicts = world.batch(&[acme, globex_grant, globex, globex_transfer], at(1));
+    assert_eq!(refused(&verdicts[2]), Some(Refusal::TenantMismatch));
+    assert_eq!(refused(&verdicts[3]), Some(Refusal::TenantMismatch));
+    assert_eq!(world.available("globex", "seat"), 5);
+    assert_eq!(world.consumption("summit", "seat").required, 1);
+    assert_eq!(
+        world.book.owners[&WorkspaceId::parse("summit").unwrap()].as_str(),
+        "acme"
+    );
+}
+
+#[test]
+fn modules_wait_for_a_person_by_default() {
+    let mut world = World::new();
+    let grant1 = world.command("acme", grant("gamification", 1), at(0));
+    let enabled = world.command("acme", enable("summit", "gamification"), at(1));
+    world.batch(&[grant1, enabled], at(1));
+    let module = world.consumption("summit", "gamification");
+    assert_eq!((module.required, module.allocated), (1, 0));
+    assert_eq!(world.available("acme", "gamification"), 1);
+    assert_eq!(world.book.alerts[0].status, AlertStatus::Open);
+
+    let by_hand = world.command(
+        "acme",
+        transfer("summit", "gamification", 1, "entitlement_manager"),
+        at(2),
+    );
+    assert_eq!(world.batch(&[by_hand], at(2)), vec![Verdict::Applied]);
+    let entry = &world.book.ledger[0];
+    assert_eq!(entry.kind, LedgerKind::ManualTransfer);
+    assert_eq!(entry.actor.as_deref(), Some("u-alice"));
+    assert_eq!(world.book.alerts[0].status, AlertStatus::Resolved);
+}
+
+#[test]
+fn modules_move_by_themselves_when_auto_assigned() {
+    let mut world = World::with_policy(Policy {
+        modules_auto_assign: true,
+    });
+    let enabled = world.command("acme", enable("summit", "live-stream"), at(0));
+    world.batch(&[enabled], at(0));
+    assert_eq!(world.consumption("summit", "live-stream").missing(), 1);
+    let grant1 = world.command("acme", grant("live-stream", 1), at(1));
+    world.batch(&[grant1], at(1));
+    assert_eq!(world.consumption("summit", "live-stream").allocated, 1);
+    assert_eq!(world.book.alerts[0].status, AlertStatus::Resolved);
+}
+
+#[test]
+fn a_manual_transfer_needs_the_role_and_the_whole_quantity() {
+    let mut world = World::new();
+    let grant3 = world.command("acme", grant("seat", 3), at(0));
+    world.batch(&[grant3], at(0));
+    let viewer = world.command("acme", transfer("summit", "seat", 2, "viewer"), at(1));
+    let too_many = world.command(
+        "acme",
+        transfer("summit", "seat", 4, "entitlement_manager"),
+        at(1),
+    );
+    let verdicts = world.batch(&[viewer, too_many], at(1));
+    assert_eq!(refused(&verdicts[0]), Some(Refusal::Forbidden));
+    assert_eq!(refused(&verdicts[1]), Some(Refusal::InsufficientPool));
+    assert_eq!(world.available("acme", "seat"), 3);
+    assert!(world.book.ledger.is_empty());
+    assert!(
+        world.book.owners.is_empty(),
+        "a refused request claims nothing"
+    );
+}
+
+#[test]
+fn a_second_unit_of_a_module_is_refused() {
+    let mut world = World::new();
+    let grant2 = world.command("acme", grant("gamification", 2), at(0));
+    let first = world.command(
+        "acme",
+        transfer("summit", "gamification", 1, "entitlement_manager"),
+        at(1),
+    );
+    let second = world.command(
+        "acme",
+        transfer("summit", "gamification", 1, "entitlement_manager"),
+        at(2),
+    );
+    let verdicts = world.batch(&[grant2, first, second], at(2));
+    assert_eq!(refused(&verdicts[2]), Some(Refusal::AlreadyAllocated));
+    assert_eq!(world.available("acme", "gamification"), 1);
+}
+
+#[test]
+fn refills_fill_the_oldest_shortfall_first() {
+    let mut world = World::new();
+    let older = world.command("acme", join("older", "p1"), at(0));
+    world.batch(&[older], at(0));
+    let newer = world.command("acme", join("newer", "p1"), at(1));
+    world.batch(&[newer], at(1));
+    let grant1 = world.command("acme", grant("seat", 1), at(2));
+    world.batch(&[grant1], at(2));
+    assert_eq!(world.consumption("older", "seat").allocated, 1);
+    assert_eq!(world.consumption("newer", "seat").allocated, 0);
+}
+
+#[test]
+fn units_are_drawn_earliest_expiring_first_and_the_rest_expire() {
+    let mut world = World::new();
+    let forever = world.command("acme", grant("seat", 5), at(0));
+    let soon = world.command("acme", grant_window("seat", 5, None, Some(at(60))), at(0));
+    let later = world.command("acme", grant_window("seat", 5, None, Some(at(120))), at(0));
+    world.batch(&[forever, soon, later], at(0));
+    let joins: Vec<_> = (0..7)
+        .map(|n| world.command("acme", join("summit", &format!("p{n}")), at(1)))
+        .collect();
+    world.batch(&joins, at(1));
+    assert_eq!(world.available("acme", "seat"), 8);
+
+    // The timer at minute 60: the 5 expiring soonest were drawn first, nothing left there.
+    world.book.ledger.clear();
+    world.book.settled.clear();
+    world
+        .book
+        .settle_time(&OrgId::parse("acme").unwrap(), at(60));
+    assert!(world.book.ledger.is_empty(), "the soonest lot was used up");
+    // At minute 120 the 3 units left of the second lot expire.
+    world.book.settled.clear();
+    world
+        .book
+        .settle_time(&OrgId::parse("acme").unwrap(), at(120));
+    let entry = &world.book.ledger[0];
+    assert_eq!(
+        (entry.kind, entry.quantity, entry.pool_available_after),
+        (LedgerKind::Expiry, 3, 5)
+    );
+    assert_eq!(world.available("acme", "seat"), 5);
+    assert_eq!(
+        world.consumption("summit", "seat").allocated,
+        7,
+        "transferred units never expire"
+    );
+}
+
+#[test]
+fn units_become_available_at_valid_from_and_fill_waiting_workspaces() {
+    let mut world = World::new();
+    let future = world.command("acme", grant_window("seat", 4, Some(at(30)), None), at(0));
+    let joined = world.command("acme", join("summit", "p1"), at(1));
+    world.batch(&[future, joined], at(1));
+    assert_eq!(world.available("acme", "seat"), 0);
+    assert!(
+        world.book.ledger.is_empty(),
+        "the grant entry waits for its units"
+    );
+    world.book.settled.clear();
+    world
+        .book
+        .settle_time(&OrgId::parse("acme").unwrap(), at(30));
+    let kinds: Vec<_> = world
+        .book
+        .ledger
+        .iter()
+        .map(|entry| (entry.kind, entry.quantity))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![(LedgerKind::Grant, 4), (LedgerKind::Transfer, 1)]
+    );
+    assert_eq!(world.available("acme", "seat"), 3);
+}
+
+#[test]
+fn a_grant_already_expired_is_credited_and_expired_at_once() {
+    let mut world = World::new();
+    let stale = world.command(
+        "acme",
+        grant_window("seat", 4, Some(at(0)), Some(at(10))),
+        at(0),
+    );
+    world.batch(&[stale], at(20));
+    let kinds: Vec<_> = world
+        .book
+        .ledger
+        .iter()
+        .map(|entry| (entry.kind, entry.quantity, entry.pool_available_after))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![(LedgerKind::Grant, 4, 4), (LedgerKind::Expiry, 4, 0)]
+    );
+}
+
+#[test]
+fn ledger_sequences_are_gapless_per_organization() {
+    let mut world = World::new();
+    let mut commands = Vec::new();
+    for org in ["acme", "globex"] {
+        commands.push(world.command(org, grant("seat", 3), at(0)));
+        for n in 0..4 {
+            commands.push(world.command(org, join(&format!("{org}-ws"), &format!("p{n}")), at(1)));
+        }
+    }
+    world.batch(&commands, at(1));
+    for org in ["acme", "globex"] {
+        let sequences: Vec<i64> = world
+            .book
+            .ledger
+            .iter()
+            .filter(|entry| entry.org_id.as_str() == org)
+            .map(|entry| entry.sequence)
+            .collect();
+        assert_eq!(sequences, vec![1, 2, 3, 4], "{org}");
+    }
+}
+
+#[test]
+fn alerts_are_published_only_when_the_shortfall_changes() {
+    let mut world = World::new();
+    let first = world.command("acme", join("summit", "p1"), at(0));
+    world.batch(&[first], at(0));
+    assert_eq!(world.book.alerts.len(), 1);
+    // A cancellation by someone who activated changes nothing missing: no alert.
+    let activated = world.command("acme", cancel("summit", "p1", true), at(1));
+    world.batch(&[activated], at(1));
+    assert!(world.book.alerts.is_empty());
+    let second = world.command("acme", join("summit", "p2"), at(2));
+    world.batch(&[second], at(2));
+    let alert = &world.book.alerts[0];
+    assert_eq!((alert.missing, alert.revision), (2, 2));
+    assert_eq!(alert.opened_at, at(0));
+}

@@ -1,0 +1,14 @@
+//! entitlement-worker keeps an event platform's entitlements right.
+//!
+//! # Layout
+//!
+//! - [`domain`]: the contract's rules as a pure core, no I/O.
+//! - [`codec`]: bytes from Kafka to typed commands, and output messages to JSON.
+//! - [`store`]: PostgreSQL, the one source of truth: state, ledger, outbox, offsets.
+//! - [`pipeline`]: consumer -> decode -> batch -> apply, and the clock.
+//! - [`kafka`]: the consumer with offsets from PostgreSQL, the outbox relay, topics.
+//! - [`telemetry`]: metrics, health and logs.
+//! - [`settings`]: typed configuration.
+//! - [`demo`]: an embedded broker and a story to watch.
+
+pub mod domain;
