@@ -11,4 +11,11 @@
 //! - [`settings`]: typed configuration.
 //! - [`demo`]: an embedded broker and a story to watch.
 
+pub mod codec;
+pub mod demo;
 pub mod domain;
+pub mod kafka;
+pub mod pipeline;
+pub mod settings;
+pub mod store;
+pub mod telemetry;

@@ -33,6 +33,7 @@ pub enum CommandBody {
     EntitlementGranted {
         product: Product,
         quantity: Quantity,
+        /// When the units become available; `occurred_at` when the grant names none.
         valid_from: Option<DateTime<Utc>>,
         expires_at: Option<DateTime<Utc>>,
         source: Option<GrantSource>,

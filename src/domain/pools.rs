@@ -38,8 +38,9 @@ impl Book {
             product: product.clone(),
             quantity: quantity.get(),
             remaining: quantity.get(),
-            // A grant without a window is valid from the moment it is processed.
-            valid_from: valid_from.unwrap_or(now),
+            // The decoder fills `valid_from` with `occurred_at` when the grant has none, and
+            // refuses an `expires_at` that is not after it.
+            valid_from: valid_from.unwrap_or(command.occurred_at),
             expires_at: *expires_at,
             status: LotStatus::Pending,
             source_kind: source.as_ref().map(|source| source.kind.clone()),

@@ -1,0 +1,498 @@
+//! Message formats: bytes from the input topics to typed commands (or a rejection with a
+//! reason), and the output messages to JSON. Mirrored by `schemas/`.
+
+use base64::Engine as _;
+use chrono::{DateTime, Datelike, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::domain::shortfalls::{alert_id, ID_NAMESPACE};
+use crate::domain::{
+    Actor, Alert, Command, CommandBody, EventId, GrantSource, IdError, LedgerEntry, OrgId,
+    ParticipantId, Product, Quantity, WorkspaceId,
+};
+
+/// The largest input message accepted, in bytes (the contract's 64 KiB).
+pub const MESSAGE_BYTES_MAX: usize = 64 * 1024;
+/// The longest `requested_by.role` or source reference kept, in characters.
+const FREE_TEXT_LENGTH_MAX: usize = 256;
+/// Times before this year or after 9999 are refused: they are typing mistakes, not events.
+const YEAR_MIN: i32 = 1970;
+const YEAR_MAX: i32 = 9999;
+
+/// The five input topics, by what they carry rather than by their configured names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum InputKind {
+    ParticipantAdded,
+    ParticipantCancelled,
+    ModuleEnabled,
+    EntitlementGranted,
+    TransferRequested,
+}
+
+/// Why an input message was rejected before it reached the core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The dead-letter `reason`.
+    pub reason: &'static str,
+    /// A sentence for the person reading the dead-letter topic.
+    pub detail: String,
+    /// The `event_id`, when the message got far enough to have one.
+    pub event_id: Option<String>,
+}
+
+impl Rejection {
+    fn new(reason: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+            event_id: None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawEnvelope {
+    event_id: String,
+    occurred_at: String,
+    org_id: String,
+    workspace_id: Option<String>,
+    participant_id: Option<String>,
+    activated: Option<bool>,
+    module: Option<String>,
+    product: Option<String>,
+    quantity: Option<i64>,
+    valid_from: Option<String>,
+    expires_at: Option<String>,
+    source: Option<RawSource>,
+    requested_by: Option<RawActor>,
+}
+
+#[derive(Deserialize)]
+struct RawSource {
+    kind: String,
+    reference: String,
+}
+
+#[derive(Deserialize)]
+struct RawActor {
+    user_id: String,
+    role: String,
+}
+
+const SOURCE_KINDS: [&str; 5] = ["plan", "add_on", "subscription", "trial", "manual"];
+
+/// Decodes one input message. Every way it can fail yields a rejection with its reason.
+pub fn decode(kind: InputKind, payload: Option<&[u8]>) -> Result<Command, Rejection> {
+    let bytes = payload.unwrap_or_default();
+    if bytes.len() > MESSAGE_BYTES_MAX {
+        return Err(Rejection::new(
+            "too_large",
+            format!(
+                "The message is {} bytes, more than the {MESSAGE_BYTES_MAX} allowed.",
+                bytes.len()
+            ),
+        ));
+    }
+    let text = std::str::from_utf8(bytes).map_err(|error| {
+        Rejection::new(
+            "invalid_encoding",
+            format!("The message is not UTF-8: {error}."),
+        )
+    })?;
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|error| {
+        Rejection::new("invalid_json", format!("The message is not JSON: {error}."))
+    })?;
+    let event_id = value
+        .get("event_id")
+        .and_then(|id| id.as_str())
+        .map(str::to_owned);
+    decode_value(kind, value).map_err(|detail| Rejection {
+        reason: "schema_violation",
+        detail,
+        event_id,
+    })
+}
+
+fn decode_value(kind: InputKind, value: serde_json::Value) -> Result<Command, String> {
+    if !value.is_object() {
+        return Err("The message is JSON but not an object.".into());
+    }
+    let raw: RawEnvelope = serde_json::from_value(value)
+        .map_err(|error| format!("The message does not match its schema: {error}."))?;
+    let event_id = identifier("event_id", &raw.event_id, EventId::parse)?;
+    let org_id = identifier("org_id", &raw.org_id, OrgId::parse)?;
+    let occurred_at = timestamp("occurred_at", &raw.occurred_at)?;
+    let workspace = |raw: &RawEnvelope| {
+        let value = required("workspace_id", raw.workspace_id.as_deref())?;
+        identifier("workspace_id", value, WorkspaceId::parse)
+    };
+    let participant = |raw: &RawEnvelope| {
+        let value = required("participant_id", raw.participant_id.as_deref())?;
+        identifier("participant_id", value, ParticipantId::parse)
+    };
+    let body = match kind {
+        InputKind::ParticipantAdded => CommandBody::ParticipantAdded {
+            workspace_id: workspace(&raw)?,
+            participant_id: participant(&raw)?,
+        },
+        InputKind::ParticipantCancelled => CommandBody::ParticipantCancelled {
+            workspace_id: workspace(&raw)?,
+            participant_id: participant(&raw)?,
+            activated: raw
+                .activated
+                .ok_or("Field `activated` is required (true or false).")?,
+        },
+        InputKind::ModuleEnabled => {
+            let module = product("module", raw.module.as_deref())?;
+            if module.is_seat() {
+                return Err("Field `module` names an advanced module; `seat` is not one.".into());
+            }
+            CommandBody::ModuleEnabled {
+                workspace_id: workspace(&raw)?,
+                module,
+            }
+        }
+        InputKind::EntitlementGranted => {
+            let valid_from = optional_timestamp("valid_from", raw.valid_from.as_deref())?;
+            let expires_at = optional_timestamp("expires_at", raw.expires_at.as_deref())?;
+            // Units without `valid_from` are valid from when they were granted.
+            let start = valid_from.unwrap_or(occurred_at);
+            if let Some(end) = expires_at {
+                if end <= start {
+                    return Err(format!(
+                        "Field `expires_at` ({end}) must be after the start of validity \
+                         ({start}: `valid_from`, or `occurred_at` without it)."
+                    ));
+                }
+            }
+            let source = match raw.source {
+                None => None,
+                Some(source) => {
+                    if !SOURCE_KINDS.contains(&source.kind.as_str()) {
+                        return Err(format!(
+                            "Field `source.kind` must be one of {SOURCE_KINDS:?}, not {:?}.",
+                            source.kind
+                        ));
+                    }
+                    free_text("source.reference", &source.reference)?;
+                    Some(GrantSource {
+                        kind: source.kind,
+                        reference: source.reference,
+                    })
+                }
+            };
+            CommandBody::EntitlementGranted {
+                product: product("product", raw.product.as_deref())?,
+                quantity: quantity(raw.quantity)?,
+                valid_from: Some(start),
+                expires_at,
+                source,
+            }
+        }
+        InputKind::TransferRequested => {
+            let product = product("product", raw.product.as_deref())?;
+            let quantity = quantity(raw.quantity)?;
+            if !product.is_seat() && quantity.get() != 1 {
+                return Err(format!(
+                    "A module moves one unit at a time; field `quantity` must be 1, not {}.",
+                    quantity.get()
+                ));
+            }
+            let workspace_id = workspace(&raw)?;
+            let actor = raw
+                .requested_by
+                .ok_or("Field `requested_by` is required: the person making the transfer.")?;
+            identifier("requested_by.user_id", &actor.user_id, EventId::parse)?;
+            if actor.role.is_empty() || actor.role.chars().count() > 64 {
+                return Err("Field `requested_by.role` must be 1 to 64 characters.".into());
+            }
+            CommandBody::TransferRequested {
+                workspace_id,
+                product,
+                quantity,
+                requested_by: Actor {
+                    user_id: actor.user_id,
+                    role: actor.role,
+                },
+            }
+        }
+    };
+    Ok(Command {
+        event_id,
+        occurred_at,
+        org_id,
+        body,
+    })
+}
+
+fn required<'a>(field: &str, value: Option<&'a str>) -> Result<&'a str, String> {
+    value.ok_or_else(|| format!("Field `{field}` is required."))
+}
+
+fn identifier<T>(
+    field: &str,
+    value: &str,
+    parse: fn(&str) -> Result<T, IdError>,
+) -> Result<T, String> {
+    parse(value).map_err(|error| format!("Field `{field}` {error}."))
+}
+
+fn product(field: &str, value: Option<&str>) -> Result<Product, String> {
+    let value = required(field, value)?;
+    Product::parse(value).map_err(|error| format!("Field `{field}` ({value:?}) {error}."))
+}
+
+fn quantity(value: Option<i64>) -> Result<Quantity, String> {
+    let value = value.ok_or("Field `quantity` is required.")?;
+    Quantity::parse(value).map_err(|error| format!("Field `quantity` {error}."))
+}
+
+fn free_text(field: &str, value: &str) -> Result<(), String> {
+    if value.is_empty() || value.chars().count() > FREE_TEXT_LENGTH_MAX {
+        return Err(format!(
+            "Field `{field}` must be 1 to {FREE_TEXT_LENGTH_MAX} characters."
+        ));
+    }
+    Ok(())
+}
+
+fn timestamp(field: &str, value: &str) -> Result<DateTime<Utc>, String> {
+    let parsed = DateTime::parse_from_rfc3339(value)
+        .map_err(|error| format!("Field `{field}` ({value:?}) is not an RFC 3339 time: {error}."))?
+        .with_timezone(&Utc);
+    if !(YEAR_MIN..=YEAR_MAX).contains(&parsed.year()) {
+        return Err(format!(
+            "Field `{field}` ({value:?}) is outside the years {YEAR_MIN} to {YEAR_MAX}."
+        ));
+    }
+    Ok(parsed)
+}
+
+fn optional_timestamp(field: &str, value: Option<&str>) -> Result<Option<DateTime<Utc>>, String> {
+    value.map(|value| timestamp(field, value)).transpose()
+}
+
+/// A message on `entitlement-shortfalls`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlertMessage {
+    pub alert_id: Uuid,
+    pub status: String,
+    pub org_id: String,
+    pub workspace_id: String,
+    pub product: String,
+    pub required: i64,
+    pub allocated: i64,
+    pub missing: i64,
+    pub opened_at: DateTime<Utc>,
+    pub occurred_at: DateTime<Utc>,
+    pub caused_by: String,
+}
+
+impl From<&Alert> for AlertMessage {
+    fn from(alert: &Alert) -> Self {
+        Self {
+            alert_id: alert_id(&alert.workspace_id, &alert.product, alert.revision),
+            status: alert.status.as_str().to_owned(),
+            org_id: alert.org_id.to_string(),
+            workspace_id: alert.workspace_id.to_string(),
+            product: alert.product.to_string(),
+            required: alert.required,
+            allocated: alert.allocated,
+            missing: alert.missing,
+            opened_at: alert.opened_at,
+            occurred_at: alert.occurred_at,
+            caused_by: alert.caused_by.to_string(),
+        }
+    }
+}
+
+/// A message on `entitlement-ledger`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerMessage {
+    pub entry_id: Uuid,
+    pub sequence: i64,
+    pub org_id: String,
+    pub product: String,
+    pub kind: String,
+    pub quantity: i64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub workspace_id: Option<String>,
+    pub pool_available_after: i64,
+    pub caused_by: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub actor: Option<String>,
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// The stable id of an organization's ledger entry.
+pub fn entry_id(org_id: &OrgId, sequence: i64) -> Uuid {
+    Uuid::new_v5(
+        &ID_NAMESPACE,
+        format!("ledger/{}/{sequence}", org_id.as_str()).as_bytes(),
+    )
+}
+
+impl From<&LedgerEntry> for LedgerMessage {
+    fn from(entry: &LedgerEntry) -> Self {
+        Self {
+            entry_id: entry_id(&entry.org_id, entry.sequence),
+            sequence: entry.sequence,
+            org_id: entry.org_id.to_string(),
+            product: entry.product.to_string(),
+            kind: entry.kind.as_str().to_owned(),
+            quantity: entry.quantity,
+            workspace_id: entry.workspace_id.as_ref().map(ToString::to_string),
+            pool_available_after: entry.pool_available_after,
+            caused_by: entry.caused_by.to_string(),
+            actor: entry.actor.clone(),
+            recorded_at: entry.recorded_at,
+        }
+    }
+}
+
+/// A message on `entitlement-dlq`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetterMessage {
+    pub dlq_id: Uuid,
+    pub reason: String,
+    pub detail: String,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub payload: String,
+    pub payload_encoding: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub event_id: Option<String>,
+    pub rejected_at: DateTime<Utc>,
+}
+
+impl DeadLetterMessage {
+    /// The dead-letter record of the message at (`topic`, `partition`, `offset`); its id is
+    /// derived from that position, so a re-run yields the same id.
+    pub fn new(
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        payload: Option<&[u8]>,
+        rejection: &Rejection,
+        rejected_at: DateTime<Utc>,
+    ) -> Self {
+        let bytes = payload.unwrap_or_default();
+        let (payload, payload_encoding) = match std::str::from_utf8(bytes) {
+            Ok(text) => (text.to_owned(), "utf8"),
+            Err(_) => (
+                base64::engine::general_purpose::STANDARD.encode(bytes),
+                "base64",
+            ),
+        };
+        Self {
+            dlq_id: Uuid::new_v5(
+                &ID_NAMESPACE,
+                format!("dlq/{topic}/{partition}/{offset}").as_bytes(),
+            ),
+            reason: rejection.reason.to_owned(),
+            detail: rejection.detail.clone(),
+            topic: topic.to_owned(),
+            partition,
+            offset,
+            payload,
+            payload_encoding: payload_encoding.to_owned(),
+            event_id: rejection.event_id.clone(),
+            rejected_at,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reason(kind: InputKind, payload: &[u8]) -> &'static str {
+        decode(kind, Some(payload)).unwrap_err().reason
+    }
+
+    #[test]
+    fn a_participant_added_event_decodes_and_ignores_unknown_fields() {
+        let command = decode(
+            InputKind::ParticipantAdded,
+            Some(br#"{"event_id":"e1","occurred_at":"2026-11-23T09:00:00+01:00","org_id":"acme","workspace_id":"summit","participant_id":"p1","extra":{"x":1}}"#),
+        )
+        .unwrap();
+        assert_eq!(command.event_id.as_str(), "e1");
+        assert_eq!(
+            command.occurred_at.to_rfc3339(),
+            "2026-11-23T08:00:00+00:00"
+        );
+    }
+
+    #[test]
+    fn bad_bytes_get_the_reason_a_reader_needs() {
+        let kind = InputKind::ParticipantAdded;
+        assert_eq!(reason(kind, b"not json"), "invalid_json");
+        assert_eq!(reason(kind, b"{\"event_id\": \xff}"), "invalid_encoding");
+        assert_eq!(reason(kind, b"[1,2]"), "schema_violation");
+        assert_eq!(reason(kind, b"{}"), "schema_violation");
+        let mut huge = br#"{"event_id":"e1","pad":""#.to_vec();
+        huge.resize(MESSAGE_BYTES_MAX + 1, b'x');
+        assert_eq!(reason(kind, &huge), "too_large");
+        assert_eq!(
+            decode(kind, None).unwrap_err().reason,
+            "invalid_json",
+            "a message without a payload"
+        );
+    }
+
+    #[test]
+    fn fields_out_of_range_are_schema_violations_with_the_event_id() {
+        let rejection = decode(
+            InputKind::EntitlementGranted,
+            Some(br#"{"event_id":"g1","occurred_at":"2026-11-23T09:00:00Z","org_id":"acme","product":"seat","quantity":0}"#),
+        )
+        .unwrap_err();
+        assert_eq!(rejection.reason, "schema_violation");
+        assert_eq!(rejection.event_id.as_deref(), Some("g1"));
+        assert!(
+            rejection.detail.contains("quantity"),
+            "{}",
+            rejection.detail
+        );
+        for payload in [
+            r#"{"event_id":"g1","occurred_at":"2026-11-23T09:00:00Z","org_id":"acme","product":"Seat!","quantity":1}"#,
+            r#"{"event_id":"g1","occurred_at":"10000-01-01T00:00:00Z","org_id":"acme","product":"seat","quantity":1}"#,
+            r#"{"event_id":"g1","occurred_at":"2026-11-23T09:00:00Z","org_id":"acme","product":"seat","quantity":1,"valid_from":"2026-12-01T00:00:00Z","expires_at":"2026-11-01T00:00:00Z"}"#,
+            r#"{"event_id":"g1","occurred_at":"2026-11-23T09:00:00Z","org_id":"acme","product":"seat","quantity":1,"source":{"kind":"gift","reference":"x"}}"#,
+            r#"{"event_id":"g1","occurred_at":"2026-11-23T09:00:00Z","org_id":"acme","product":"seat","quantity":1,"expires_at":"2026-11-23T08:00:00Z"}"#,
+        ] {
+            assert_eq!(
+                reason(InputKind::EntitlementGranted, payload.as_bytes()),
+                "schema_violation",
+                "{payload}"
+            );
+        }
+        assert_eq!(
+            reason(
+                InputKind::ModuleEnabled,
+                br#"{"event_id":"m1","occurred_at":"2026-11-23T09:00:00Z","org_id":"acme","workspace_id":"w","module":"seat"}"#
+            ),
+            "schema_violation"
+        );
+        assert_eq!(
+            reason(
+                InputKind::TransferRequested,
+                br#"{"event_id":"t1","occurred_at":"2026-11-23T09:00:00Z","org_id":"acme","workspace_id":"w","product":"gamification","quantity":2,"requested_by":{"user_id":"u","role":"entitlement_manager"}}"#
+            ),
+            "schema_violation"
+        );
+    }
+
+    #[test]
+    fn dead_letters_keep_non_utf8_payloads_as_base64_with_a_stable_id() {
+        let rejection = Rejection::new("invalid_encoding", "x");
+        let first = DeadLetterMessage::new("t", 1, 7, Some(b"\xff\x00"), &rejection, Utc::now());
+        let again = DeadLetterMessage::new("t", 1, 7, Some(b"\xff\x00"), &rejection, Utc::now());
+        assert_eq!(first.payload, "/wA=");
+        assert_eq!(first.payload_encoding, "base64");
+        assert_eq!(first.dlq_id, again.dlq_id);
+    }
+}

@@ -1,0 +1,246 @@
+//! The consumer: a librdkafka consumer polled on its own thread. On assignment each
+//! partition resumes from the offset stored in PostgreSQL; on revocation the messages in
+//! hand are committed before the partitions go. Decoding happens here, so the apply loop
+//! receives typed commands or rejections.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::Message;
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::ClientContext;
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::codec;
+use crate::settings::Settings;
+use crate::store::{Inbound, Store};
+use crate::telemetry::{Health, Metrics};
+
+/// How long a revocation waits for the batch in hand to commit before letting go anyway;
+/// the offsets locked in PostgreSQL keep the handover correct even then.
+const REVOKE_WAIT: Duration = Duration::from_secs(30);
+/// How long one poll blocks: also how quickly the thread notices shutdown.
+const POLL_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// What the consumer thread hands to the apply loop.
+pub enum Envelope {
+    Message(Box<Inbound>),
+    /// Commit everything received so far, then answer: sent before partitions are revoked.
+    Barrier(std::sync::mpsc::SyncSender<()>),
+    /// The consumer stopped polling: commit what is in hand and end.
+    End,
+}
+
+pub struct WorkerContext {
+    store: Store,
+    runtime: Handle,
+    sender: mpsc::Sender<Envelope>,
+    auto_offset_reset: Offset,
+    metrics: Metrics,
+    /// Turned on once partitions are assigned: `/healthz` then answers 200.
+    health: Health,
+    /// Set once shutdown began: the apply loop has stopped, no barrier can be answered.
+    closing: Arc<AtomicBool>,
+}
+
+impl ClientContext for WorkerContext {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, stats) in &statistics.topics {
+            for (partition, partition_stats) in &stats.partitions {
+                if *partition >= 0 && partition_stats.consumer_lag >= 0 {
+                    self.metrics
+                        .consumer_lag
+                        .with_label_values(&[topic.as_str(), &partition.to_string()])
+                        .set(partition_stats.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for WorkerContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(partitions) = rebalance {
+            tracing::info!(
+                partitions = partitions.count(),
+                "Partitions are being revoked; committing the batch in hand first."
+            );
+            if self.closing.load(Ordering::SeqCst) {
+                return;
+            }
+            let (done, wait) = std::sync::mpsc::sync_channel(1);
+            if self.sender.blocking_send(Envelope::Barrier(done)).is_ok()
+                && wait.recv_timeout(REVOKE_WAIT).is_err()
+            {
+                tracing::warn!(
+                    "The batch in hand did not commit in time; letting the partitions go \
+                     (the offsets locked in PostgreSQL keep the handover exact)."
+                );
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Assign(assigned) = rebalance else {
+            return;
+        };
+        let wanted: Vec<(String, i32)> = assigned
+            .elements()
+            .iter()
+            .map(|element| (element.topic().to_owned(), element.partition()))
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        let stored = match self.runtime.block_on(self.store.stored_offsets(&wanted)) {
+            Ok(stored) => stored,
+            Err(error) => {
+                // Without the stored offsets the consumer starts where Kafka's committed
+                // offsets say; the offsets locked in each batch skip anything applied.
+                tracing::error!(error = %error, "Could not read the stored offsets; resuming from the group's committed offsets.");
+                return;
+            }
+        };
+        let mut positions = TopicPartitionList::new();
+        for (topic, partition) in &wanted {
+            let offset = stored
+                .get(&(topic.clone(), *partition))
+                .map_or(self.auto_offset_reset, |next| Offset::Offset(*next));
+            if let Err(error) = positions.add_partition_offset(topic, *partition, offset) {
+                tracing::error!(%error, topic, partition, "Could not set a start offset.");
+            }
+        }
+        self.health.set(true);
+        match consumer.assign(&positions) {
+            Ok(()) => tracing::info!(
+                partitions = wanted.len(),
+                "Partitions assigned; resuming from the offsets stored in PostgreSQL."
+            ),
+            Err(error) => tracing::error!(%error, "Could not resume from the stored offsets."),
+        }
+    }
+}
+
+/// The running consumer: a thread that polls and decodes.
+pub struct ConsumerThread {
+    pub consumer: Arc<BaseConsumer<WorkerContext>>,
+    thread: std::thread::JoinHandle<()>,
+    closing: Arc<AtomicBool>,
+}
+
+impl ConsumerThread {
+    /// Subscribes to the five input topics and starts polling on a new thread.
+    pub fn start(
+        settings: &Settings,
+        store: Store,
+        sender: mpsc::Sender<Envelope>,
+        metrics: Metrics,
+        health: Health,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let closing = Arc::new(AtomicBool::new(false));
+        let context = WorkerContext {
+            store,
+            runtime: Handle::current(),
+            sender: sender.clone(),
+            auto_offset_reset: if settings.kafka.auto_offset_reset == "latest" {
+                Offset::End
+            } else {
+                Offset::Beginning
+            },
+            metrics,
+            health: health.clone(),
+            closing: closing.clone(),
+        };
+        let consumer: BaseConsumer<WorkerContext> = super::client_config(&settings.kafka)
+            .set("group.id", &settings.kafka.group_id)
+            // Offsets live in PostgreSQL with the effects; Kafka's copy is committed after
+            // each batch only so that ordinary tools can show the group's lag.
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", &settings.kafka.auto_offset_reset)
+            .set(
+                "session.timeout.ms",
+                settings.kafka.session_timeout_ms.to_string(),
+            )
+            .set("statistics.interval.ms", "5000")
+            .set("partition.assignment.strategy", "range")
+            .create_with_context(context)?;
+        let topics: Vec<&str> = settings.topics.inputs().map(|(_, name)| name).collect();
+        consumer.subscribe(&topics)?;
+        let consumer = Arc::new(consumer);
+        let topics = settings.topics.clone();
+        let polled = consumer.clone();
+        let thread_closing = closing.clone();
+        let thread = std::thread::Builder::new()
+            .name("kafka-consumer".into())
+            .spawn(move || {
+                while !cancel.is_cancelled() {
+                    let Some(result) = polled.poll(POLL_TIMEOUT) else {
+                        continue;
+                    };
+                    let message = match result {
+                        Ok(message) => message,
+                        Err(error) => {
+                            tracing::warn!(%error, "The consumer reported an error; it keeps trying.");
+                            continue;
+                        }
+                    };
+                    let Some(kind) = topics.kind_of(message.topic()) else {
+                        continue;
+                    };
+                    let payload = message.payload();
+                    let inbound = Inbound {
+                        topic: message.topic().to_owned(),
+                        partition: message.partition(),
+                        offset: message.offset(),
+                        key: message.key().map(<[u8]>::to_vec),
+                        payload: payload.map(<[u8]>::to_vec),
+                        decoded: codec::decode(kind, payload),
+                    };
+                    if sender
+                        .blocking_send(Envelope::Message(Box::new(inbound)))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                health.set(false);
+                thread_closing.store(true, Ordering::SeqCst);
+                let _ = sender.blocking_send(Envelope::End);
+            })?;
+        Ok(Self {
+            consumer,
+            thread,
+            closing,
+        })
+    }
+
+    /// Copies committed offsets to Kafka, so that the group's lag shows in Kafka's tools.
+    /// PostgreSQL stays the source of truth; a failed copy changes nothing.
+    pub fn commit_hint(&self, offsets: &[(String, i32, i64)]) {
+        let mut list = TopicPartitionList::new();
+        for (topic, partition, next) in offsets {
+            let _ = list.add_partition_offset(topic, *partition, Offset::Offset(*next));
+        }
+        if list.count() > 0 {
+            if let Err(error) = self.consumer.commit(&list, CommitMode::Async) {
+                tracing::debug!(%error, "Could not copy the offsets to Kafka.");
+            }
+        }
+    }
+
+    /// Waits for the polling thread to end (after `cancel`), then leaves the group.
+    pub fn join(self) {
+        self.closing.store(true, Ordering::SeqCst);
+        if self.thread.join().is_err() {
+            tracing::error!("The consumer thread panicked.");
+        }
+        self.consumer.unsubscribe();
+    }
+}

@@ -1,0 +1,292 @@
+//! The worker's path: consumer -> decode -> batch -> apply (one transaction) -> outbox
+//! relay; plus the clock that settles validity windows and the gauges that read the
+//! store. [`run`] starts them all and stops them in order.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+use chrono::Utc;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::Policy;
+use crate::kafka::consumer::{ConsumerThread, Envelope};
+use crate::kafka::relay::Relay;
+use crate::settings::{redact_url, Settings};
+use crate::store::{BatchReport, Inbound, Store, StoreError};
+use crate::telemetry::{self, Health, Metrics};
+
+/// Messages decoded ahead of the apply loop: bounds memory and applies back-pressure.
+const DECODED_QUEUE_CAPACITY: usize = 10_000;
+/// How often the gauges read the store.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A running worker, for callers that need its address before it stops (tests, the demo).
+pub struct Started {
+    pub metrics_address: SocketAddr,
+    pub metrics: Metrics,
+    pub health: Health,
+}
+
+/// Runs the worker until `shutdown` completes, then finishes the batch in hand, commits,
+/// drains the outbox and returns within `shutdown.timeout_ms`.
+pub async fn run(
+    settings: Settings,
+    shutdown: impl Future<Output = ()>,
+    started: Option<tokio::sync::oneshot::Sender<Started>>,
+) -> anyhow::Result<()> {
+    tracing::info!(
+        brokers = %settings.kafka.brokers,
+        group_id = %settings.kafka.group_id,
+        database = %redact_url(&settings.database.url),
+        auto_assign = settings.modules.auto_assign,
+        "Starting the worker."
+    );
+    let store = Store::connect(&settings.database).await?;
+    let metrics = Metrics::new();
+    let health = Health::default();
+    let cancel = CancellationToken::new();
+    let relay_stop = CancellationToken::new();
+    let background_stop = CancellationToken::new();
+    let wake = Arc::new(Notify::new());
+    let policy = Policy {
+        modules_auto_assign: settings.modules.auto_assign,
+    };
+
+    let (address, server) = telemetry::serve(
+        &settings.metrics.listen,
+        metrics.clone(),
+        health.clone(),
+        background_stop.clone(),
+    )
+    .await?;
+    tracing::info!(%address, "Serving /metrics and /healthz.");
+    let server = tokio::spawn(server);
+
+    let (sender, receiver) = mpsc::channel(DECODED_QUEUE_CAPACITY);
+    let consumer = Arc::new(ConsumerThread::start(
+        &settings,
+        store.clone(),
+        sender,
+        metrics.clone(),
+        health.clone(),
+        cancel.clone(),
+    )?);
+    let relay = Relay::new(&settings, store.clone(), metrics.clone(), wake.clone())?;
+    let relay = tokio::spawn(relay.run(relay_stop.clone()));
+    let apply = tokio::spawn(apply_loop(
+        receiver,
+        store.clone(),
+        policy,
+        settings.clone(),
+        metrics.clone(),
+        wake.clone(),
+        consumer.clone(),
+    ));
+    let clock = tokio::spawn(clock_loop(
+        store.clone(),
+        policy,
+        Duration::from_millis(settings.clock.interval_ms),
+        metrics.clone(),
+        wake.clone(),
+        background_stop.clone(),
+    ));
+    let gauges = tokio::spawn(gauge_loop(
+        store.clone(),
+        metrics.clone(),
+        background_stop.clone(),
+    ));
+    if let Some(started) = started {
+        let _ = started.send(Started {
+            metrics_address: address,
+            metrics: metrics.clone(),
+            health: health.clone(),
+        });
+    }
+
+    let mut apply = apply;
+    let mut apply_ended = None;
+    tokio::select! {
+        _ = shutdown => tracing::info!("Shutdown requested; finishing the batch in hand."),
+        result = &mut apply => apply_ended = Some(result),
+    }
+    let stopping = async {
+        cancel.cancel();
+        // The consumer thread stops polling and drops its sender; the apply loop commits
+        // what it holds and ends.
+        let apply_result = match apply_ended {
+            Some(result) => result,
+            None => apply.await,
+        };
+        background_stop.cancel();
+        let _ = clock.await;
+        let _ = gauges.await;
+        relay_stop.cancel();
+        let _ = relay.await;
+        let consumer = Arc::try_unwrap(consumer).ok();
+        if let Some(consumer) = consumer {
+            tokio::task::spawn_blocking(move || consumer.join()).await?;
+        }
+        let _ = server.await;
+        apply_result?
+    };
+    match tokio::time::timeout(
+        Duration::from_millis(settings.shutdown.timeout_ms),
+        stopping,
+    )
+    .await
+    {
+        Ok(result) => {
+            result?;
+            tracing::info!("The worker stopped cleanly.");
+            Ok(())
+        }
+        Err(_) => anyhow::bail!(
+            "the worker did not stop within {} ms",
+            settings.shutdown.timeout_ms
+        ),
+    }
+}
+
+/// Gathers messages into batches (by count or time, whichever first) and applies each in
+/// one transaction, retrying transient failures with capped backoff.
+async fn apply_loop(
+    mut receiver: mpsc::Receiver<Envelope>,
+    store: Store,
+    policy: Policy,
+    settings: Settings,
+    metrics: Metrics,
+    wake: Arc<Notify>,
+    consumer: Arc<ConsumerThread>,
+) -> anyhow::Result<()> {
+    let max_messages = settings.batch.max_messages;
+    let max_wait = Duration::from_millis(settings.batch.max_wait_ms);
+    let mut batch: Vec<Inbound> = Vec::with_capacity(max_messages);
+    loop {
+        let first = match receiver.recv().await {
+            None | Some(Envelope::End) => break,
+            Some(Envelope::Barrier(done)) => {
+                let _ = done.send(());
+                continue;
+            }
+            Some(Envelope::Message(message)) => message,
+        };
+        batch.push(*first);
+        let deadline = tokio::time::Instant::now() + max_wait;
+        let mut barrier = None;
+        let mut ended = false;
+        while batch.len() < max_messages {
+            match tokio::time::timeout_at(deadline, receiver.recv()).await {
+                Ok(Some(Envelope::Message(message))) => batch.push(*message),
+                Ok(Some(Envelope::Barrier(done))) => {
+                    barrier = Some(done);
+                    break;
+                }
+                Ok(None) | Ok(Some(Envelope::End)) => {
+                    ended = true;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let report = commit_batch(&store, &batch, policy, &metrics).await?;
+        consumer.commit_hint(&report.next_offsets);
+        wake.notify_one();
+        batch.clear();
+        if let Some(done) = barrier {
+            let _ = done.send(());
+        }
+        if ended {
+            break;
+        }
+    }
+    Ok(())
+}
+
+async fn commit_batch(
+    store: &Store,
+    batch: &[Inbound],
+    policy: Policy,
+    metrics: &Metrics,
+) -> anyhow::Result<BatchReport> {
+    let started = Instant::now();
+    let report = (|| async { store.apply_batch(batch, policy, Utc::now()).await })
+        .retry(retry_policy())
+        .when(StoreError::is_transient)
+        .notify(|error, pause| {
+            metrics.store_retries.with_label_values(&["apply_batch"]).inc();
+            tracing::warn!(error = %error, retry_in_ms = pause.as_millis() as u64, "The batch could not be committed; retrying.");
+        })
+        .await
+        .map_err(|error| {
+            tracing::error!(error = %error, "The batch broke an invariant; the worker stops.");
+            error
+        })?;
+    metrics.observe_batch(&report, batch.len(), started.elapsed().as_secs_f64());
+    tracing::debug!(
+        messages = batch.len(),
+        ledger_entries = report.ledger_entries.values().sum::<u64>(),
+        alerts = report.alerts,
+        "Committed a batch."
+    );
+    Ok(report)
+}
+
+/// Capped exponential backoff, retried for as long as it takes: without the database the
+/// worker cannot make progress, and stopping would only move the wait elsewhere.
+fn retry_policy() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+}
+
+/// Settles validity windows while the worker runs, not only on the next event.
+async fn clock_loop(
+    store: Store,
+    policy: Policy,
+    interval: Duration,
+    metrics: Metrics,
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        match store.settle_due(policy, Utc::now()).await {
+            Ok(0) => {}
+            Ok(entries) => {
+                metrics.clock_entries.inc_by(entries as u64);
+                wake.notify_one();
+            }
+            Err(error) => {
+                metrics.store_retries.with_label_values(&["clock"]).inc();
+                tracing::warn!(error = %error, "The clock could not settle validity windows; it tries again at the next tick.");
+            }
+        }
+    }
+}
+
+async fn gauge_loop(store: Store, metrics: Metrics, stop: CancellationToken) {
+    let mut ticker = tokio::time::interval(GAUGE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        if let Ok(open) = store.open_shortfalls().await {
+            metrics.open_shortfalls.set(open);
+        }
+        if let Ok(backlog) = store.outbox_backlog().await {
+            metrics.outbox_backlog.set(backlog);
+        }
+    }
+}

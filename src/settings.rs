@@ -1,0 +1,293 @@
+//! Typed configuration: `config/default.toml` (built into the binary), then the file named
+//! by `--config`, then environment variables `ENTITLEMENTS__<SECTION>__<KEY>`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// The defaults, compiled in so the binary runs from any directory.
+const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+const ENVIRONMENT_PREFIX: &str = "ENTITLEMENTS";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("the configuration could not be read: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("the configuration is invalid: {0}")]
+    Invalid(String),
+}
+
+#[derive(Clone, Deserialize)]
+pub struct Settings {
+    pub kafka: KafkaSettings,
+    pub database: DatabaseSettings,
+    pub metrics: MetricsSettings,
+    pub modules: ModuleSettings,
+    pub topics: TopicSettings,
+    pub batch: BatchSettings,
+    pub clock: ClockSettings,
+    pub outbox: OutboxSettings,
+    pub shutdown: ShutdownSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Clone, Deserialize)]
+pub struct KafkaSettings {
+    /// Bootstrap servers, `host:port` separated by commas.
+    pub brokers: String,
+    pub group_id: String,
+    pub auto_offset_reset: String,
+    pub session_timeout_ms: u64,
+    /// Passed to librdkafka as they are (TLS, SASL, tuning). Values are never logged.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Deserialize)]
+pub struct DatabaseSettings {
+    /// Holds the password: printed only with it masked.
+    pub url: String,
+    pub max_connections: u32,
+    pub statement_timeout_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct MetricsSettings {
+    pub listen: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct ModuleSettings {
+    pub auto_assign: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct TopicSettings {
+    pub participant_added: String,
+    pub participant_cancelled: String,
+    pub module_enabled: String,
+    pub entitlement_granted: String,
+    pub transfer_requested: String,
+    pub shortfalls: String,
+    pub ledger: String,
+    pub dlq: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct BatchSettings {
+    pub max_messages: usize,
+    pub max_wait_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct ClockSettings {
+    pub interval_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct OutboxSettings {
+    pub batch_size: i64,
+    pub poll_interval_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct ShutdownSettings {
+    pub timeout_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct LogSettings {
+    pub format: String,
+    pub level: String,
+}
+
+impl Settings {
+    /// Loads the layers in order; later layers win.
+    pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).required(true));
+        }
+        let settings: Settings = builder
+            .add_source(
+                config::Environment::with_prefix(ENVIRONMENT_PREFIX)
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()?
+            .try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        let invalid = |message: String| Err(SettingsError::Invalid(message));
+        if !["earliest", "latest"].contains(&self.kafka.auto_offset_reset.as_str()) {
+            return invalid(format!(
+                "kafka.auto_offset_reset must be \"earliest\" or \"latest\", not {:?}",
+                self.kafka.auto_offset_reset
+            ));
+        }
+        if !(1..=100_000).contains(&self.batch.max_messages) {
+            return invalid("batch.max_messages must be between 1 and 100000".into());
+        }
+        if !(1..=100_000).contains(&self.outbox.batch_size) {
+            return invalid("outbox.batch_size must be between 1 and 100000".into());
+        }
+        if !["text", "json"].contains(&self.log.format.as_str()) {
+            return invalid(format!(
+                "log.format must be \"text\" or \"json\", not {:?}",
+                self.log.format
+            ));
+        }
+        if self.database.max_connections < 4 {
+            return invalid("database.max_connections must be at least 4".into());
+        }
+        let mut names = self.topics.all();
+        let count = names.len();
+        names.sort();
+        names.dedup();
+        if names.len() != count || names.iter().any(|name| name.is_empty()) {
+            return invalid("the eight topic names must be distinct and not empty".into());
+        }
+        Ok(())
+    }
+}
+
+impl TopicSettings {
+    /// The five input topics with what each carries.
+    pub fn inputs(&self) -> impl Iterator<Item = (crate::codec::InputKind, &str)> {
+        use crate::codec::InputKind;
+        [
+            (InputKind::ParticipantAdded, self.participant_added.as_str()),
+            (
+                InputKind::ParticipantCancelled,
+                self.participant_cancelled.as_str(),
+            ),
+            (InputKind::ModuleEnabled, self.module_enabled.as_str()),
+            (
+                InputKind::EntitlementGranted,
+                self.entitlement_granted.as_str(),
+            ),
+            (
+                InputKind::TransferRequested,
+                self.transfer_requested.as_str(),
+            ),
+        ]
+        .into_iter()
+    }
+
+    /// All eight topic names: the five inputs, then shortfalls, ledger and dead letters.
+    pub fn all(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.inputs().map(|(_, name)| name).collect();
+        names.extend([
+            self.shortfalls.as_str(),
+            self.ledger.as_str(),
+            self.dlq.as_str(),
+        ]);
+        names
+    }
+
+    pub fn kind_of(&self, topic: &str) -> Option<crate::codec::InputKind> {
+        self.inputs()
+            .find(|(_, name)| *name == topic)
+            .map(|(kind, _)| kind)
+    }
+}
+
+/// Replaces the password of a connection URL with `***`.
+pub fn redact_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((credentials, host)) => {
+                let user = credentials.split(':').next().unwrap_or_default();
+                format!("{scheme}://{user}:***@{host}")
+            }
+            None => url.to_owned(),
+        },
+        None => "***".to_owned(),
+    }
+}
+
+impl fmt::Debug for KafkaSettings {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter
+            .debug_struct("KafkaSettings")
+            .field("brokers", &self.brokers)
+            .field("group_id", &self.group_id)
+            .field("auto_offset_reset", &self.auto_offset_reset)
+            .field("session_timeout_ms", &self.session_timeout_ms)
+            .field("properties", &self.properties.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl fmt::Debug for DatabaseSettings {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter
+            .debug_struct("DatabaseSettings")
+            .field("url", &redact_url(&self.url))
+            .field("max_connections", &self.max_connections)
+            .field("statement_timeout_ms", &self.statement_timeout_ms)
+            .finish()
+    }
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter
+            .debug_struct("Settings")
+            .field("kafka", &self.kafka)
+            .field("database", &self.database)
+            .field("metrics", &self.metrics)
+            .field("modules", &self.modules)
+            .field("topics", &self.topics)
+            .field("batch", &self.batch)
+            .field("clock", &self.clock)
+            .field("outbox", &self.outbox)
+            .field("shutdown", &self.shutdown)
+            .field("log", &self.log)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_the_contract_defaults() {
+        let settings = Settings::load(None).unwrap();
+        assert_eq!(settings.kafka.brokers, "127.0.0.1:9092");
+        assert_eq!(settings.kafka.group_id, "entitlement-worker");
+        assert_eq!(
+            settings.database.url,
+            "postgres://postgres:postgres@127.0.0.1:5432/entitlements"
+        );
+        assert_eq!(settings.metrics.listen, "127.0.0.1:9464");
+        assert!(!settings.modules.auto_assign);
+        assert_eq!(
+            settings.topics.transfer_requested,
+            "entitlement-transfer-requested"
+        );
+        assert_eq!(settings.topics.dlq, "entitlement-dlq");
+    }
+
+    #[test]
+    fn passwords_never_show_in_debug_output() {
+        let settings = Settings::load(None).unwrap();
+        let printed = format!("{settings:?}");
+        assert!(printed.contains("postgres:***@127.0.0.1"), "{printed}");
+        assert!(!printed.contains("postgres:postgres@"), "{printed}");
+        assert_eq!(
+            redact_url("postgres://u:s3cr3t@h/db"),
+            "postgres://u:***@h/db"
+        );
+    }
+}

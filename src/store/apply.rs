@@ -1,0 +1,295 @@
+//! One batch, one transaction: lock the partitions' offsets and the organizations touched,
+//! load the state the batch needs, run the domain core, write state, ledger, outbox and
+//! offsets, commit.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use chrono::{DateTime, Utc};
+
+use super::outbox::{Channel, OutboxMessage};
+use super::{Store, StoreError};
+use crate::codec::{AlertMessage, DeadLetterMessage, LedgerMessage, Rejection};
+use crate::domain::{Book, Command, LedgerKind, OrgId, Policy, Verdict};
+
+/// One consumed message and what decoding made of it.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub decoded: Result<Command, Rejection>,
+}
+
+/// What a committed batch did, for metrics and logs.
+#[derive(Debug, Default, Clone)]
+pub struct BatchReport {
+    /// Messages applied or rejected in this batch, per topic.
+    pub consumed: BTreeMap<String, u64>,
+    /// Messages already applied by an earlier transaction (a redelivery), skipped.
+    pub already_applied: u64,
+    pub rejected: BTreeMap<&'static str, u64>,
+    pub duplicates: u64,
+    pub stale: u64,
+    pub ledger_entries: BTreeMap<&'static str, u64>,
+    pub seats_transferred: i64,
+    pub alerts: u64,
+    /// The next offset per partition after this batch.
+    pub next_offsets: Vec<(String, i32, i64)>,
+}
+
+impl Store {
+    /// Applies a batch of consumed messages exactly once. The caller retries on a
+    /// transient error with the same batch; messages whose offsets were already committed
+    /// are skipped, so a retry or a redelivery changes nothing twice.
+    pub async fn apply_batch(
+        &self,
+        batch: &[Inbound],
+        policy: Policy,
+        now: DateTime<Utc>,
+    ) -> Result<BatchReport, StoreError> {
+        let mut transaction = self.pool.begin().await?;
+        let mut report = BatchReport::default();
+
+        // The partitions' stored offsets, locked: two workers that both believe they own a
+        // partition (during a rebalance) serialise here, and the second skips what the
+        // first applied.
+        let positions = partitions_of(batch);
+        let stored = lock_offsets(&mut transaction, &positions).await?;
+        let fresh: Vec<&Inbound> = batch
+            .iter()
+            .filter(|message| message.offset >= stored[&(message.topic.clone(), message.partition)])
+            .collect();
+        report.already_applied = (batch.len() - fresh.len()) as u64;
+
+        let commands: Vec<(usize, &Command)> = fresh
+            .iter()
+            .enumerate()
+            .filter_map(|(index, message)| message.decoded.as_ref().ok().map(|c| (index, c)))
+            .collect();
+        let mut book = super::load::load_book(
+            &mut transaction,
+            commands.iter().map(|(_, command)| *command),
+            policy,
+        )
+        .await?;
+
+        let mut verdicts: HashMap<usize, Verdict> = HashMap::new();
+        for (index, command) in &commands {
+            verdicts.insert(*index, book.apply(command, now));
+        }
+        book.finish(now);
+
+        let mut outbox = Vec::new();
+        for (index, message) in fresh.iter().enumerate() {
+            *report.consumed.entry(message.topic.clone()).or_default() += 1;
+            let rejection = match (&message.decoded, verdicts.get(&index)) {
+                (Err(rejection), _) => Some(rejection.clone()),
+                (Ok(command), Some(Verdict::Refused { refusal, detail })) => Some(Rejection {
+                    reason: refusal.reason(),
+                    detail: detail.clone(),
+                    event_id: Some(command.event_id.to_string()),
+                }),
+                (Ok(_), Some(Verdict::Duplicate)) => {
+                    report.duplicates += 1;
+                    None
+                }
+                (Ok(_), Some(Verdict::Stale)) => {
+                    report.stale += 1;
+                    None
+                }
+                _ => None,
+            };
+            if let Some(rejection) = rejection {
+                *report.rejected.entry(rejection.reason).or_default() += 1;
+                let letter = DeadLetterMessage::new(
+                    &message.topic,
+                    message.partition,
+                    message.offset,
+                    message.payload.as_deref(),
+                    &rejection,
+                    now,
+                );
+                outbox.push(OutboxMessage::new(
+                    Channel::Dlq,
+                    message
+                        .key
+                        .as_deref()
+                        .map(|key| String::from_utf8_lossy(key).into_owned()),
+                    &letter,
+                ));
+            }
+        }
+        for entry in &book.ledger {
+            *report
+                .ledger_entries
+                .entry(entry.kind.as_str())
+                .or_default() += 1;
+            if entry.product.is_seat()
+                && matches!(
+                    entry.kind,
+                    LedgerKind::Transfer | LedgerKind::ManualTransfer
+                )
+            {
+                report.seats_transferred += entry.quantity;
+            }
+            outbox.push(OutboxMessage::new(
+                Channel::Ledger,
+                Some(entry.org_id.to_string()),
+                &LedgerMessage::from(entry),
+            ));
+        }
+        for alert in &book.alerts {
+            outbox.push(OutboxMessage::new(
+                Channel::Shortfalls,
+                Some(alert.org_id.to_string()),
+                &AlertMessage::from(alert),
+            ));
+        }
+        report.alerts = book.alerts.len() as u64;
+
+        super::write::write_book(&mut transaction, &book).await?;
+        super::outbox::insert(&mut transaction, &outbox).await?;
+        report.next_offsets = next_offsets(&positions, &stored, &fresh);
+        store_offsets(&mut transaction, &report.next_offsets).await?;
+        transaction.commit().await?;
+        Ok(report)
+    }
+
+    /// Runs the clock for every organization with units that became valid or expired by
+    /// `now`, through the same path as a batch: lock, load, core, write, commit.
+    pub async fn settle_due(
+        &self,
+        policy: Policy,
+        now: DateTime<Utc>,
+    ) -> Result<usize, StoreError> {
+        let due: Vec<(String,)> = sqlx::query_as(
+            "SELECT org_id FROM lots WHERE status = 'pending' AND valid_from <= $1
+             UNION
+             SELECT org_id FROM lots WHERE status = 'active' AND expires_at <= $1
+             ORDER BY 1 LIMIT 500",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let orgs: Vec<OrgId> = due
+            .iter()
+            .filter_map(|(org,)| OrgId::parse(org).ok())
+            .collect();
+        let mut transaction = self.pool.begin().await?;
+        let mut book: Book =
+            super::load::load_book_for_orgs(&mut transaction, &orgs, policy).await?;
+        for org in &orgs {
+            book.settle_time(org, now);
+        }
+        book.finish(now);
+        let mut outbox = Vec::new();
+        for entry in &book.ledger {
+            outbox.push(OutboxMessage::new(
+                Channel::Ledger,
+                Some(entry.org_id.to_string()),
+                &LedgerMessage::from(entry),
+            ));
+        }
+        for alert in &book.alerts {
+            outbox.push(OutboxMessage::new(
+                Channel::Shortfalls,
+                Some(alert.org_id.to_string()),
+                &AlertMessage::from(alert),
+            ));
+        }
+        super::write::write_book(&mut transaction, &book).await?;
+        super::outbox::insert(&mut transaction, &outbox).await?;
+        transaction.commit().await?;
+        Ok(book.ledger.len())
+    }
+}
+
+fn partitions_of(batch: &[Inbound]) -> Vec<(String, i32)> {
+    let set: BTreeSet<(String, i32)> = batch
+        .iter()
+        .map(|message| (message.topic.clone(), message.partition))
+        .collect();
+    set.into_iter().collect()
+}
+
+async fn lock_offsets(
+    transaction: &mut sqlx::PgConnection,
+    positions: &[(String, i32)],
+) -> Result<HashMap<(String, i32), i64>, StoreError> {
+    let topics: Vec<&str> = positions.iter().map(|(topic, _)| topic.as_str()).collect();
+    let partitions: Vec<i32> = positions.iter().map(|(_, partition)| *partition).collect();
+    sqlx::query(
+        "INSERT INTO consumer_offsets (topic, partition, next_offset)
+         SELECT topic, partition, 0 FROM UNNEST($1::text[], $2::int[]) AS p (topic, partition)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&topics)
+    .bind(&partitions)
+    .execute(&mut *transaction)
+    .await?;
+    let rows: Vec<(String, i32, i64)> = sqlx::query_as(
+        "SELECT o.topic, o.partition, o.next_offset
+           FROM consumer_offsets o
+           JOIN UNNEST($1::text[], $2::int[]) AS p (topic, partition)
+             ON p.topic = o.topic AND p.partition = o.partition
+          ORDER BY o.topic, o.partition
+            FOR UPDATE OF o",
+    )
+    .bind(&topics)
+    .bind(&partitions)
+    .fetch_all(&mut *transaction)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(topic, partition, offset)| ((topic, partition), offset))
+        .collect())
+}
+
+fn next_offsets(
+    positions: &[(String, i32)],
+    stored: &HashMap<(String, i32), i64>,
+    fresh: &[&Inbound],
+) -> Vec<(String, i32, i64)> {
+    positions
+        .iter()
+        .map(|(topic, partition)| {
+            let seen = fresh
+                .iter()
+                .filter(|message| &message.topic == topic && message.partition == *partition)
+                .map(|message| message.offset + 1)
+                .max();
+            let before = stored[&(topic.clone(), *partition)];
+            (
+                topic.clone(),
+                *partition,
+                seen.unwrap_or(before).max(before),
+            )
+        })
+        .collect()
+}
+
+async fn store_offsets(
+    transaction: &mut sqlx::PgConnection,
+    offsets: &[(String, i32, i64)],
+) -> Result<(), StoreError> {
+    let topics: Vec<&str> = offsets.iter().map(|(topic, _, _)| topic.as_str()).collect();
+    let partitions: Vec<i32> = offsets.iter().map(|(_, partition, _)| *partition).collect();
+    let next: Vec<i64> = offsets.iter().map(|(_, _, offset)| *offset).collect();
+    sqlx::query(
+        "UPDATE consumer_offsets o
+            SET next_offset = p.next_offset, updated_at = now()
+           FROM UNNEST($1::text[], $2::int[], $3::bigint[]) AS p (topic, partition, next_offset)
+          WHERE o.topic = p.topic AND o.partition = p.partition",
+    )
+    .bind(&topics)
+    .bind(&partitions)
+    .bind(&next)
+    .execute(&mut *transaction)
+    .await?;
+    Ok(())
+}

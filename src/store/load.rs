@@ -1,0 +1,296 @@
+//! Loading the slice of state a batch needs into a [`Book`], under the organization locks.
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+
+use super::StoreError;
+use crate::domain::{
+    Book, Command, Consumption, EventId, Lot, LotStatus, OrgId, Organization, ParticipantId,
+    ParticipantRecord, Policy, Pool, Product, WorkspaceId,
+};
+
+/// Loads what the commands need: their organizations (locked), pools, lots and open
+/// shortfalls; the workspaces, consumption and participants they name; which of their
+/// event ids were already applied.
+pub(super) async fn load_book<'a>(
+    connection: &mut PgConnection,
+    commands: impl Iterator<Item = &'a Command>,
+    policy: Policy,
+) -> Result<Book, StoreError> {
+    let mut orgs = BTreeSet::new();
+    let mut workspaces = BTreeSet::new();
+    let mut participants = BTreeSet::new();
+    let mut deduplicated = Vec::new();
+    for command in commands {
+        orgs.insert(command.org_id.clone());
+        if let Some(workspace_id) = command.workspace_id() {
+            workspaces.insert(workspace_id.as_str().to_owned());
+        }
+        if let Some((workspace_id, participant_id)) = command.participant() {
+            participants.insert((
+                workspace_id.as_str().to_owned(),
+                participant_id.as_str().to_owned(),
+            ));
+        }
+        if command.needs_deduplication() {
+            deduplicated.push(command.event_id.as_str().to_owned());
+        }
+    }
+    let orgs: Vec<OrgId> = orgs.into_iter().collect();
+    let mut book = load_book_for_orgs(connection, &orgs, policy).await?;
+    let workspaces: Vec<String> = workspaces.into_iter().collect();
+
+    let owners: Vec<(String, String)> =
+        sqlx::query_as("SELECT workspace_id, org_id FROM workspaces WHERE workspace_id = ANY($1)")
+            .bind(&workspaces)
+            .fetch_all(&mut *connection)
+            .await?;
+    for (workspace_id, org_id) in owners {
+        book.owners.insert(
+            parse(WorkspaceId::parse(&workspace_id))?,
+            parse(OrgId::parse(&org_id))?,
+        );
+    }
+
+    let rows: Vec<ConsumptionRow> = sqlx::query_as(CONSUMPTION_COLUMNS_BY_WORKSPACE)
+        .bind(&workspaces)
+        .fetch_all(&mut *connection)
+        .await?;
+    insert_consumption(&mut book, rows)?;
+
+    let (participant_workspaces, participant_ids): (Vec<String>, Vec<String>) =
+        participants.into_iter().unzip();
+    let rows: Vec<(String, String, DateTime<Utc>, String, bool)> = sqlx::query_as(
+        "SELECT p.workspace_id, p.participant_id, p.last_event_at, p.last_event_id, p.counted
+           FROM participants p
+           JOIN UNNEST($1::text[], $2::text[]) AS wanted (workspace_id, participant_id)
+             ON wanted.workspace_id = p.workspace_id AND wanted.participant_id = p.participant_id",
+    )
+    .bind(&participant_workspaces)
+    .bind(&participant_ids)
+    .fetch_all(&mut *connection)
+    .await?;
+    for (workspace_id, participant_id, last_event_at, last_event_id, counted) in rows {
+        book.participants.insert(
+            (
+                parse(WorkspaceId::parse(&workspace_id))?,
+                parse(ParticipantId::parse(&participant_id))?,
+            ),
+            ParticipantRecord {
+                last_event_at,
+                last_event_id: parse(EventId::parse(&last_event_id))?,
+                counted,
+                dirty: false,
+            },
+        );
+    }
+
+    if !deduplicated.is_empty() {
+        let seen: Vec<(String,)> =
+            sqlx::query_as("SELECT event_id FROM processed_events WHERE event_id = ANY($1)")
+                .bind(&deduplicated)
+                .fetch_all(&mut *connection)
+                .await?;
+        for (event_id,) in seen {
+            book.processed.insert(parse(EventId::parse(&event_id))?);
+        }
+    }
+    Ok(book)
+}
+
+/// Locks the organizations (creating their rows if new) in `org_id` order, so that two
+/// batches can never wait on each other in a cycle, and loads their pools, lots and open
+/// shortfalls.
+pub(super) async fn load_book_for_orgs(
+    connection: &mut PgConnection,
+    orgs: &[OrgId],
+    policy: Policy,
+) -> Result<Book, StoreError> {
+    let mut names: Vec<&str> = orgs.iter().map(OrgId::as_str).collect();
+    names.sort_unstable();
+    names.dedup();
+    let mut book = Book::new(policy);
+    if names.is_empty() {
+        return Ok(book);
+    }
+    sqlx::query(
+        "INSERT INTO organizations (org_id)
+         SELECT org_id FROM UNNEST($1::text[]) AS wanted (org_id) ORDER BY org_id
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&names)
+    .execute(&mut *connection)
+    .await?;
+    let locked: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT org_id, last_sequence FROM organizations
+          WHERE org_id = ANY($1) ORDER BY org_id FOR UPDATE",
+    )
+    .bind(&names)
+    .fetch_all(&mut *connection)
+    .await?;
+    for (org_id, last_sequence) in locked {
+        book.organizations.insert(
+            parse(OrgId::parse(&org_id))?,
+            Organization {
+                last_sequence,
+                dirty: false,
+            },
+        );
+    }
+
+    let pools: Vec<(String, String, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT org_id, product, available, granted_total, transferred_total, expired_total
+           FROM pools WHERE org_id = ANY($1)",
+    )
+    .bind(&names)
+    .fetch_all(&mut *connection)
+    .await?;
+    for (org_id, product, available, granted_total, transferred_total, expired_total) in pools {
+        book.pools.insert(
+            (
+                parse(OrgId::parse(&org_id))?,
+                parse(Product::parse(&product))?,
+            ),
+            Pool {
+                available,
+                granted_total,
+                transferred_total,
+                expired_total,
+                dirty: false,
+            },
+        );
+    }
+
+    type LotRow = (
+        String,
+        String,
+        String,
+        i64,
+        i64,
+        DateTime<Utc>,
+        Option<DateTime<Utc>>,
+        String,
+        Option<String>,
+        Option<String>,
+    );
+    let lots: Vec<LotRow> = sqlx::query_as(
+        "SELECT lot_id, org_id, product, quantity, remaining, valid_from, expires_at, status,
+                source_kind, source_reference
+           FROM lots WHERE org_id = ANY($1) AND status IN ('pending', 'active')",
+    )
+    .bind(&names)
+    .fetch_all(&mut *connection)
+    .await?;
+    for (
+        lot_id,
+        org_id,
+        product,
+        quantity,
+        remaining,
+        valid_from,
+        expires_at,
+        status,
+        kind,
+        reference,
+    ) in lots
+    {
+        let org_id = parse(OrgId::parse(&org_id))?;
+        let product = parse(Product::parse(&product))?;
+        let status = LotStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("lot status {status:?}")))?;
+        book.lots
+            .entry((org_id.clone(), product.clone()))
+            .or_default()
+            .push(Lot {
+                lot_id: parse(EventId::parse(&lot_id))?,
+                org_id,
+                product,
+                quantity,
+                remaining,
+                valid_from,
+                expires_at,
+                status,
+                source_kind: kind,
+                source_reference: reference,
+                is_new: false,
+                dirty: false,
+            });
+    }
+
+    let rows: Vec<ConsumptionRow> = sqlx::query_as(CONSUMPTION_COLUMNS_OPEN_BY_ORG)
+        .bind(&names)
+        .fetch_all(&mut *connection)
+        .await?;
+    insert_consumption(&mut book, rows)?;
+    Ok(book)
+}
+
+type ConsumptionRow = (
+    String,
+    String,
+    String,
+    i64,
+    i64,
+    Option<DateTime<Utc>>,
+    i64,
+    Option<DateTime<Utc>>,
+    i64,
+    Option<String>,
+);
+
+const CONSUMPTION_COLUMNS_BY_WORKSPACE: &str =
+    "SELECT workspace_id, product, org_id, required, allocated, shortfall_since,
+            reported_missing, reported_opened_at, alert_revision, last_cause
+       FROM consumption WHERE workspace_id = ANY($1)";
+
+const CONSUMPTION_COLUMNS_OPEN_BY_ORG: &str =
+    "SELECT workspace_id, product, org_id, required, allocated, shortfall_since,
+            reported_missing, reported_opened_at, alert_revision, last_cause
+       FROM consumption WHERE org_id = ANY($1) AND required > allocated";
+
+fn insert_consumption(book: &mut Book, rows: Vec<ConsumptionRow>) -> Result<(), StoreError> {
+    for (
+        workspace_id,
+        product,
+        org_id,
+        required,
+        allocated,
+        shortfall_since,
+        reported_missing,
+        reported_opened_at,
+        alert_revision,
+        last_cause,
+    ) in rows
+    {
+        book.consumption.insert(
+            (
+                parse(WorkspaceId::parse(&workspace_id))?,
+                parse(Product::parse(&product))?,
+            ),
+            Consumption {
+                org_id: parse(OrgId::parse(&org_id))?,
+                required,
+                allocated,
+                shortfall_since,
+                reported_missing,
+                reported_opened_at,
+                alert_revision,
+                last_cause: last_cause
+                    .as_deref()
+                    .map(EventId::parse)
+                    .transpose()
+                    .map_err(|error| StoreError::Corrupt(error.to_string()))?,
+                dirty: false,
+            },
+        );
+    }
+    Ok(())
+}
+
+/// Values read back were valid when written; one that is not means the table was edited
+/// by hand.
+fn parse<T>(value: Result<T, crate::domain::IdError>) -> Result<T, StoreError> {
+    value.map_err(|error| StoreError::Corrupt(format!("a stored identifier {error}")))
+}

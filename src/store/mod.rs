@@ -1,0 +1,150 @@
+//! PostgreSQL: the only code that speaks SQL. Every statement is parameterised and
+//! set-based: one statement per table per batch, with arrays and `UNNEST`.
+
+mod apply;
+mod load;
+mod outbox;
+mod write;
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+
+pub use apply::{BatchReport, Inbound};
+pub use outbox::{Channel, OutboxRow};
+
+use crate::settings::DatabaseSettings;
+
+/// The migrations, embedded in the binary and applied at start.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or the transaction failed in a way worth retrying.
+    #[error("the database is unavailable or busy: {0}")]
+    Transient(#[source] sqlx::Error),
+    /// Two workers claimed the same new workspace at once; the batch is applied again.
+    #[error("workspace {0:?} was claimed by another worker at the same time")]
+    ClaimRace(String),
+    /// A constraint that mirrors a rule of the contract refused the batch: a bug.
+    #[error("the database refused a change that breaks an invariant: {0}")]
+    Invariant(#[source] sqlx::Error),
+    /// A stored value no longer reads as what was written: the tables were edited by hand.
+    #[error("the database holds a value the worker never wrote: {0}")]
+    Corrupt(String),
+    #[error("the migrations could not be applied: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl StoreError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Transient(_) | StoreError::ClaimRace(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        // Integrity violations (class 23) and raised exceptions mean the code tried to
+        // write something the contract forbids: stop loudly rather than retry forever.
+        let code = error
+            .as_database_error()
+            .and_then(|database| database.code().map(|code| code.into_owned()));
+        match code.as_deref() {
+            Some(code) if code.starts_with("23") || code == "42501" || code == "P0001" => {
+                StoreError::Invariant(error)
+            }
+            _ => StoreError::Transient(error),
+        }
+    }
+}
+
+/// The handle every part of the worker shares.
+#[derive(Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Connects, creating the database if it is missing, and applies the migrations.
+    pub async fn connect(settings: &DatabaseSettings) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(&settings.url)?.options([(
+            "statement_timeout",
+            settings.statement_timeout_ms.to_string(),
+        )]);
+        create_database_if_missing(&options).await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The next offset to consume per (topic, partition), for the partitions asked.
+    pub async fn stored_offsets(
+        &self,
+        partitions: &[(String, i32)],
+    ) -> Result<HashMap<(String, i32), i64>, StoreError> {
+        let topics: Vec<&str> = partitions.iter().map(|(topic, _)| topic.as_str()).collect();
+        let numbers: Vec<i32> = partitions.iter().map(|(_, partition)| *partition).collect();
+        let rows: Vec<(String, i32, i64)> = sqlx::query_as(
+            "SELECT o.topic, o.partition, o.next_offset
+               FROM consumer_offsets o
+               JOIN UNNEST($1::text[], $2::int[]) AS wanted (topic, partition)
+                 ON wanted.topic = o.topic AND wanted.partition = o.partition",
+        )
+        .bind(&topics)
+        .bind(&numbers)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(topic, partition, offset)| ((topic, partition), offset))
+            .collect())
+    }
+
+    /// Open shortfalls across all organizations, for the gauge.
+    pub async fn open_shortfalls(&self) -> Result<i64, StoreError> {
+        let (count,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM consumption WHERE required > allocated")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(count)
+    }
+}
+
+/// Creates the database named in `options` when it does not exist yet, through the
+/// server's `postgres` maintenance database.
+async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), StoreError> {
+    let name = options.get_database().unwrap_or("entitlements").to_owned();
+    let mut maintenance = options.clone().database("postgres").connect().await?;
+    let exists: Option<(i32,)> = sqlx::query_as("SELECT 1 FROM pg_database WHERE datname = $1")
+        .bind(&name)
+        .fetch_optional(&mut maintenance)
+        .await?;
+    if exists.is_none() {
+        // CREATE DATABASE takes no parameters; the name is quoted as an identifier.
+        let statement = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+        if let Err(error) = sqlx::query(&statement).execute(&mut maintenance).await {
+            // Another instance may have created it between the check and now.
+            let duplicate = error
+                .as_database_error()
+                .and_then(|database| database.code())
+                .is_some_and(|code| code == "42P04");
+            if !duplicate {
+                return Err(error.into());
+            }
+        }
+        tracing::info!(database = %name, "Created the database, which did not exist.");
+    }
+    maintenance.close().await?;
+    Ok(())
+}

@@ -1,0 +1,309 @@
+//! Writing back what a batch changed: one statement per table, rows passed as arrays.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+
+use super::StoreError;
+use crate::codec::entry_id;
+use crate::domain::Book;
+
+pub(super) async fn write_book(
+    connection: &mut PgConnection,
+    book: &Book,
+) -> Result<(), StoreError> {
+    claim_workspaces(connection, book).await?;
+    write_organizations(connection, book).await?;
+    write_pools(connection, book).await?;
+    write_lots(connection, book).await?;
+    write_consumption(connection, book).await?;
+    write_participants(connection, book).await?;
+    write_processed(connection, book).await?;
+    write_ledger(connection, book).await?;
+    Ok(())
+}
+
+/// Inserts the workspaces first claimed in this batch. If another worker claimed one of
+/// them in the meantime the batch is applied again, now seeing that owner.
+async fn claim_workspaces(connection: &mut PgConnection, book: &Book) -> Result<(), StoreError> {
+    if book.new_claims.is_empty() {
+        return Ok(());
+    }
+    let mut claims: Vec<(&str, &str)> = book
+        .new_claims
+        .iter()
+        .map(|(workspace_id, org_id)| (workspace_id.as_str(), org_id.as_str()))
+        .collect();
+    // Sorted, so two batches claiming overlapping workspaces wait in the same order.
+    claims.sort_unstable();
+    let (workspaces, orgs): (Vec<&str>, Vec<&str>) = claims.into_iter().unzip();
+    let inserted: Vec<(String,)> = sqlx::query_as(
+        "INSERT INTO workspaces (workspace_id, org_id)
+         SELECT workspace_id, org_id FROM UNNEST($1::text[], $2::text[]) AS c (workspace_id, org_id)
+         ON CONFLICT DO NOTHING
+         RETURNING workspace_id",
+    )
+    .bind(&workspaces)
+    .bind(&orgs)
+    .fetch_all(&mut *connection)
+    .await?;
+    if inserted.len() != workspaces.len() {
+        let missing = workspaces
+            .iter()
+            .find(|workspace| !inserted.iter().any(|(done,)| done == *workspace))
+            .map(|workspace| workspace.to_string())
+            .unwrap_or_default();
+        return Err(StoreError::ClaimRace(missing));
+    }
+    Ok(())
+}
+
+async fn write_organizations(connection: &mut PgConnection, book: &Book) -> Result<(), StoreError> {
+    let (orgs, sequences): (Vec<&str>, Vec<i64>) = book
+        .organizations
+        .iter()
+        .filter(|(_, organization)| organization.dirty)
+        .map(|(org_id, organization)| (org_id.as_str(), organization.last_sequence))
+        .unzip();
+    if orgs.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE organizations o SET last_sequence = u.last_sequence
+           FROM UNNEST($1::text[], $2::bigint[]) AS u (org_id, last_sequence)
+          WHERE o.org_id = u.org_id",
+    )
+    .bind(&orgs)
+    .bind(&sequences)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}
+
+async fn write_pools(connection: &mut PgConnection, book: &Book) -> Result<(), StoreError> {
+    let dirty: Vec<_> = book.pools.iter().filter(|(_, pool)| pool.dirty).collect();
+    if dirty.is_empty() {
+        return Ok(());
+    }
+    let orgs: Vec<&str> = dirty.iter().map(|((org, _), _)| org.as_str()).collect();
+    let products: Vec<&str> = dirty
+        .iter()
+        .map(|((_, product), _)| product.as_str())
+        .collect();
+    let available: Vec<i64> = dirty.iter().map(|(_, pool)| pool.available).collect();
+    let granted: Vec<i64> = dirty.iter().map(|(_, pool)| pool.granted_total).collect();
+    let transferred: Vec<i64> = dirty
+        .iter()
+        .map(|(_, pool)| pool.transferred_total)
+        .collect();
+    let expired: Vec<i64> = dirty.iter().map(|(_, pool)| pool.expired_total).collect();
+    sqlx::query(
+        "INSERT INTO pools (org_id, product, available, granted_total, transferred_total, expired_total)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])
+         ON CONFLICT (org_id, product) DO UPDATE SET
+             available = EXCLUDED.available,
+             granted_total = EXCLUDED.granted_total,
+             transferred_total = EXCLUDED.transferred_total,
+             expired_total = EXCLUDED.expired_total",
+    )
+    .bind(&orgs)
+    .bind(&products)
+    .bind(&available)
+    .bind(&granted)
+    .bind(&transferred)
+    .bind(&expired)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}
+
+async fn write_lots(connection: &mut PgConnection, book: &Book) -> Result<(), StoreError> {
+    let dirty: Vec<_> = book
+        .lots
+        .values()
+        .flatten()
+        .filter(|lot| lot.dirty)
+        .collect();
+    if dirty.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = dirty.iter().map(|lot| lot.lot_id.as_str()).collect();
+    let orgs: Vec<&str> = dirty.iter().map(|lot| lot.org_id.as_str()).collect();
+    let products: Vec<&str> = dirty.iter().map(|lot| lot.product.as_str()).collect();
+    let quantities: Vec<i64> = dirty.iter().map(|lot| lot.quantity).collect();
+    let remaining: Vec<i64> = dirty.iter().map(|lot| lot.remaining).collect();
+    let valid_from: Vec<DateTime<Utc>> = dirty.iter().map(|lot| lot.valid_from).collect();
+    let expires_at: Vec<Option<DateTime<Utc>>> = dirty.iter().map(|lot| lot.expires_at).collect();
+    let status: Vec<&str> = dirty.iter().map(|lot| lot.status.as_str()).collect();
+    let kinds: Vec<Option<&str>> = dirty.iter().map(|lot| lot.source_kind.as_deref()).collect();
+    let references: Vec<Option<&str>> = dirty
+        .iter()
+        .map(|lot| lot.source_reference.as_deref())
+        .collect();
+    sqlx::query(
+        "INSERT INTO lots (lot_id, org_id, product, quantity, remaining, valid_from, expires_at,
+                           status, source_kind, source_reference)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
+                              $6::timestamptz[], $7::timestamptz[], $8::text[], $9::text[], $10::text[])
+         ON CONFLICT (lot_id) DO UPDATE SET remaining = EXCLUDED.remaining, status = EXCLUDED.status",
+    )
+    .bind(&ids)
+    .bind(&orgs)
+    .bind(&products)
+    .bind(&quantities)
+    .bind(&remaining)
+    .bind(&valid_from)
+    .bind(&expires_at)
+    .bind(&status)
+    .bind(&kinds)
+    .bind(&references)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}
+
+async fn write_consumption(connection: &mut PgConnection, book: &Book) -> Result<(), StoreError> {
+    let dirty: Vec<_> = book
+        .consumption
+        .iter()
+        .filter(|(_, consumption)| consumption.dirty)
+        .collect();
+    if dirty.is_empty() {
+        return Ok(());
+    }
+    let workspaces: Vec<&str> = dirty.iter().map(|((ws, _), _)| ws.as_str()).collect();
+    let products: Vec<&str> = dirty
+        .iter()
+        .map(|((_, product), _)| product.as_str())
+        .collect();
+    let orgs: Vec<&str> = dirty.iter().map(|(_, c)| c.org_id.as_str()).collect();
+    let required: Vec<i64> = dirty.iter().map(|(_, c)| c.required).collect();
+    let allocated: Vec<i64> = dirty.iter().map(|(_, c)| c.allocated).collect();
+    let since: Vec<Option<DateTime<Utc>>> = dirty.iter().map(|(_, c)| c.shortfall_since).collect();
+    let reported: Vec<i64> = dirty.iter().map(|(_, c)| c.reported_missing).collect();
+    let opened: Vec<Option<DateTime<Utc>>> =
+        dirty.iter().map(|(_, c)| c.reported_opened_at).collect();
+    let revisions: Vec<i64> = dirty.iter().map(|(_, c)| c.alert_revision).collect();
+    let causes: Vec<Option<&str>> = dirty
+        .iter()
+        .map(|(_, c)| c.last_cause.as_ref().map(|cause| cause.as_str()))
+        .collect();
+    sqlx::query(
+        "INSERT INTO consumption (workspace_id, product, org_id, required, allocated, shortfall_since,
+                                  reported_missing, reported_opened_at, alert_revision, last_cause)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
+                              $6::timestamptz[], $7::bigint[], $8::timestamptz[], $9::bigint[], $10::text[])
+         ON CONFLICT (workspace_id, product) DO UPDATE SET
+             required = EXCLUDED.required,
+             allocated = EXCLUDED.allocated,
+             shortfall_since = EXCLUDED.shortfall_since,
+             reported_missing = EXCLUDED.reported_missing,
+             reported_opened_at = EXCLUDED.reported_opened_at,
+             alert_revision = EXCLUDED.alert_revision,
+             last_cause = EXCLUDED.last_cause",
+    )
+    .bind(&workspaces)
+    .bind(&products)
+    .bind(&orgs)
+    .bind(&required)
+    .bind(&allocated)
+    .bind(&since)
+    .bind(&reported)
+    .bind(&opened)
+    .bind(&revisions)
+    .bind(&causes)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}
+
+async fn write_participants(connection: &mut PgConnection, book: &Book) -> Result<(), StoreError> {
+    let dirty: Vec<_> = book
+        .participants
+        .iter()
+        .filter(|(_, record)| record.dirty)
+        .collect();
+    if dirty.is_empty() {
+        return Ok(());
+    }
+    let workspaces: Vec<&str> = dirty.iter().map(|((ws, _), _)| ws.as_str()).collect();
+    let participants: Vec<&str> = dirty.iter().map(|((_, p), _)| p.as_str()).collect();
+    let times: Vec<DateTime<Utc>> = dirty.iter().map(|(_, r)| r.last_event_at).collect();
+    let events: Vec<&str> = dirty
+        .iter()
+        .map(|(_, r)| r.last_event_id.as_str())
+        .collect();
+    let counted: Vec<bool> = dirty.iter().map(|(_, r)| r.counted).collect();
+    sqlx::query(
+        "INSERT INTO participants (workspace_id, participant_id, last_event_at, last_event_id, counted)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::bool[])
+         ON CONFLICT (workspace_id, participant_id) DO UPDATE SET
+             last_event_at = EXCLUDED.last_event_at,
+             last_event_id = EXCLUDED.last_event_id,
+             counted = EXCLUDED.counted",
+    )
+    .bind(&workspaces)
+    .bind(&participants)
+    .bind(&times)
+    .bind(&events)
+    .bind(&counted)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}
+
+async fn write_processed(connection: &mut PgConnection, book: &Book) -> Result<(), StoreError> {
+    if book.newly_processed.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = book.newly_processed.iter().map(|id| id.as_str()).collect();
+    sqlx::query("INSERT INTO processed_events (event_id) SELECT * FROM UNNEST($1::text[])")
+        .bind(&ids)
+        .execute(&mut *connection)
+        .await?;
+    Ok(())
+}
+
+async fn write_ledger(connection: &mut PgConnection, book: &Book) -> Result<(), StoreError> {
+    if book.ledger.is_empty() {
+        return Ok(());
+    }
+    let entries = &book.ledger;
+    let orgs: Vec<&str> = entries.iter().map(|e| e.org_id.as_str()).collect();
+    let sequences: Vec<i64> = entries.iter().map(|e| e.sequence).collect();
+    let ids: Vec<uuid::Uuid> = entries
+        .iter()
+        .map(|e| entry_id(&e.org_id, e.sequence))
+        .collect();
+    let products: Vec<&str> = entries.iter().map(|e| e.product.as_str()).collect();
+    let kinds: Vec<&str> = entries.iter().map(|e| e.kind.as_str()).collect();
+    let quantities: Vec<i64> = entries.iter().map(|e| e.quantity).collect();
+    let workspaces: Vec<Option<&str>> = entries
+        .iter()
+        .map(|e| e.workspace_id.as_ref().map(|ws| ws.as_str()))
+        .collect();
+    let after: Vec<i64> = entries.iter().map(|e| e.pool_available_after).collect();
+    let causes: Vec<&str> = entries.iter().map(|e| e.caused_by.as_str()).collect();
+    let actors: Vec<Option<&str>> = entries.iter().map(|e| e.actor.as_deref()).collect();
+    let recorded: Vec<DateTime<Utc>> = entries.iter().map(|e| e.recorded_at).collect();
+    sqlx::query(
+        "INSERT INTO ledger (org_id, sequence, entry_id, product, kind, quantity, workspace_id,
+                             pool_available_after, caused_by, actor, recorded_at)
+         SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[],
+                              $6::bigint[], $7::text[], $8::bigint[], $9::text[], $10::text[],
+                              $11::timestamptz[])",
+    )
+    .bind(&orgs)
+    .bind(&sequences)
+    .bind(&ids)
+    .bind(&products)
+    .bind(&kinds)
+    .bind(&quantities)
+    .bind(&workspaces)
+    .bind(&after)
+    .bind(&causes)
+    .bind(&actors)
+    .bind(&recorded)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}

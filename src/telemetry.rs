@@ -1,0 +1,292 @@
+//! Metrics, health and logs: one registry, one HTTP endpoint (`/metrics`, `/healthz`), and
+//! the tracing subscriber.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::settings::LogSettings;
+use crate::store::BatchReport;
+
+/// Every metric the worker exports. Labels are low-cardinality: topics, reasons, kinds.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub consumed: IntCounterVec,
+    pub rejected: IntCounterVec,
+    pub duplicates: IntCounter,
+    pub stale: IntCounter,
+    pub redelivered: IntCounter,
+    pub batches: IntCounter,
+    pub batch_size: HistogramVec,
+    pub commit_latency: HistogramVec,
+    pub seats_transferred: IntCounter,
+    pub ledger_entries: IntCounterVec,
+    pub alerts: IntCounter,
+    pub open_shortfalls: IntGauge,
+    pub outbox_backlog: IntGauge,
+    pub consumer_lag: IntGaugeVec,
+    pub published: IntCounterVec,
+    pub publish_errors: IntCounter,
+    pub store_retries: IntCounterVec,
+    pub clock_entries: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| {
+            let metric = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let gauge = |name: &str, help: &str| {
+            let metric = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let metric = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &[])
+                .expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let consumer_lag = IntGaugeVec::new(
+            Opts::new(
+                "entitlements_consumer_lag",
+                "Messages behind the end of each input partition, as librdkafka last reported.",
+            ),
+            &["topic", "partition"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(consumer_lag.clone()))
+            .expect("unique metric");
+        Self {
+            consumed: counter_vec(
+                "entitlements_messages_consumed_total",
+                "Input messages applied or rejected, per topic.",
+                &["topic"],
+            ),
+            rejected: counter_vec(
+                "entitlements_messages_rejected_total",
+                "Input messages sent to the dead-letter topic, per reason.",
+                &["reason"],
+            ),
+            duplicates: counter(
+                "entitlements_duplicate_events_total",
+                "Events whose event_id was already applied; they changed nothing.",
+            ),
+            stale: counter(
+                "entitlements_stale_events_total",
+                "Participant events older than the participant's latest; they changed nothing.",
+            ),
+            redelivered: counter(
+                "entitlements_redelivered_messages_total",
+                "Messages consumed again below the offset committed in PostgreSQL, skipped.",
+            ),
+            batches: counter(
+                "entitlements_batches_committed_total",
+                "Batches committed to PostgreSQL.",
+            ),
+            batch_size: histogram(
+                "entitlements_batch_size",
+                "Messages per committed batch.",
+                vec![
+                    1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
+                ],
+            ),
+            commit_latency: histogram(
+                "entitlements_commit_latency_seconds",
+                "Time to apply and commit one batch, retries included.",
+                vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+                ],
+            ),
+            seats_transferred: counter(
+                "entitlements_seats_transferred_total",
+                "Seats moved from pools to workspaces, automatic and manual.",
+            ),
+            ledger_entries: counter_vec(
+                "entitlements_ledger_entries_total",
+                "Ledger entries recorded, per kind.",
+                &["kind"],
+            ),
+            alerts: counter(
+                "entitlements_shortfall_alerts_total",
+                "Shortfall changes recorded for publication.",
+            ),
+            open_shortfalls: gauge(
+                "entitlements_open_shortfalls",
+                "(workspace, product) pairs missing entitlements, across all organizations.",
+            ),
+            outbox_backlog: gauge(
+                "entitlements_outbox_backlog",
+                "Committed messages not yet acknowledged by the broker.",
+            ),
+            consumer_lag,
+            published: counter_vec(
+                "entitlements_published_total",
+                "Messages acknowledged by the broker, per output channel.",
+                &["channel"],
+            ),
+            publish_errors: counter(
+                "entitlements_publish_errors_total",
+                "Outbox messages the broker did not acknowledge; they are sent again.",
+            ),
+            store_retries: counter_vec(
+                "entitlements_store_retries_total",
+                "Database operations retried after a transient failure, per operation.",
+                &["operation"],
+            ),
+            clock_entries: counter(
+                "entitlements_clock_ledger_entries_total",
+                "Ledger entries written by the clock (units becoming valid or expiring).",
+            ),
+            registry,
+        }
+    }
+
+    /// Counts what one committed batch did.
+    pub fn observe_batch(&self, report: &BatchReport, size: usize, seconds: f64) {
+        self.batches.inc();
+        self.batch_size
+            .with_label_values(&[] as &[&str])
+            .observe(size as f64);
+        self.commit_latency
+            .with_label_values(&[] as &[&str])
+            .observe(seconds);
+        for (topic, count) in &report.consumed {
+            self.consumed.with_label_values(&[topic]).inc_by(*count);
+        }
+        for (reason, count) in &report.rejected {
+            self.rejected.with_label_values(&[reason]).inc_by(*count);
+        }
+        for (kind, count) in &report.ledger_entries {
+            self.ledger_entries
+                .with_label_values(&[kind])
+                .inc_by(*count);
+        }
+        self.duplicates.inc_by(report.duplicates);
+        self.stale.inc_by(report.stale);
+        self.redelivered.inc_by(report.already_applied);
+        self.seats_transferred
+            .inc_by(report.seats_transferred.max(0) as u64);
+        self.alerts.inc_by(report.alerts);
+    }
+
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("text encoding never fails");
+        String::from_utf8(buffer).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Whether the worker is consuming: `/healthz` answers 200 only then.
+#[derive(Clone, Default)]
+pub struct Health(Arc<AtomicBool>);
+
+impl Health {
+    pub fn set(&self, consuming: bool) {
+        self.0.store(consuming, Ordering::Relaxed);
+    }
+
+    pub fn is_consuming(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Binds the metrics endpoint; returns the bound address (useful with port 0) and the
+/// server future, which ends when `cancel` fires.
+pub async fn serve(
+    listen: &str,
+    metrics: Metrics,
+    health: Health,
+    cancel: CancellationToken,
+) -> std::io::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let address = listener.local_addr()?;
+    let router = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        metrics.render(),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/healthz",
+            get(move || {
+                let health = health.clone();
+                async move {
+                    if health.is_consuming() {
+                        (StatusCode::OK, "consuming\n").into_response()
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not consuming\n").into_response()
+                    }
+                }
+            }),
+        );
+    let server = async move {
+        if let Err(error) = axum::serve(listener, router)
+            .with_graceful_shutdown(cancel.cancelled_owned())
+            .await
+        {
+            tracing::error!(%error, "The metrics endpoint stopped.");
+        }
+    };
+    Ok((address, server))
+}
+
+/// Installs the tracing subscriber: text for people, JSON for log pipelines. `RUST_LOG`
+/// overrides `log.level`.
+pub fn init_logging(settings: &LogSettings) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = if settings.format == "json" {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+    // A second initialisation (tests start several workers) keeps the first subscriber.
+    let _ = result;
+}
