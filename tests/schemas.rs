@@ -1,0 +1,155 @@
+//! `schemas/` and the code agree: the examples validate (or fail) as named, every message
+//! the worker publishes validates, and inputs the schema refuses the decoder refuses.
+
+use std::fs;
+use std::path::Path;
+
+use chrono::Utc;
+use entitlement_worker::codec::{self, AlertMessage, DeadLetterMessage, InputKind, LedgerMessage};
+use serde_json::Value;
+
+const INPUTS: [(&str, InputKind); 5] = [
+    ("participant-added", InputKind::ParticipantAdded),
+    ("participant-cancelled", InputKind::ParticipantCancelled),
+    ("module-enabled", InputKind::ModuleEnabled),
+    ("entitlement-granted", InputKind::EntitlementGranted),
+    (
+        "entitlement-transfer-requested",
+        InputKind::TransferRequested,
+    ),
+];
+
+fn schema(topic: &str) -> jsonschema::Validator {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("schemas/{topic}.schema.json"));
+    let schema: Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    // Formats (date-time, uuid) are checked too, as the worker checks them.
+    jsonschema::options()
+        .should_validate_formats(true)
+        .build(&schema)
+        .unwrap_or_else(|error| panic!("{path:?}: {error}"))
+}
+
+fn examples(topic: &str) -> Vec<(String, Vec<u8>)> {
+    let directory = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("schemas/examples/{topic}"));
+    let mut found: Vec<_> = fs::read_dir(&directory)
+        .unwrap_or_else(|error| panic!("{directory:?}: {error}"))
+        .map(|entry| entry.unwrap().path())
+        .map(|path| {
+            (
+                path.file_name().unwrap().to_string_lossy().into_owned(),
+                fs::read(&path).unwrap(),
+            )
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+#[test]
+fn every_example_validates_or_fails_as_its_name_says() {
+    let topics = INPUTS.iter().map(|(topic, _)| *topic).chain([
+        "entitlement-shortfalls",
+        "entitlement-ledger",
+        "entitlement-dlq",
+    ]);
+    for topic in topics {
+        let validator = schema(topic);
+        let examples = examples(topic);
+        assert!(
+            examples.iter().any(|(name, _)| name.starts_with("valid-")),
+            "{topic} has valid examples"
+        );
+        for (name, bytes) in examples {
+            let instance: Value = serde_json::from_slice(&bytes).unwrap();
+            let expected = name.starts_with("valid-");
+            assert_eq!(validator.is_valid(&instance), expected, "{topic}/{name}");
+        }
+    }
+}
+
+#[test]
+fn the_decoder_accepts_the_valid_input_examples_and_refuses_the_invalid_ones() {
+    for (topic, kind) in INPUTS {
+        for (name, bytes) in examples(topic) {
+            let decoded = codec::decode(kind, Some(&bytes));
+            if name.starts_with("valid-") {
+                assert!(decoded.is_ok(), "{topic}/{name}: {decoded:?}");
+            } else {
+                let rejection = decoded.expect_err(&format!("{topic}/{name} is refused"));
+                assert_eq!(rejection.reason, "schema_violation", "{topic}/{name}");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_messages_the_worker_publishes_validate() {
+    use entitlement_worker::domain::*;
+    let now = Utc::now();
+    let org = OrgId::parse("acme").unwrap();
+    let workspace = WorkspaceId::parse("summit").unwrap();
+    let cause = EventId::parse("e-1").unwrap();
+    let entries = [
+        LedgerEntry {
+            org_id: org.clone(),
+            sequence: 1,
+            product: Product::seat(),
+            kind: LedgerKind::Grant,
+            quantity: 10,
+            workspace_id: None,
+            pool_available_after: 10,
+            caused_by: cause.clone(),
+            actor: None,
+            recorded_at: now,
+        },
+        LedgerEntry {
+            org_id: org.clone(),
+            sequence: 2,
+            product: Product::parse("gamification").unwrap(),
+            kind: LedgerKind::ManualTransfer,
+            quantity: 1,
+            workspace_id: Some(workspace.clone()),
+            pool_available_after: 0,
+            caused_by: cause.clone(),
+            actor: Some("u-alice".into()),
+            recorded_at: now,
+        },
+    ];
+    let ledger = schema("entitlement-ledger");
+    for entry in &entries {
+        let message = serde_json::to_value(LedgerMessage::from(entry)).unwrap();
+        assert!(ledger.is_valid(&message), "{message}");
+    }
+    let alerts = schema("entitlement-shortfalls");
+    for (status, missing) in [(AlertStatus::Open, 2), (AlertStatus::Resolved, 0)] {
+        let alert = Alert {
+            org_id: org.clone(),
+            workspace_id: workspace.clone(),
+            product: Product::seat(),
+            status,
+            required: 12,
+            allocated: 12 - missing,
+            missing,
+            opened_at: now,
+            occurred_at: now,
+            caused_by: cause.clone(),
+            revision: 1,
+        };
+        let message = serde_json::to_value(AlertMessage::from(&alert)).unwrap();
+        assert!(alerts.is_valid(&message), "{message}");
+    }
+    let dlq = schema("entitlement-dlq");
+    for payload in [&b"not json"[..], &b"\xff\xfe"[..]] {
+        let rejection = codec::decode(InputKind::ParticipantAdded, Some(payload)).unwrap_err();
+        let message = serde_json::to_value(DeadLetterMessage::new(
+            "participant-added",
+            0,
+            7,
+            Some(payload),
+            &rejection,
+            now,
+        ))
+        .unwrap();
+        assert!(dlq.is_valid(&message), "{message}");
+    }
+}

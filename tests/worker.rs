@@ -1,0 +1,345 @@
+//! The real worker, in process, against real PostgreSQL and librdkafka's mock cluster:
+//! the contract's stories end to end.
+
+mod common;
+
+use std::time::Duration;
+
+use entitlement_worker::codec::{AlertMessage, DeadLetterMessage, LedgerMessage};
+use entitlement_worker::pipeline::{self, Started};
+use entitlement_worker::settings::Settings;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+struct Harness {
+    _cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    settings: Settings,
+    producer: FutureProducer,
+    stop: CancellationToken,
+    worker: tokio::task::JoinHandle<anyhow::Result<()>>,
+    started: Started,
+    outputs: StreamConsumer,
+    ledger: Vec<LedgerMessage>,
+    alerts: Vec<AlertMessage>,
+    dead_letters: Vec<DeadLetterMessage>,
+}
+
+impl Harness {
+    async fn start() -> Self {
+        entitlement_worker::telemetry::init_logging(&entitlement_worker::settings::LogSettings {
+            format: "text".into(),
+            level: "info".into(),
+        });
+        let cluster = MockCluster::new(1).expect("the mock cluster starts");
+        let settings = common::settings(&cluster.bootstrap_servers());
+        for topic in settings.topics.all() {
+            cluster.create_topic(topic, 3, 1).expect("topic created");
+        }
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &settings.kafka.brokers)
+            .create()
+            .expect("producer");
+        let outputs: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &settings.kafka.brokers)
+            .set("group.id", common::unique("reader"))
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .expect("consumer");
+        outputs
+            .subscribe(&[
+                &settings.topics.ledger,
+                &settings.topics.shortfalls,
+                &settings.topics.dlq,
+            ])
+            .expect("subscribed");
+        let stop = CancellationToken::new();
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let worker = tokio::spawn(pipeline::run(
+            settings.clone(),
+            stop.clone().cancelled_owned(),
+            Some(sender),
+        ));
+        let started = receiver.await.expect("the worker starts");
+        let health = started.health.clone();
+        common::eventually("the worker to be assigned its partitions", DEADLINE, || {
+            let health = health.clone();
+            async move { health.is_consuming().then_some(()) }
+        })
+        .await;
+        Self {
+            _cluster: cluster,
+            settings,
+            producer,
+            stop,
+            worker,
+            started,
+            outputs,
+            ledger: Vec::new(),
+            alerts: Vec::new(),
+            dead_letters: Vec::new(),
+        }
+    }
+
+    async fn send(&self, topic: &str, payload: &[u8]) {
+        self.producer
+            .send(
+                FutureRecord::<str, [u8]>::to(topic)
+                    .key("acme")
+                    .payload(payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("delivered");
+    }
+
+    async fn send_json(&self, topic: &str, message: Value) {
+        self.send(topic, message.to_string().as_bytes()).await;
+    }
+
+    /// Reads outputs until `done` holds for what was read, or fails after the deadline.
+    async fn read_until(&mut self, what: &str, done: impl Fn(&Self) -> bool) {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while !done(self) {
+            let message = tokio::time::timeout_at(deadline, self.outputs.recv())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "timed out waiting for {what}; ledger {:?} alerts {:?} dlq {:?}",
+                        self.ledger, self.alerts, self.dead_letters
+                    )
+                })
+                .expect("a message");
+            let payload = message.payload().expect("a payload");
+            let topics = &self.settings.topics;
+            if message.topic() == topics.ledger {
+                self.ledger
+                    .push(serde_json::from_slice(payload).expect("a ledger entry"));
+            } else if message.topic() == topics.shortfalls {
+                self.alerts
+                    .push(serde_json::from_slice(payload).expect("an alert"));
+            } else {
+                self.dead_letters
+                    .push(serde_json::from_slice(payload).expect("a dead letter"));
+            }
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.worker
+            .await
+            .expect("joined")
+            .expect("the worker stops cleanly");
+    }
+}
+
+fn event(id: &str, fields: Value) -> Value {
+    let mut message = json!({"event_id": id, "occurred_at": "2026-01-01T09:00:00Z"});
+    message
+        .as_object_mut()
+        .unwrap()
+        .extend(fields.as_object().unwrap().clone());
+    message
+}
+
+fn seats_moved_to(ledger: &[LedgerMessage], workspace: &str) -> i64 {
+    ledger
+        .iter()
+        .filter(|entry| entry.workspace_id.as_deref() == Some(workspace) && entry.product == "seat")
+        .map(|entry| entry.quantity)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "work in progress: on the mock cluster the group session times out and the outputs stall; see the README's status section"]
+async fn given_10_seats_when_12_join_then_10_move_and_2_are_missing_until_5_more_arrive() {
+    let mut harness = Harness::start().await;
+    let topics = harness.settings.topics.clone();
+    harness
+        .send_json(
+            &topics.entitlement_granted,
+            event(
+                "g-1",
+                json!({"org_id": "acme", "product": "seat", "quantity": 10}),
+            ),
+        )
+        .await;
+    harness
+        .read_until("the grant entry", |h| h.ledger.len() == 1)
+        .await;
+    for n in 0..12 {
+        harness
+            .send_json(&topics.participant_added, event(&format!("a-{n}"), json!({"org_id": "acme", "workspace_id": "summit", "participant_id": format!("p{n}")})))
+            .await;
+    }
+    harness
+        .read_until("10 seats moved and a shortfall of 2", |h| {
+            seats_moved_to(&h.ledger, "summit") == 10
+                && h.alerts.last().is_some_and(|alert| alert.missing == 2)
+        })
+        .await;
+    harness
+        .send_json(
+            &topics.entitlement_granted,
+            event(
+                "g-2",
+                json!({"org_id": "acme", "product": "seat", "quantity": 5}),
+            ),
+        )
+        .await;
+    harness
+        .read_until("the shortfall to resolve", |h| {
+            h.alerts
+                .last()
+                .is_some_and(|alert| alert.status == "resolved")
+        })
+        .await;
+    assert_eq!(seats_moved_to(&harness.ledger, "summit"), 12);
+    let last = harness.ledger.last().unwrap();
+    assert_eq!(last.pool_available_after, 3, "3 seats left in the pool");
+    let sequences: Vec<i64> = harness.ledger.iter().map(|entry| entry.sequence).collect();
+    assert_eq!(
+        sequences,
+        (1..=sequences.len() as i64).collect::<Vec<_>>(),
+        "gapless"
+    );
+    let metrics = harness.started.metrics.render();
+    assert!(
+        metrics.contains("entitlements_seats_transferred_total 12"),
+        "{metrics}"
+    );
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "work in progress: on the mock cluster the group session times out and the outputs stall; see the README's status section"]
+async fn bad_messages_go_to_the_dead_letter_topic_and_the_events_after_them_are_processed() {
+    let mut harness = Harness::start().await;
+    let topics = harness.settings.topics.clone();
+    harness
+        .send(&topics.participant_added, b"this is not json")
+        .await;
+    harness
+        .send_json(
+            &topics.participant_added,
+            json!({"event_id": "x", "org_id": "acme"}),
+        )
+        .await;
+    let mut huge = br#"{"event_id":"big","pad":""#.to_vec();
+    huge.resize(64 * 1024 + 1, b'x');
+    harness.send(&topics.participant_added, &huge).await;
+    harness.send(&topics.participant_added, b"\xff\xfe").await;
+    harness
+        .send_json(
+            &topics.entitlement_granted,
+            event(
+                "g-1",
+                json!({"org_id": "acme", "product": "seat", "quantity": 1}),
+            ),
+        )
+        .await;
+    harness
+        .send_json(
+            &topics.participant_added,
+            event(
+                "a-1",
+                json!({"org_id": "acme", "workspace_id": "summit", "participant_id": "p1"}),
+            ),
+        )
+        .await;
+    harness
+        .read_until("four dead letters and the seat transfer", |h| {
+            h.dead_letters.len() == 4 && seats_moved_to(&h.ledger, "summit") == 1
+        })
+        .await;
+    let mut reasons: Vec<&str> = harness
+        .dead_letters
+        .iter()
+        .map(|letter| letter.reason.as_str())
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            "invalid_encoding",
+            "invalid_json",
+            "schema_violation",
+            "too_large"
+        ]
+    );
+    for letter in &harness.dead_letters {
+        assert_eq!(letter.topic, topics.participant_added);
+        assert!(letter.offset >= 0 && letter.partition >= 0);
+    }
+    let binary = harness
+        .dead_letters
+        .iter()
+        .find(|letter| letter.reason == "invalid_encoding")
+        .unwrap();
+    assert_eq!(
+        (binary.payload.as_str(), binary.payload_encoding.as_str()),
+        ("//4=", "base64")
+    );
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "work in progress: on the mock cluster the group session times out and the outputs stall; see the README's status section"]
+async fn a_workspace_claimed_by_a_second_organization_is_rejected_and_costs_it_nothing() {
+    let mut harness = Harness::start().await;
+    let topics = harness.settings.topics.clone();
+    harness
+        .send_json(
+            &topics.participant_added,
+            event(
+                "a-1",
+                json!({"org_id": "acme", "workspace_id": "summit", "participant_id": "p1"}),
+            ),
+        )
+        .await;
+    harness
+        .read_until("acme's shortfall", |h| h.alerts.len() == 1)
+        .await;
+    harness
+        .send_json(
+            &topics.entitlement_granted,
+            event(
+                "g-1",
+                json!({"org_id": "globex", "product": "seat", "quantity": 5}),
+            ),
+        )
+        .await;
+    harness
+        .send_json(
+            &topics.participant_added,
+            event(
+                "a-2",
+                json!({"org_id": "globex", "workspace_id": "summit", "participant_id": "p2"}),
+            ),
+        )
+        .await;
+    harness
+        .read_until("the tenant mismatch", |h| {
+            !h.dead_letters.is_empty() && h.ledger.len() == 1
+        })
+        .await;
+    assert_eq!(harness.dead_letters[0].reason, "tenant_mismatch");
+    assert_eq!(harness.dead_letters[0].event_id.as_deref(), Some("a-2"));
+    let store = entitlement_worker::store::Store::connect(&harness.settings.database)
+        .await
+        .unwrap();
+    let (available,): (i64,) =
+        sqlx::query_as("SELECT available FROM pools WHERE org_id = 'globex' AND product = 'seat'")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(available, 5, "globex paid nothing");
+    harness.stop().await;
+}
