@@ -134,19 +134,8 @@ impl Store {
             {
                 report.seats_transferred += entry.quantity;
             }
-            outbox.push(OutboxMessage::new(
-                Channel::Ledger,
-                Some(entry.org_id.to_string()),
-                &LedgerMessage::from(entry),
-            ));
         }
-        for alert in &book.alerts {
-            outbox.push(OutboxMessage::new(
-                Channel::Shortfalls,
-                Some(alert.org_id.to_string()),
-                &AlertMessage::from(alert),
-            ));
-        }
+        outbox.extend(effects_to_publish(&book));
         report.alerts = book.alerts.len() as u64;
 
         super::write::write_book(&mut transaction, &book).await?;
@@ -187,26 +176,32 @@ impl Store {
             book.settle_time(org, now);
         }
         book.finish(now);
-        let mut outbox = Vec::new();
-        for entry in &book.ledger {
-            outbox.push(OutboxMessage::new(
-                Channel::Ledger,
-                Some(entry.org_id.to_string()),
-                &LedgerMessage::from(entry),
-            ));
-        }
-        for alert in &book.alerts {
-            outbox.push(OutboxMessage::new(
-                Channel::Shortfalls,
-                Some(alert.org_id.to_string()),
-                &AlertMessage::from(alert),
-            ));
-        }
+        let outbox = effects_to_publish(&book);
         super::write::write_book(&mut transaction, &book).await?;
         super::outbox::insert(&mut transaction, &outbox).await?;
         transaction.commit().await?;
         Ok(book.ledger.len())
     }
+}
+
+/// The ledger entries and alerts a book produced, as outbox messages keyed by organization,
+/// in the order they were recorded.
+fn effects_to_publish(book: &Book) -> Vec<OutboxMessage> {
+    let ledger = book.ledger.iter().map(|entry| {
+        OutboxMessage::new(
+            Channel::Ledger,
+            Some(entry.org_id.to_string()),
+            &LedgerMessage::from(entry),
+        )
+    });
+    let alerts = book.alerts.iter().map(|alert| {
+        OutboxMessage::new(
+            Channel::Shortfalls,
+            Some(alert.org_id.to_string()),
+            &AlertMessage::from(alert),
+        )
+    });
+    ledger.chain(alerts).collect()
 }
 
 fn partitions_of(batch: &[Inbound]) -> Vec<(String, i32)> {
