@@ -295,6 +295,17 @@ impl Book {
         if command.needs_deduplication() && self.processed.contains(&command.event_id) {
             return Verdict::Duplicate;
         }
+        let verdict = self.decide(command, now);
+        // A refused request is as final as an applied one: its redelivery must not succeed
+        // later, when the pool or the tenancy has changed.
+        if command.needs_deduplication() && verdict != Verdict::Duplicate {
+            self.processed.insert(command.event_id.clone());
+            self.newly_processed.push(command.event_id.clone());
+        }
+        verdict
+    }
+
+    fn decide(&mut self, command: &Command, now: DateTime<Utc>) -> Verdict {
         if let Some(workspace_id) = command.workspace_id() {
             if !self.may_name(workspace_id, &command.org_id) {
                 return Verdict::Refused {
@@ -335,10 +346,6 @@ impl Book {
         if verdict == Verdict::Applied {
             if let Some(workspace_id) = command.workspace_id() {
                 self.claim(workspace_id, &command.org_id);
-            }
-            if command.needs_deduplication() {
-                self.processed.insert(command.event_id.clone());
-                self.newly_processed.push(command.event_id.clone());
             }
         }
         verdict

@@ -326,6 +326,28 @@ fn a_manual_transfer_needs_the_role_and_the_whole_quantity() {
 }
 
 #[test]
+fn a_refused_request_delivered_again_after_a_refill_still_changes_nothing() {
+    let mut world = World::new();
+    let request = world.command(
+        "acme",
+        transfer("summit", "seat", 2, "entitlement_manager"),
+        at(0),
+    );
+    let verdicts = world.batch(std::slice::from_ref(&request), at(0));
+    assert_eq!(refused(&verdicts[0]), Some(Refusal::InsufficientPool));
+    let grant5 = world.command("acme", grant("seat", 5), at(1));
+    world.batch(&[grant5], at(1));
+    let verdicts = world.batch(&[request], at(2));
+    assert_eq!(verdicts[0], Verdict::Duplicate);
+    assert_eq!(
+        world.available("acme", "seat"),
+        5,
+        "nothing moved the second time"
+    );
+    assert_eq!(world.consumption("summit", "seat").allocated, 0);
+}
+
+#[test]
 fn a_second_unit_of_a_module_is_refused() {
     let mut world = World::new();
     let grant2 = world.command("acme", grant("gamification", 2), at(0));

@@ -4,6 +4,10 @@
 
 use std::time::{Duration, Instant};
 
+pub mod process;
+pub mod stream;
+pub mod tansu;
+
 use entitlement_worker::settings::Settings;
 
 /// The PostgreSQL server the tests use; each test gets its own database on it.
@@ -46,7 +50,21 @@ pub fn settings(brokers: &str) -> Settings {
 }
 
 /// Waits until `check` returns Some, or fails the test after `deadline`.
-pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    eventually_or(what, deadline, check, String::new).await
+}
+
+/// Like [`eventually`], with `context` (a log tail, say) printed when the deadline passes.
+pub async fn eventually_or<T, F, Fut>(
+    what: &str,
+    deadline: Duration,
+    mut check: F,
+    context: impl Fn() -> String,
+) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -58,7 +76,8 @@ where
         }
         assert!(
             started.elapsed() < deadline,
-            "timed out after {deadline:?} waiting for {what}"
+            "timed out after {deadline:?} waiting for {what}\n{}",
+            context()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -1,0 +1,158 @@
+//! The `entitlement-worker` binary as users run it: configured by environment variables
+//! only, stopped with SIGTERM or killed with SIGKILL.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use entitlement_worker::settings::Settings;
+
+pub struct WorkerProcess {
+    child: Child,
+    pub metrics_address: String,
+    pub log: PathBuf,
+}
+
+/// The environment that points the binary at `settings`: every key the tests change,
+/// through the `ENTITLEMENTS__` variables the contract names.
+pub fn environment(settings: &Settings, metrics_address: &str) -> Vec<(String, String)> {
+    let topics = &settings.topics;
+    let mut variables = vec![
+        ("KAFKA__BROKERS", settings.kafka.brokers.clone()),
+        ("KAFKA__GROUP_ID", settings.kafka.group_id.clone()),
+        (
+            "KAFKA__SESSION_TIMEOUT_MS",
+            settings.kafka.session_timeout_ms.to_string(),
+        ),
+        ("DATABASE__URL", settings.database.url.clone()),
+        ("METRICS__LISTEN", metrics_address.to_owned()),
+        (
+            "MODULES__AUTO_ASSIGN",
+            settings.modules.auto_assign.to_string(),
+        ),
+        ("BATCH__MAX_WAIT_MS", settings.batch.max_wait_ms.to_string()),
+        (
+            "OUTBOX__POLL_INTERVAL_MS",
+            settings.outbox.poll_interval_ms.to_string(),
+        ),
+        ("LOG__FORMAT", "json".to_owned()),
+        (
+            "TOPICS__PARTICIPANT_ADDED",
+            topics.participant_added.clone(),
+        ),
+        (
+            "TOPICS__PARTICIPANT_CANCELLED",
+            topics.participant_cancelled.clone(),
+        ),
+        ("TOPICS__MODULE_ENABLED", topics.module_enabled.clone()),
+        (
+            "TOPICS__ENTITLEMENT_GRANTED",
+            topics.entitlement_granted.clone(),
+        ),
+        (
+            "TOPICS__TRANSFER_REQUESTED",
+            topics.transfer_requested.clone(),
+        ),
+        ("TOPICS__SHORTFALLS", topics.shortfalls.clone()),
+        ("TOPICS__LEDGER", topics.ledger.clone()),
+        ("TOPICS__DLQ", topics.dlq.clone()),
+    ];
+    variables
+        .drain(..)
+        .map(|(key, value)| (format!("ENTITLEMENTS__{key}"), value))
+        .collect()
+}
+
+impl WorkerProcess {
+    /// Starts `entitlement-worker run` with `settings` given as environment variables, and
+    /// its log appended to `log_dir/worker.log`.
+    pub fn start(settings: &Settings, log_dir: &Path) -> Self {
+        let metrics_address = format!("127.0.0.1:{}", super::tansu::free_port());
+        let log = log_dir.join("worker.log");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("the worker's log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_entitlement-worker"))
+            .arg("run")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(environment(settings, &metrics_address))
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("the log file"))
+            .stderr(file)
+            .spawn()
+            .expect("the worker starts");
+        Self {
+            child,
+            metrics_address,
+            log,
+        }
+    }
+
+    /// The body of `GET path` on the metrics address, with its status code.
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(&self.metrics_address, path)
+    }
+
+    pub fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL delivered");
+        self.child.wait().expect("the killed worker is reaped");
+    }
+
+    /// Sends SIGTERM and waits up to `limit` for the exit status.
+    pub fn terminate(&mut self, limit: Duration) -> ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "SIGTERM delivered");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("the worker's status") {
+                return status;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "the worker did not exit within {limit:?} of SIGTERM; log: {}",
+                self.log.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn tail_of_log(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET: enough for /metrics and /healthz.
+pub fn http_get(address: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())?;
+    Some((status, body))
+}

@@ -1,0 +1,585 @@
+//! A stream of input events whose final outcome does not depend on delivery order, with
+//! that outcome worked out from the events alone; and the checks that compare a worker's
+//! database and output topics with it.
+//!
+//! Order independence by construction: required seats only grow (every cancellation either
+//! comes from an activated participant, predates the participant's addition, or names a
+//! participant never added), so each workspace ends with `allocated = required` whenever
+//! its organization's grants cover the total, and the pool ends empty when they do not.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use entitlement_worker::codec::InputKind;
+use entitlement_worker::settings::{Settings, TopicSettings};
+use futures::future::join_all;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::ClientConfig;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+
+pub struct Event {
+    pub kind: InputKind,
+    pub org: String,
+    pub body: Value,
+}
+
+/// What the contract demands at the end, from the events alone.
+#[derive(Default)]
+pub struct Expected {
+    /// (workspace, product) -> required units.
+    pub required: BTreeMap<(String, String), i64>,
+    /// (workspace, product) -> allocated units, where the order cannot change it.
+    pub allocated: BTreeMap<(String, String), i64>,
+    /// (org, product) -> units allocated over all its workspaces.
+    pub allocated_by_org: BTreeMap<(String, String), i64>,
+    /// (org, product) -> units granted.
+    pub granted: BTreeMap<(String, String), i64>,
+    /// (org, product) -> units left in the pool.
+    pub available: BTreeMap<(String, String), i64>,
+    /// event ids of the manual transfers refused for want of the role.
+    pub forbidden: BTreeSet<String>,
+}
+
+pub struct Scenario {
+    /// Delivered and applied before `events`: the module grant that manual transfers
+    /// need (a request that finds the pool empty is refused, so its order would matter).
+    pub setup: Vec<Event>,
+    pub events: Vec<Event>,
+    pub expected: Expected,
+}
+
+fn time(seconds: i64) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 1, 1, 9, 0, 0).unwrap() + chrono::Duration::seconds(seconds)
+}
+
+/// Splits `total` into `parts` positive pieces.
+fn split(rng: &mut StdRng, total: i64, parts: usize) -> Vec<i64> {
+    let mut cuts: Vec<i64> = (1..parts).map(|_| rng.random_range(1..total)).collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    let mut pieces = Vec::new();
+    let mut last = 0;
+    for cut in cuts.into_iter().chain([total]) {
+        pieces.push(cut - last);
+        last = cut;
+    }
+    pieces
+}
+
+/// Three organizations: one whose grants cover everything, one refilled piece by piece
+/// during the stream, one that runs out. `scale` multiplies the participants.
+pub fn scenario(seed: u64, scale: usize) -> Scenario {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut events = Vec::new();
+    let mut expected = Expected::default();
+    let mut next_id = 0_u64;
+    let mut id = |prefix: &str| {
+        next_id += 1;
+        format!("{prefix}-{next_id}")
+    };
+    for org in ["ample", "refilled", "scarce"] {
+        let mut org_required = 0;
+        for w in 0..4 {
+            let workspace = format!("{org}-ws{w}");
+            let size = if w == 0 {
+                75 * scale
+            } else {
+                rng.random_range(2..=15 * scale)
+            };
+            for p in 0..size {
+                let participant = format!("p{p}");
+                let joined = (w * 100_000 + p) as i64;
+                let base = json!({"org_id": org, "workspace_id": workspace, "participant_id": participant});
+                events.push(event(
+                    InputKind::ParticipantAdded,
+                    org,
+                    &id("add"),
+                    joined,
+                    &base,
+                    json!({}),
+                ));
+                let roll: f64 = rng.random();
+                if roll < 0.2 {
+                    // Activated, then cancelled: still counts.
+                    events.push(event(
+                        InputKind::ParticipantCancelled,
+                        org,
+                        &id("cancel"),
+                        joined + 3600,
+                        &base,
+                        json!({"activated": true}),
+                    ));
+                } else if roll < 0.3 {
+                    // A cancellation older than the addition: the addition wins either way.
+                    events.push(event(
+                        InputKind::ParticipantCancelled,
+                        org,
+                        &id("cancel"),
+                        joined - 60,
+                        &base,
+                        json!({"activated": false}),
+                    ));
+                }
+            }
+            // Someone who cancelled without ever being added counts for nothing.
+            let ghost =
+                json!({"org_id": org, "workspace_id": workspace, "participant_id": "ghost"});
+            events.push(event(
+                InputKind::ParticipantCancelled,
+                org,
+                &id("cancel"),
+                5,
+                &ghost,
+                json!({"activated": false}),
+            ));
+            expected
+                .required
+                .insert((workspace.clone(), "seat".into()), size as i64);
+            org_required += size as i64;
+        }
+        let granted = match org {
+            "ample" => org_required + 100,
+            "refilled" => org_required + 7,
+            _ => org_required / 2,
+        };
+        let pieces = match org {
+            "ample" => vec![granted],
+            _ => split(&mut rng, granted, 5),
+        };
+        for quantity in pieces {
+            let body = json!({"org_id": org, "product": "seat", "quantity": quantity, "source": {"kind": "add_on", "reference": "order"}});
+            events.push(event(
+                InputKind::EntitlementGranted,
+                org,
+                &id("grant"),
+                10,
+                &body,
+                json!({}),
+            ));
+        }
+        expected
+            .granted
+            .insert((org.into(), "seat".into()), granted);
+        let allocated = org_required.min(granted);
+        expected
+            .available
+            .insert((org.into(), "seat".into()), granted - allocated);
+        expected
+            .allocated_by_org
+            .insert((org.into(), "seat".into()), allocated);
+        if granted >= org_required {
+            for w in 0..4 {
+                let key = (format!("{org}-ws{w}"), "seat".to_owned());
+                let required = expected.required[&key];
+                expected.allocated.insert(key, required);
+            }
+        }
+    }
+    // Modules: ample holds 3 units of gamification, enabled in four workspaces; a manager
+    // transfers two by hand, a viewer's request is refused. scarce enables a module it
+    // never bought.
+    let gamification = json!({"org_id": "ample", "product": "gamification", "quantity": 3});
+    let setup = vec![event(
+        InputKind::EntitlementGranted,
+        "ample",
+        &id("grant"),
+        10,
+        &gamification,
+        json!({}),
+    )];
+    for w in 0..4 {
+        let workspace = format!("ample-ws{w}");
+        let body = json!({"org_id": "ample", "workspace_id": workspace, "module": "gamification"});
+        events.push(event(
+            InputKind::ModuleEnabled,
+            "ample",
+            &id("module"),
+            20,
+            &body,
+            json!({}),
+        ));
+        expected
+            .required
+            .insert((workspace.clone(), "gamification".into()), 1);
+        let (role, user) = match w {
+            0 | 1 => ("entitlement_manager", "mia"),
+            2 => ("viewer", "vic"),
+            _ => continue,
+        };
+        let request_id = id("transfer");
+        let body = json!({"org_id": "ample", "workspace_id": workspace, "product": "gamification", "quantity": 1, "requested_by": {"user_id": user, "role": role}});
+        events.push(event(
+            InputKind::TransferRequested,
+            "ample",
+            &request_id,
+            30,
+            &body,
+            json!({}),
+        ));
+        let allocated = i64::from(role == "entitlement_manager");
+        expected
+            .allocated
+            .insert((workspace, "gamification".into()), allocated);
+        if role == "viewer" {
+            expected.forbidden.insert(request_id);
+        }
+    }
+    expected
+        .allocated
+        .insert(("ample-ws3".into(), "gamification".into()), 0);
+    expected
+        .granted
+        .insert(("ample".into(), "gamification".into()), 3);
+    expected
+        .available
+        .insert(("ample".into(), "gamification".into()), 1);
+    expected
+        .allocated_by_org
+        .insert(("ample".into(), "gamification".into()), 2);
+    let live = json!({"org_id": "scarce", "workspace_id": "scarce-ws0", "module": "live-stream"});
+    events.push(event(
+        InputKind::ModuleEnabled,
+        "scarce",
+        &id("module"),
+        20,
+        &live,
+        json!({}),
+    ));
+    expected
+        .required
+        .insert(("scarce-ws0".into(), "live-stream".into()), 1);
+    expected
+        .allocated
+        .insert(("scarce-ws0".into(), "live-stream".into()), 0);
+    expected
+        .allocated_by_org
+        .insert(("scarce".into(), "live-stream".into()), 0);
+    events.shuffle(&mut rng);
+    Scenario {
+        setup,
+        events,
+        expected,
+    }
+}
+
+fn event(kind: InputKind, org: &str, event_id: &str, at: i64, base: &Value, extra: Value) -> Event {
+    let mut body = json!({"event_id": event_id, "occurred_at": time(at).to_rfc3339()});
+    let object = body.as_object_mut().unwrap();
+    object.extend(base.as_object().unwrap().clone());
+    object.extend(extra.as_object().unwrap().clone());
+    Event {
+        kind,
+        org: org.to_owned(),
+        body,
+    }
+}
+
+pub fn topic_of(topics: &TopicSettings, kind: InputKind) -> &str {
+    match kind {
+        InputKind::ParticipantAdded => &topics.participant_added,
+        InputKind::ParticipantCancelled => &topics.participant_cancelled,
+        InputKind::ModuleEnabled => &topics.module_enabled,
+        InputKind::EntitlementGranted => &topics.entitlement_granted,
+        InputKind::TransferRequested => &topics.transfer_requested,
+    }
+}
+
+/// How producers key their messages: the worker must be right whatever they do.
+#[derive(Clone, Copy)]
+pub enum Keys {
+    ByOrganization,
+    Random,
+}
+
+/// Produces the events (in the given order) and returns how many messages went out.
+pub async fn produce(settings: &Settings, events: &[&Event], keys: Keys) -> usize {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &settings.kafka.brokers)
+        .set("linger.ms", "5")
+        .create()
+        .expect("a producer");
+    for chunk in events.chunks(1000) {
+        let payloads: Vec<(String, &str, String)> = chunk
+            .iter()
+            .map(|event| {
+                let key = match keys {
+                    Keys::ByOrganization => event.org.clone(),
+                    Keys::Random => format!("{:x}", rand::random::<u32>()),
+                };
+                (
+                    key,
+                    topic_of(&settings.topics, event.kind),
+                    event.body.to_string(),
+                )
+            })
+            .collect();
+        let sends = payloads.iter().map(|(key, topic, payload)| {
+            producer.send(
+                FutureRecord::to(topic)
+                    .key(key.as_str())
+                    .payload(payload.as_str()),
+                Duration::from_secs(30),
+            )
+        });
+        for result in join_all(sends).await {
+            result.expect("the broker took the message");
+        }
+    }
+    events.len()
+}
+
+/// Sum of the next offsets stored in PostgreSQL: the messages the worker has applied.
+pub async fn applied(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT COALESCE(sum(next_offset), 0)::bigint FROM consumer_offsets")
+        .fetch_one(pool)
+        .await
+        .unwrap_or(0)
+}
+
+pub async fn outbox_backlog(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(pool)
+        .await
+        .unwrap_or(-1)
+}
+
+/// What the worker published, read from the start of the three output topics.
+#[derive(Default)]
+pub struct Outputs {
+    pub ledger: Vec<Value>,
+    pub alerts: Vec<Value>,
+    pub dead_letters: Vec<Value>,
+}
+
+impl Outputs {
+    /// Reads all three output topics from the beginning until `ledger_entries` distinct
+    /// ledger entries have arrived and nothing more comes for a moment.
+    pub fn read(settings: &Settings, ledger_entries: usize, deadline: Duration) -> Self {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &settings.kafka.brokers)
+            .set("group.id", super::unique("reader"))
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("a reader");
+        let topics = &settings.topics;
+        let mut assignment = TopicPartitionList::new();
+        for topic in [&topics.ledger, &topics.shortfalls, &topics.dlq] {
+            let metadata = consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+                .expect("the topic's metadata");
+            for partition in metadata.topics()[0].partitions() {
+                assignment
+                    .add_partition_offset(topic, partition.id(), Offset::Beginning)
+                    .expect("a partition");
+            }
+        }
+        consumer.assign(&assignment).expect("assigned");
+        let mut outputs = Self::default();
+        let mut ids = BTreeSet::new();
+        let started = std::time::Instant::now();
+        let mut quiet_since = std::time::Instant::now();
+        loop {
+            let complete = ids.len() >= ledger_entries;
+            if complete && quiet_since.elapsed() > Duration::from_millis(500) {
+                return outputs;
+            }
+            assert!(
+                started.elapsed() < deadline,
+                "timed out reading the outputs: {} of {ledger_entries} ledger entries",
+                ids.len()
+            );
+            let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+                continue;
+            };
+            let message = message.expect("a message");
+            quiet_since = std::time::Instant::now();
+            let value: Value =
+                serde_json::from_slice(message.payload().expect("a payload")).expect("JSON");
+            if message.topic() == topics.ledger {
+                ids.insert(value["entry_id"].as_str().unwrap().to_owned());
+                outputs.ledger.push(value);
+            } else if message.topic() == topics.shortfalls {
+                outputs.alerts.push(value);
+            } else {
+                outputs.dead_letters.push(value);
+            }
+        }
+    }
+}
+
+/// Compares the worker's database and outputs with what the events demand.
+pub async fn check(pool: &PgPool, outputs: &Outputs, expected: &Expected) {
+    let consumption: Vec<(String, String, String, i64, i64)> = sqlx::query_as(
+        "SELECT workspace_id, product, org_id, required, allocated FROM consumption",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let required: BTreeMap<(String, String), i64> = consumption
+        .iter()
+        .map(|(w, p, _, required, _)| ((w.clone(), p.clone()), *required))
+        .collect();
+    assert_eq!(required, expected.required, "required units per workspace");
+    for (key, allocated) in &expected.allocated {
+        let row = consumption
+            .iter()
+            .find(|(w, p, ..)| (w, p) == (&key.0, &key.1))
+            .unwrap_or_else(|| panic!("no consumption for {key:?}"));
+        assert_eq!(row.4, *allocated, "allocated units of {key:?}");
+    }
+    let mut allocated_by_org = BTreeMap::new();
+    for (_, product, org, _, allocated) in &consumption {
+        *allocated_by_org
+            .entry((org.clone(), product.clone()))
+            .or_insert(0) += allocated;
+    }
+    assert_eq!(
+        allocated_by_org, expected.allocated_by_org,
+        "allocated units per organization"
+    );
+    let pools: Vec<(String, String, i64, i64)> =
+        sqlx::query_as("SELECT org_id, product, available, granted_total FROM pools")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let available: BTreeMap<_, _> = pools
+        .iter()
+        .filter(|(_, _, _, granted)| *granted > 0)
+        .map(|(o, p, available, _)| ((o.clone(), p.clone()), *available))
+        .collect();
+    assert_eq!(available, expected.available, "pool balances");
+    let granted: BTreeMap<_, _> = pools
+        .iter()
+        .filter(|(_, _, _, granted)| *granted > 0)
+        .map(|(o, p, _, granted)| ((o.clone(), p.clone()), *granted))
+        .collect();
+    assert_eq!(granted, expected.granted, "units granted");
+
+    // The ledger in PostgreSQL: gapless per organization, summing to the balances.
+    let ledger: Vec<Value> = sqlx::query_scalar(
+        "SELECT json_build_object('entry_id', entry_id, 'sequence', sequence, 'org_id', org_id,
+                'product', product, 'kind', kind, 'quantity', quantity,
+                'workspace_id', workspace_id, 'pool_available_after', pool_available_after,
+                'caused_by', caused_by, 'actor', actor)
+         FROM ledger ORDER BY org_id, sequence",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let mut sequences: HashMap<String, i64> = HashMap::new();
+    let mut moved: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let mut grants: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for entry in &ledger {
+        let org = entry["org_id"].as_str().unwrap().to_owned();
+        let last = sequences.entry(org.clone()).or_insert(0);
+        *last += 1;
+        assert_eq!(
+            entry["sequence"].as_i64(),
+            Some(*last),
+            "gapless ledger: {entry}"
+        );
+        let product = entry["product"].as_str().unwrap().to_owned();
+        let quantity = entry["quantity"].as_i64().unwrap();
+        match entry["kind"].as_str().unwrap() {
+            "grant" => *grants.entry((org, product)).or_insert(0) += quantity,
+            "transfer" | "manual_transfer" => {
+                let workspace = entry["workspace_id"].as_str().unwrap().to_owned();
+                *moved.entry((workspace, product)).or_insert(0) += quantity;
+            }
+            other => panic!("unexpected ledger entry kind {other}"),
+        }
+    }
+    assert_eq!(grants, expected.granted, "grant entries sum to the grants");
+    let allocated: BTreeMap<_, _> = consumption
+        .iter()
+        .filter(|row| row.4 > 0)
+        .map(|(w, p, _, _, allocated)| ((w.clone(), p.clone()), *allocated))
+        .collect();
+    assert_eq!(
+        moved, allocated,
+        "transfer entries sum to what each workspace holds"
+    );
+
+    // The ledger topic: every entry of the database, under the same id, nothing else.
+    let mut published: BTreeMap<String, Value> = BTreeMap::new();
+    for message in &outputs.ledger {
+        let mut message = message.clone();
+        message.as_object_mut().unwrap().remove("recorded_at");
+        let id = message["entry_id"].as_str().unwrap().to_owned();
+        if let Some(earlier) = published.get(&id) {
+            assert_eq!(earlier, &message, "a re-published entry keeps its content");
+        }
+        published.insert(id, message);
+    }
+    let stored: BTreeMap<String, Value> = ledger
+        .iter()
+        .map(|entry| {
+            let mut entry = entry.clone();
+            let object = entry.as_object_mut().unwrap();
+            object.retain(|_, value| !value.is_null());
+            (entry["entry_id"].as_str().unwrap().to_owned(), entry)
+        })
+        .collect();
+    assert_eq!(
+        published.len(),
+        stored.len(),
+        "one published entry per stored entry"
+    );
+    assert_eq!(
+        published, stored,
+        "the ledger topic says what the database says"
+    );
+
+    // Alerts: the last word on every shortfall matches the final state.
+    let mut last_alert: HashMap<(String, String), &Value> = HashMap::new();
+    for alert in &outputs.alerts {
+        let key = (
+            alert["workspace_id"].as_str().unwrap().to_owned(),
+            alert["product"].as_str().unwrap().to_owned(),
+        );
+        last_alert.insert(key, alert);
+    }
+    for (workspace, product, _, required, allocated) in &consumption {
+        let missing = (required - allocated).max(0);
+        let alert = last_alert.get(&(workspace.clone(), product.clone()));
+        if missing > 0 {
+            let alert = alert.unwrap_or_else(|| panic!("no alert for {workspace} {product}"));
+            assert_eq!(alert["status"], "open", "{alert}");
+            assert_eq!(alert["missing"].as_i64(), Some(missing), "{alert}");
+        } else if let Some(alert) = alert {
+            assert_eq!(alert["status"], "resolved", "{alert}");
+        }
+    }
+    let open: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM consumption WHERE required > allocated")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        open,
+        last_alert
+            .values()
+            .filter(|alert| alert["status"] == "open")
+            .count() as i64,
+        "open shortfalls"
+    );
+
+    // Dead letters: the viewer's request, and nothing else.
+    let refused: BTreeSet<String> = outputs
+        .dead_letters
+        .iter()
+        .map(|letter| {
+            assert_eq!(letter["reason"], "forbidden", "{letter}");
+            letter["event_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(refused, expected.forbidden, "refused requests");
+}
