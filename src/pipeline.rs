@@ -262,9 +262,10 @@ async fn clock_loop(
             _ = stop.cancelled() => return,
         }
         match store.settle_due(policy, Utc::now()).await {
-            Ok(0) => {}
-            Ok(entries) => {
-                metrics.clock_entries.inc_by(entries as u64);
+            Ok(report) if report.ledger_total() == 0 && report.alerts == 0 => {}
+            Ok(report) => {
+                metrics.clock_entries.inc_by(report.ledger_total());
+                metrics.observe_effects(&report);
                 wake.notify_one();
             }
             Err(error) => {

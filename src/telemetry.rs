@@ -185,14 +185,19 @@ impl Metrics {
         for (reason, count) in &report.rejected {
             self.rejected.with_label_values(&[reason]).inc_by(*count);
         }
+        self.duplicates.inc_by(report.duplicates);
+        self.stale.inc_by(report.stale);
+        self.redelivered.inc_by(report.already_applied);
+        self.observe_effects(report);
+    }
+
+    /// Counts the ledger entries, seats transferred and alerts of a batch or clock round.
+    pub fn observe_effects(&self, report: &BatchReport) {
         for (kind, count) in &report.ledger_entries {
             self.ledger_entries
                 .with_label_values(&[kind])
                 .inc_by(*count);
         }
-        self.duplicates.inc_by(report.duplicates);
-        self.stale.inc_by(report.stale);
-        self.redelivered.inc_by(report.already_applied);
         self.seats_transferred
             .inc_by(report.seats_transferred.max(0) as u64);
         self.alerts.inc_by(report.alerts);

@@ -41,11 +41,16 @@ async fn a_grant_with_an_expiry_is_stored_and_expires_on_time() {
         .await
         .expect("the batch commits");
     assert_eq!(report.ledger_entries.get("grant"), Some(&1));
-    let entries = store
+    let report = store
         .settle_due(Policy::default(), now + Duration::seconds(5))
         .await
         .expect("the clock runs");
-    assert_eq!(entries, 1, "one expiry entry");
+    assert_eq!(
+        report.ledger_entries.get("expiry"),
+        Some(&1),
+        "one expiry entry"
+    );
+    assert_eq!(report.ledger_total(), 1);
 }
 
 #[tokio::test]

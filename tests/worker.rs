@@ -341,3 +341,123 @@ async fn a_workspace_claimed_by_a_second_organization_is_rejected_and_costs_it_n
     assert_eq!(available, 5, "globex paid nothing");
     harness.stop().await;
 }
+
+/// Rule 3 and the clock, end to end: a cancelled participant who never activated frees
+/// its need for a seat; a trial grant becomes available at `valid_from` and fills the
+/// waiting workspace, then what is left expires at `expires_at`, with no event to wake the
+/// worker. The metrics the operators rely on are all there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trial_fills_the_waiting_workspace_when_it_starts_and_expires_on_time() {
+    let mut harness = Harness::start().await;
+    let topics = harness.settings.topics.clone();
+    let now = chrono::Utc::now();
+    let valid_from = (now + chrono::Duration::seconds(3)).to_rfc3339();
+    let expires_at = (now + chrono::Duration::seconds(6)).to_rfc3339();
+    harness
+        .send_json(
+            &topics.entitlement_granted,
+            event(
+                "g-1",
+                json!({"org_id": "acme", "product": "seat", "quantity": 1}),
+            ),
+        )
+        .await;
+    harness
+        .send_json(
+            &topics.entitlement_granted,
+            event(
+                "g-trial",
+                json!({"org_id": "acme", "product": "seat", "quantity": 2,
+                       "valid_from": valid_from, "expires_at": expires_at,
+                       "source": {"kind": "trial", "reference": "trial-1"}}),
+            ),
+        )
+        .await;
+    for n in 1..=3 {
+        harness
+            .send_json(&topics.participant_added, event(&format!("a-{n}"), json!({"org_id": "acme", "workspace_id": "summit", "participant_id": format!("p{n}")})))
+            .await;
+    }
+    harness
+        .read_until("1 seat moved and 2 missing", |h| {
+            seats_moved_to(&h.ledger, "summit") == 1
+                && h.alerts.last().is_some_and(|alert| alert.missing == 2)
+        })
+        .await;
+    let mut cancel = event(
+        "c-3",
+        json!({"org_id": "acme", "workspace_id": "summit", "participant_id": "p3", "activated": false}),
+    );
+    cancel["occurred_at"] = json!("2026-01-01T10:00:00Z");
+    harness
+        .send_json(&topics.participant_cancelled, cancel)
+        .await;
+    harness
+        .read_until("1 missing after the cancellation", |h| {
+            h.alerts.last().is_some_and(|alert| alert.missing == 1)
+        })
+        .await;
+    assert!(
+        chrono::Utc::now() < now + chrono::Duration::seconds(3),
+        "the trial must not have started yet for this story; the machine was too slow"
+    );
+    harness
+        .read_until("the trial's start, the refill and the expiry", |h| {
+            h.ledger.iter().any(|entry| entry.kind == "expiry")
+        })
+        .await;
+    let kinds: Vec<(&str, i64, i64)> = harness
+        .ledger
+        .iter()
+        .map(|entry| {
+            (
+                entry.kind.as_str(),
+                entry.quantity,
+                entry.pool_available_after,
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("grant", 1, 1),
+            ("transfer", 1, 0),
+            ("grant", 2, 2),
+            ("transfer", 1, 1),
+            ("expiry", 1, 0)
+        ]
+    );
+    let expiry = harness.ledger.last().unwrap();
+    assert!(expiry.recorded_at >= now + chrono::Duration::seconds(6));
+    assert_eq!(expiry.caused_by, "g-trial");
+    let resolved = harness.alerts.last().unwrap();
+    assert_eq!(
+        (
+            resolved.status.as_str(),
+            resolved.required,
+            resolved.allocated
+        ),
+        ("resolved", 2, 2)
+    );
+
+    let metrics = harness.started.metrics.render();
+    for name in [
+        "entitlements_messages_consumed_total{",
+        "entitlements_batches_committed_total",
+        "entitlements_batch_size_bucket",
+        "entitlements_commit_latency_seconds_bucket",
+        "entitlements_seats_transferred_total 2",
+        "entitlements_clock_ledger_entries_total",
+        "entitlements_open_shortfalls",
+        "entitlements_outbox_backlog",
+        "entitlements_published_total",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from\n{metrics}");
+    }
+    let consumed_added = format!(
+        "entitlements_messages_consumed_total{{topic=\"{}\"}} 3",
+        topics.participant_added
+    );
+    assert!(metrics.contains(&consumed_added), "{metrics}");
+    harness.stop().await;
+}

@@ -39,6 +39,29 @@ pub struct BatchReport {
     pub next_offsets: Vec<(String, i32, i64)>,
 }
 
+impl BatchReport {
+    /// Ledger entries by kind, seats transferred and alerts raised by `book`.
+    fn count_effects(&mut self, book: &Book) {
+        for entry in &book.ledger {
+            *self.ledger_entries.entry(entry.kind.as_str()).or_default() += 1;
+            if entry.product.is_seat()
+                && matches!(
+                    entry.kind,
+                    LedgerKind::Transfer | LedgerKind::ManualTransfer
+                )
+            {
+                self.seats_transferred += entry.quantity;
+            }
+        }
+        self.alerts += book.alerts.len() as u64;
+    }
+
+    /// How many ledger entries the batch or clock round recorded.
+    pub fn ledger_total(&self) -> u64 {
+        self.ledger_entries.values().sum()
+    }
+}
+
 impl Store {
     /// Applies a batch of consumed messages exactly once. The caller retries on a
     /// transient error with the same batch; messages whose offsets were already committed
@@ -121,22 +144,8 @@ impl Store {
                 ));
             }
         }
-        for entry in &book.ledger {
-            *report
-                .ledger_entries
-                .entry(entry.kind.as_str())
-                .or_default() += 1;
-            if entry.product.is_seat()
-                && matches!(
-                    entry.kind,
-                    LedgerKind::Transfer | LedgerKind::ManualTransfer
-                )
-            {
-                report.seats_transferred += entry.quantity;
-            }
-        }
+        report.count_effects(&book);
         outbox.extend(effects_to_publish(&book));
-        report.alerts = book.alerts.len() as u64;
 
         super::write::write_book(&mut transaction, &book).await?;
         super::outbox::insert(&mut transaction, &outbox).await?;
@@ -152,7 +161,7 @@ impl Store {
         &self,
         policy: Policy,
         now: DateTime<Utc>,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<BatchReport, StoreError> {
         let due: Vec<(String,)> = sqlx::query_as(
             "SELECT org_id FROM lots WHERE status = 'pending' AND valid_from <= $1
              UNION
@@ -162,8 +171,9 @@ impl Store {
         .bind(now)
         .fetch_all(&self.pool)
         .await?;
+        let mut report = BatchReport::default();
         if due.is_empty() {
-            return Ok(0);
+            return Ok(report);
         }
         let orgs: Vec<OrgId> = due
             .iter()
@@ -180,7 +190,8 @@ impl Store {
         super::write::write_book(&mut transaction, &book).await?;
         super::outbox::insert(&mut transaction, &outbox).await?;
         transaction.commit().await?;
-        Ok(book.ledger.len())
+        report.count_effects(&book);
+        Ok(report)
     }
 }
 
