@@ -70,10 +70,12 @@ pub struct Store {
 impl Store {
     /// Connects, creating the database if it is missing, and applies the migrations.
     pub async fn connect(settings: &DatabaseSettings) -> Result<Self, StoreError> {
-        let options = PgConnectOptions::from_str(&settings.url)?.options([(
-            "statement_timeout",
-            settings.statement_timeout_ms.to_string(),
-        )]);
+        let options = PgConnectOptions::from_str(&settings.url)?
+            .application_name("entitlement-worker")
+            .options([(
+                "statement_timeout",
+                settings.statement_timeout_ms.to_string(),
+            )]);
         create_database_if_missing(&options).await?;
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)

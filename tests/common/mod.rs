@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+pub mod e2e;
 pub mod process;
 pub mod stream;
 pub mod tansu;
@@ -81,4 +82,15 @@ where
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The sum of a metric's samples (over all its labels) in Prometheus text.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

@@ -32,6 +32,10 @@ pub fn environment(settings: &Settings, metrics_address: &str) -> Vec<(String, S
         ),
         ("BATCH__MAX_WAIT_MS", settings.batch.max_wait_ms.to_string()),
         (
+            "BATCH__MAX_MESSAGES",
+            settings.batch.max_messages.to_string(),
+        ),
+        (
             "OUTBOX__POLL_INTERVAL_MS",
             settings.outbox.poll_interval_ms.to_string(),
         ),

@@ -1,0 +1,471 @@
+//! The fault matrix: each test injects a real fault while the worker processes a stream,
+//! then compares the worker's database and output topics with the outcome the events
+//! demand (`common::stream`). Scaled for CI; the environment variables below run the long
+//! form by hand:
+//!
+//! - `FAULT_SCALE` (default 4): participants per workspace, times 75 for the largest;
+//! - `FAULT_KILLS` (default 5): SIGKILLs in one run;
+//! - `FAULT_TERMINATIONS` (default 10): rounds of `pg_terminate_backend`.
+//!
+//! Every test prints one `fault-summary` line with the figures `docs/reliability.md` quotes.
+
+mod common;
+
+use std::time::Duration;
+
+use common::e2e::Setup;
+use common::stream::{self, Keys};
+use rand::Rng;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+fn knob(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Small batches: more transactions, so faults land inside more of them.
+const FAULT_BATCH: usize = 200;
+
+/// Produces the scenario's events (after its setup has been applied); returns the total
+/// number of messages including the setup.
+async fn deliver(setup: &Setup, scenario: &stream::Scenario, before: usize) -> usize {
+    let events: Vec<_> = scenario.events.iter().collect();
+    before + stream::produce(&setup.settings, &events, Keys::ByOrganization).await
+}
+
+/// Row: the worker killed with SIGKILL at random points, many times in one run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_points_many_times_loses_and_doubles_nothing() {
+    let kills = knob("FAULT_KILLS", 5);
+    let mut setup = Setup::new().await;
+    setup.settings.batch.max_messages = FAULT_BATCH;
+    let scenario = stream::scenario(21, knob("FAULT_SCALE", 4) * 5);
+    let before = setup.deliver_setup(&scenario).await;
+    let total = deliver(&setup, &scenario, before).await;
+    let mut points = Vec::new();
+    for round in 0..kills {
+        let mut worker = setup.start_worker();
+        let applied = stream::applied(&setup.database).await;
+        // Somewhere in this round's share of what is left.
+        let share = ((total as i64 - applied) / (kills - round + 1) as i64).max(1);
+        let threshold = applied + rand::rng().random_range(1..=share);
+        setup.wait_for_progress(threshold, &worker).await;
+        // Into the next batch, wherever it is: reading, deciding, writing or committing.
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(0..100))).await;
+        worker.kill();
+        let at_kill = stream::applied(&setup.database).await;
+        assert!(
+            (at_kill as usize) < total,
+            "kill {round} came after the end ({at_kill} of {total}); use a larger FAULT_SCALE"
+        );
+        points.push(at_kill);
+    }
+    let mut worker = setup.start_worker();
+    setup.wait_until_done(total, &worker).await;
+    assert!(worker.terminate(Duration::from_secs(30)).success());
+    let entries = setup.check(&scenario).await;
+    eprintln!(
+        "fault-summary sigkill: faults={kills} messages={total} ledger_entries={entries} \
+         killed_at={points:?} lost=0 doubled=0"
+    );
+}
+
+/// Row: PostgreSQL connections killed with `pg_terminate_backend` mid-batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connections_terminated_mid_stream_lose_and_double_nothing() {
+    let rounds = knob("FAULT_TERMINATIONS", 10);
+    let mut setup = Setup::new().await;
+    setup.settings.batch.max_messages = FAULT_BATCH;
+    let scenario = stream::scenario(22, knob("FAULT_SCALE", 4) * 5);
+    let before = setup.deliver_setup(&scenario).await;
+    let total = deliver(&setup, &scenario, before).await;
+    let database_name: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&setup.database)
+        .await
+        .unwrap();
+    let admin = sqlx::PgPool::connect(&format!("{}/postgres", common::server_url()))
+        .await
+        .unwrap();
+    let mut worker = setup.start_worker();
+    setup.wait_for_progress(before as i64 + 1, &worker).await;
+    let mut terminated = 0;
+    let mut during_stream = 0;
+    for _ in 0..rounds {
+        // Every session the worker holds on its database (the test's own pool is on the
+        // same database: keep it by excluding the sessions it marks).
+        let killed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (
+                 SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = $1 AND pid <> pg_backend_pid()
+                   AND application_name <> 'entitlement-tests'
+             ) AS terminated",
+        )
+        .bind(&database_name)
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+        terminated += killed;
+        if (stream::applied(&setup.database).await as usize) < total {
+            during_stream += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(20..150))).await;
+    }
+    setup.wait_until_done(total, &worker).await;
+    let (_, metrics) = worker.get("/metrics").expect("/metrics answers");
+    let retries = common::metric_sum(&metrics, "entitlements_store_retries_total")
+        + common::metric_sum(&metrics, "entitlements_publish_errors_total");
+    assert!(worker.terminate(Duration::from_secs(30)).success());
+    let entries = setup.check(&scenario).await;
+    assert!(terminated > 0, "some sessions were terminated");
+    assert!(retries > 0.0, "the metrics show the retries:\n{metrics}");
+    eprintln!(
+        "fault-summary pg_terminate_backend: rounds={rounds} rounds_mid_stream={during_stream} \
+         sessions_terminated={terminated} retries_in_metrics={retries} messages={total} \
+         ledger_entries={entries} lost=0 doubled=0"
+    );
+}
+
+/// Row: two and three workers in one consumer group, joining and leaving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_joining_and_leaving_one_group_transfer_nothing_twice() {
+    let mut setup = Setup::new().await;
+    setup.settings.batch.max_messages = FAULT_BATCH;
+    let scenario = stream::scenario(23, knob("FAULT_SCALE", 4) * 5);
+    let before = setup.deliver_setup(&scenario).await;
+    // The stream goes out in five parts; each change of membership happens right after a
+    // part is produced, while it is being consumed.
+    let events: Vec<_> = scenario.events.iter().collect();
+    let parts: Vec<_> = events.chunks(events.len().div_ceil(5)).collect();
+    let mut total = before;
+    let mut produce = async |part: &[&stream::Event]| {
+        total += stream::produce(&setup.settings, part, Keys::ByOrganization).await;
+        total
+    };
+    let mut first = setup.start_worker();
+    produce(parts[0]).await;
+    setup.wait_for_progress(before as i64 + 1, &first).await;
+    produce(parts[1]).await;
+    let mut second = setup.start_worker();
+    produce(parts[2]).await;
+    let mut third = setup.start_worker();
+    let third_joined_at = produce(parts[3]).await;
+    // One leaves politely, one crashes; the third carries on alone.
+    assert!(first.terminate(Duration::from_secs(30)).success());
+    let at_first_left = stream::applied(&setup.database).await;
+    let total = produce(parts[4]).await;
+    second.kill();
+    let at_second_killed = stream::applied(&setup.database).await;
+    setup.wait_until_done(total, &third).await;
+    let (_, metrics) = third.get("/metrics").expect("/metrics answers");
+    let skipped = common::metric_sum(&metrics, "entitlements_redelivered_messages_total");
+    assert!(third.terminate(Duration::from_secs(30)).success());
+    let entries = setup.check(&scenario).await;
+    assert!(
+        (at_second_killed as usize) < total,
+        "the second worker was killed mid-stream ({at_second_killed} of {total})"
+    );
+    eprintln!(
+        "fault-summary group: workers=3 joins=3 leaves=2 messages={total} \
+         produced_when_third_joined={third_joined_at} applied_when_first_left={at_first_left} \
+         applied_when_second_killed={at_second_killed} redelivered_and_skipped_by_last={skipped} \
+         ledger_entries={entries} lost=0 doubled=0"
+    );
+}
+
+/// Row: the broker unreachable for a while (the mock cluster's broker taken down).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_down_for_a_while_then_back_loses_and_doubles_nothing() {
+    let mut setup = Setup::mock().await;
+    setup.settings.batch.max_messages = FAULT_BATCH;
+    // Small fetches, so the consumer does not hold the whole stream before the outage.
+    for (key, value) in [
+        ("max.partition.fetch.bytes", "2000"),
+        ("queued.max.messages.kbytes", "16"),
+    ] {
+        setup
+            .settings
+            .kafka
+            .properties
+            .insert(key.into(), value.into());
+    }
+    let scenario = stream::scenario(24, knob("FAULT_SCALE", 4));
+    let setup_events: Vec<_> = scenario.setup.iter().collect();
+    let before = stream::produce(&setup.settings, &setup_events, Keys::ByOrganization).await;
+    let worker = setup.start_in_process().await;
+    setup.wait_until_done_or(before, String::new).await;
+    let total = deliver(&setup, &scenario, before).await;
+    setup.wait_for_progress_in_process(before as i64 + 1).await;
+    setup.broker.mock().broker_down(1).expect("broker down");
+    // While the broker is away nothing can be consumed: the stored offsets stop moving
+    // (whatever was fetched before is committed with its effects, nothing else).
+    let at_down = stream::applied(&setup.database).await;
+    let mut progress = Vec::new();
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        progress.push(stream::applied(&setup.database).await);
+    }
+    let settled = *progress.last().unwrap();
+    assert_eq!(
+        progress[12..].iter().min(),
+        progress[12..].iter().max(),
+        "nothing is applied without the broker once what was fetched is done: {progress:?}"
+    );
+    let health_while_down = worker.started.health.is_consuming();
+    setup.broker.mock().broker_up(1).expect("broker up");
+    setup.wait_until_done_or(total, String::new).await;
+    worker.stop().await;
+    let entries = setup.check(&scenario).await;
+    assert!(
+        (settled as usize) < total,
+        "the outage came mid-stream: {at_down} then {settled} of {total} applied"
+    );
+    eprintln!(
+        "fault-summary broker_down: outages=1 outage_ms=5000 messages={total} \
+         applied_at_down={at_down} applied_after_5s_down={settled} healthy_while_down={health_while_down} \
+         ledger_entries={entries} lost=0 doubled=0"
+    );
+}
+
+/// Row: the outbox publisher failing for a while (every produce request refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_publisher_failing_for_a_while_keeps_the_effects_and_publishes_later() {
+    let mut setup = Setup::mock().await;
+    setup.settings.batch.max_messages = FAULT_BATCH;
+    let scenario = stream::scenario(25, knob("FAULT_SCALE", 4));
+    let setup_events: Vec<_> = scenario.setup.iter().collect();
+    let before = stream::produce(&setup.settings, &setup_events, Keys::ByOrganization).await;
+    let total = deliver(&setup, &scenario, before).await;
+    // The inputs are in; from now on every produce request fails for a while.
+    let errors = 300;
+    setup.broker.mock().request_errors(
+        RDKafkaApiKey::Produce,
+        &vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; errors],
+    );
+    let worker = setup.start_in_process().await;
+    // Everything is applied and committed while nothing can be published.
+    let backlog = common::eventually(
+        "every message applied while the outbox waits",
+        common::e2e::DEADLINE,
+        || async {
+            let applied = stream::applied(&setup.database).await as usize;
+            let backlog = stream::outbox_backlog(&setup.database).await;
+            (applied == total && backlog > 0).then_some(backlog)
+        },
+    )
+    .await;
+    let ledger_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger")
+        .fetch_one(&setup.database)
+        .await
+        .unwrap();
+    assert!(ledger_rows > 0, "the effects are committed");
+    setup
+        .broker
+        .mock()
+        .clear_request_errors(RDKafkaApiKey::Produce);
+    setup.wait_until_done_or(total, String::new).await;
+    let metrics = worker.started.metrics.render();
+    worker.stop().await;
+    let entries = setup.check(&scenario).await;
+    let publish_errors = common::metric_sum(&metrics, "entitlements_publish_errors_total");
+    eprintln!(
+        "fault-summary outbox: produce_errors_injected={errors} messages={total} \
+         outbox_backlog_while_failing={backlog} publish_errors_in_metrics={publish_errors} \
+         ledger_entries={entries} lost=0 doubled=0"
+    );
+}
+
+/// A message for the poison test: topic, payload (none: a tombstone), and the reason
+/// expected on the dead-letter topic (none: accepted).
+type Case = (String, Option<Vec<u8>>, Option<&'static str>);
+
+/// Rows: poison input, and input crafted to cross tenants, skip the role check or smuggle
+/// SQL. Each bad message lands on the dead-letter topic with its reason and its exact
+/// position; nothing it names changes; the good events around them are all applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_and_hostile_input_goes_to_the_dead_letter_topic_and_changes_nothing() {
+    use entitlement_worker::codec::InputKind::*;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use serde_json::json;
+
+    let setup = Setup::mock().await;
+    let topics = setup.settings.topics.clone();
+    let topic = |kind| stream::topic_of(&topics, kind).to_owned();
+    let at = "2026-01-01T09:00:00Z";
+    let evil_org = "acme'; DROP TABLE ledger; --";
+    let evil_workspace = "w' OR '1'='1";
+    let evil_participant = "p\"); DELETE FROM pools; --";
+    let mut huge = br#"{"event_id":"big","pad":""#.to_vec();
+    huge.resize(64 * 1024 + 1, b'x');
+    let deep = format!("{}{}", "[".repeat(30_000), "]".repeat(30_000));
+    let participant = |id: &str, field: &str, value: serde_json::Value| {
+        let mut event = json!({"event_id": id, "occurred_at": at, "org_id": "acme",
+                               "workspace_id": "summit", "participant_id": "p1"});
+        event[field] = value;
+        event.to_string().into_bytes()
+    };
+    let granted = |id: &str, field: &str, value: serde_json::Value| {
+        let mut event = json!({"event_id": id, "occurred_at": at, "org_id": "acme",
+                               "product": "seat", "quantity": 1});
+        event[field] = value;
+        event.to_string().into_bytes()
+    };
+    // (topic, payload, the reason expected on the dead-letter topic, or None if accepted)
+    let cases: Vec<Case> = vec![
+        (topic(ParticipantAdded), Some(b"this is not json".to_vec()), Some("invalid_json")),
+        (topic(ParticipantAdded), Some(b"\xff\xfe\x00".to_vec()), Some("invalid_encoding")),
+        (topic(ParticipantAdded), Some(huge), Some("too_large")),
+        (topic(ParticipantAdded), None, Some("invalid_json")),
+        (topic(ParticipantAdded), Some(deep.into_bytes()), Some("invalid_json")),
+        (topic(ParticipantAdded), Some(b"[1, 2]".to_vec()), Some("schema_violation")),
+        (topic(ParticipantAdded), Some(b"{}".to_vec()), Some("schema_violation")),
+        (topic(ParticipantAdded), Some(participant("x1", "occurred_at", json!("10000-01-01T00:00:00Z"))), Some("schema_violation")),
+        (topic(ParticipantAdded), Some(participant("x2", "occurred_at", json!("1969-12-31T23:59:59Z"))), Some("schema_violation")),
+        (topic(ParticipantAdded), Some(participant("x3", "occurred_at", json!("yesterday"))), Some("schema_violation")),
+        (topic(ParticipantAdded), Some(participant("x4", "workspace_id", json!("w".repeat(129)))), Some("schema_violation")),
+        (topic(ParticipantAdded), Some(participant("x5", "participant_id", json!(""))), Some("schema_violation")),
+        (topic(ParticipantCancelled), Some(participant("x6", "activated", json!("yes"))), Some("schema_violation")),
+        (topic(EntitlementGranted), Some(granted("x7", "quantity", json!(0))), Some("schema_violation")),
+        (topic(EntitlementGranted), Some(granted("x8", "quantity", json!(1_000_001))), Some("schema_violation")),
+        (topic(EntitlementGranted), Some(granted("x9", "quantity", json!(1.5))), Some("schema_violation")),
+        (topic(EntitlementGranted), Some(granted("x10", "quantity", json!(-3))), Some("schema_violation")),
+        (topic(EntitlementGranted), Some(granted("x11", "product", json!("Seat!"))), Some("schema_violation")),
+        (topic(EntitlementGranted), Some(granted("x12", "expires_at", json!("2025-01-01T00:00:00Z"))), Some("schema_violation")),
+        (topic(EntitlementGranted), Some(granted("x13", "source", json!({"kind": "gift", "reference": "r"}))), Some("schema_violation")),
+        (topic(ModuleEnabled), Some(json!({"event_id": "x14", "occurred_at": at, "org_id": "acme", "workspace_id": "summit", "module": "seat"}).to_string().into_bytes()), Some("schema_violation")),
+        // Good events, with identifiers crafted as SQL: stored as the strings they are.
+        (topic(EntitlementGranted), Some(json!({"event_id": "g-evil", "occurred_at": at, "org_id": evil_org, "product": "seat", "quantity": 2}).to_string().into_bytes()), None),
+        (topic(ParticipantAdded), Some(json!({"event_id": "a-evil", "occurred_at": at, "org_id": evil_org, "workspace_id": evil_workspace, "participant_id": evil_participant}).to_string().into_bytes()), None),
+        (topic(EntitlementGranted), Some(granted("g-acme", "quantity", json!(5))), None),
+        (topic(ParticipantAdded), Some(participant("a-acme", "participant_id", json!("p1"))), None),
+        // Another organization naming acme's workspace; a viewer moving seats; a module
+        // nobody bought, moved by the manager.
+        (topic(ParticipantAdded), Some(json!({"event_id": "a-globex", "occurred_at": at, "org_id": "globex", "workspace_id": "summit", "participant_id": "spy"}).to_string().into_bytes()), Some("tenant_mismatch")),
+        (topic(TransferRequested), Some(json!({"event_id": "t-viewer", "occurred_at": at, "org_id": "acme", "workspace_id": "summit", "product": "seat", "quantity": 3, "requested_by": {"user_id": "vic", "role": "viewer"}}).to_string().into_bytes()), Some("forbidden")),
+        (topic(TransferRequested), Some(json!({"event_id": "t-none", "occurred_at": at, "org_id": "acme", "workspace_id": "summit", "product": "holograms", "quantity": 1, "requested_by": {"user_id": "mia", "role": "entitlement_manager"}}).to_string().into_bytes()), Some("insufficient_pool")),
+        (topic(TransferRequested), Some(json!({"event_id": "t-role-case", "occurred_at": at, "org_id": "acme", "workspace_id": "summit", "product": "seat", "quantity": 1, "requested_by": {"user_id": "eve", "role": "Entitlement_Manager"}}).to_string().into_bytes()), Some("forbidden")),
+    ];
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &setup.settings.kafka.brokers)
+        .create()
+        .expect("a producer");
+    let mut expected = std::collections::BTreeMap::new();
+    for (topic, payload, reason) in &cases {
+        let mut record = FutureRecord::<str, [u8]>::to(topic).key("acme");
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
+        let delivery = producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .expect("the broker took the message");
+        if let Some(reason) = reason {
+            expected.insert(
+                (topic.clone(), delivery.partition, delivery.offset),
+                *reason,
+            );
+        }
+    }
+    let worker = setup.start_in_process().await;
+    setup.wait_until_done_or(cases.len(), String::new).await;
+    let metrics = worker.started.metrics.render();
+    worker.stop().await;
+
+    let ledger_entries: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger")
+        .fetch_one(&setup.database)
+        .await
+        .unwrap();
+    let outputs = stream::Outputs::read(
+        &setup.settings,
+        ledger_entries as usize,
+        common::e2e::DEADLINE,
+    );
+    let letters: std::collections::BTreeMap<_, _> = outputs
+        .dead_letters
+        .iter()
+        .map(|letter| {
+            (
+                (
+                    letter["topic"].as_str().unwrap().to_owned(),
+                    letter["partition"].as_i64().unwrap() as i32,
+                    letter["offset"].as_i64().unwrap(),
+                ),
+                letter["reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        letters, expected,
+        "each bad message at its position, with its reason"
+    );
+    let letter_of = |offset_reason: &str| {
+        outputs
+            .dead_letters
+            .iter()
+            .find(|letter| letter["reason"] == offset_reason)
+            .unwrap()
+    };
+    assert_eq!(letter_of("invalid_encoding")["payload_encoding"], "base64");
+    assert_eq!(letter_of("invalid_encoding")["payload"], "//4A");
+    assert_eq!(
+        letter_of("too_large")["payload"].as_str().unwrap().len(),
+        64 * 1024 + 1
+    );
+
+    // The hostile identifiers are data: stored verbatim, the tables intact.
+    let (org, workspace, available): (String, String, i64) = sqlx::query_as(
+        "SELECT p.org_id, c.workspace_id, p.available FROM pools p
+         JOIN consumption c ON c.org_id = p.org_id AND c.product = p.product
+         WHERE p.org_id = $1",
+    )
+    .bind(evil_org)
+    .fetch_one(&setup.database)
+    .await
+    .expect("the crafted organization's pool and workspace");
+    assert_eq!(
+        (org.as_str(), workspace.as_str(), available),
+        (evil_org, evil_workspace, 1)
+    );
+    let pools: i64 = sqlx::query_scalar("SELECT count(*) FROM pools")
+        .fetch_one(&setup.database)
+        .await
+        .unwrap();
+    assert!(pools >= 2, "no pool was deleted");
+    // acme: 5 granted, 1 moved to summit by p1; the viewer and the spy changed nothing.
+    let (available,): (i64,) =
+        sqlx::query_as("SELECT available FROM pools WHERE org_id = 'acme' AND product = 'seat'")
+            .fetch_one(&setup.database)
+            .await
+            .unwrap();
+    assert_eq!(available, 4);
+    let globex: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM pools WHERE org_id = 'globex')
+              + (SELECT count(*) FROM consumption WHERE org_id = 'globex')
+              + (SELECT count(*) FROM ledger WHERE org_id = 'globex')
+              + (SELECT count(*) FROM workspaces WHERE org_id = 'globex')",
+    )
+    .fetch_one(&setup.database)
+    .await
+    .unwrap();
+    assert_eq!(
+        globex, 0,
+        "the other organization got nothing and paid nothing"
+    );
+    let (summit_required,): (i64,) = sqlx::query_as(
+        "SELECT required FROM consumption WHERE workspace_id = 'summit' AND product = 'seat'",
+    )
+    .fetch_one(&setup.database)
+    .await
+    .unwrap();
+    assert_eq!(summit_required, 1, "the spy is not counted");
+    let rejected = common::metric_sum(&metrics, "entitlements_messages_rejected_total");
+    assert_eq!(rejected as usize, expected.len(), "every rejection counted");
+    eprintln!(
+        "fault-summary poison: bad_messages={} good_messages={} dead_letters={} \
+         tables_intact=true lost=0",
+        expected.len(),
+        cases.len() - expected.len(),
+        outputs.dead_letters.len()
+    );
+}
