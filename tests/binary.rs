@@ -79,3 +79,66 @@ async fn events_delivered_twice_shuffled_and_randomly_keyed_end_as_one_clean_del
     let status = worker.terminate(Duration::from_secs(30));
     assert!(status.success(), "SIGTERM exits 0: {status}");
 }
+
+/// Secrets given in the configuration (the database password in its URL, a SASL password
+/// among the Kafka properties) never show in the logs or the metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_in_the_configuration_stay_out_of_logs_and_metrics() {
+    const DATABASE_SECRET: &str = "pw-Zq81x-database-secret";
+    const KAFKA_SECRET: &str = "kafka-Vb77-sasl-secret";
+    let admin = sqlx::PgPool::connect(&format!("{}/postgres", common::server_url()))
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!(
+        "DO $$ BEGIN
+             IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'worker_secret_test') THEN
+                 CREATE ROLE worker_secret_test LOGIN CREATEDB;
+             END IF;
+         END $$;
+         ALTER ROLE worker_secret_test PASSWORD '{DATABASE_SECRET}';"
+    ))
+    .execute(&admin)
+    .await
+    .expect("the test role");
+    let broker = common::tansu::Tansu::start();
+    let mut settings = common::settings(&broker.brokers);
+    broker.create_topics(&settings, 1).await;
+    settings.database.url = format!(
+        "postgres://worker_secret_test:{DATABASE_SECRET}@127.0.0.1:5432/{}",
+        common::unique("secret")
+    );
+    let config = broker.dir.path().join("worker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[kafka.properties]\n\"sasl.username\" = \"worker\"\n\"sasl.password\" = \"{KAFKA_SECRET}\"\n"
+        ),
+    )
+    .unwrap();
+    let mut worker = common::process::WorkerProcess::start_with(
+        &settings,
+        broker.dir.path(),
+        &["--config", config.to_str().unwrap()],
+    );
+    common::eventually_or(
+        "/healthz to answer 200",
+        DEADLINE,
+        || async { worker.get("/healthz").filter(|(status, _)| *status == 200) },
+        || worker.tail_of_log(),
+    )
+    .await;
+    let (_, metrics) = worker.get("/metrics").expect("/metrics answers");
+    assert!(worker.terminate(Duration::from_secs(30)).success());
+    let log = std::fs::read_to_string(&worker.log).unwrap();
+    assert!(
+        log.contains("worker_secret_test:***@"),
+        "the log names the database, without its password:\n{log}"
+    );
+    for secret in [DATABASE_SECRET, KAFKA_SECRET] {
+        assert!(!log.contains(secret), "{secret} leaked into the log");
+        assert!(
+            !metrics.contains(secret),
+            "{secret} leaked into the metrics"
+        );
+    }
+}

@@ -19,3 +19,28 @@ pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
     }
     config
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::settings::Settings;
+
+    #[test]
+    fn tls_and_sasl_settings_from_the_configuration_reach_librdkafka() {
+        let mut settings = Settings::load(None).unwrap();
+        for (key, value) in [
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanisms", "SCRAM-SHA-512"),
+            ("sasl.username", "worker"),
+            ("sasl.password", "secret"),
+            ("ssl.ca.location", "/etc/ssl/certs/ca.pem"),
+        ] {
+            settings.kafka.properties.insert(key.into(), value.into());
+        }
+        let config = super::client_config(&settings.kafka);
+        assert_eq!(config.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(config.get("sasl.mechanisms"), Some("SCRAM-SHA-512"));
+        assert_eq!(config.get("sasl.password"), Some("secret"));
+        assert_eq!(config.get("ssl.ca.location"), Some("/etc/ssl/certs/ca.pem"));
+        assert_eq!(config.get("bootstrap.servers"), Some("127.0.0.1:9092"));
+    }
+}

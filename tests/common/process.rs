@@ -71,6 +71,11 @@ impl WorkerProcess {
     /// Starts `entitlement-worker run` with `settings` given as environment variables, and
     /// its log appended to `log_dir/worker.log`.
     pub fn start(settings: &Settings, log_dir: &Path) -> Self {
+        Self::start_with(settings, log_dir, &[])
+    }
+
+    /// Like [`Self::start`], with extra arguments after `run` (`--config FILE`, say).
+    pub fn start_with(settings: &Settings, log_dir: &Path, arguments: &[&str]) -> Self {
         let metrics_address = format!("127.0.0.1:{}", super::tansu::free_port());
         let log = log_dir.join("worker.log");
         let file = std::fs::OpenOptions::new()
@@ -80,6 +85,7 @@ impl WorkerProcess {
             .expect("the worker's log file");
         let child = Command::new(env!("CARGO_BIN_EXE_entitlement-worker"))
             .arg("run")
+            .args(arguments)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(environment(settings, &metrics_address))
