@@ -51,7 +51,7 @@ async fn a_worker_killed_mid_stream_and_restarted_ends_as_if_it_never_crashed() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_delivered_twice_shuffled_and_randomly_keyed_end_as_one_clean_delivery() {
     let setup = Setup::new().await;
-    let scenario = stream::scenario(11, 1);
+    let scenario = stream::scenario(11, 4);
     let before = setup.deliver_setup(&scenario).await;
     let mut twice: Vec<_> = scenario.events.iter().chain(&scenario.events).collect();
     twice.shuffle(&mut rand::rng());
@@ -67,7 +67,7 @@ async fn events_delivered_twice_shuffled_and_randomly_keyed_end_as_one_clean_del
     .await;
     assert_eq!(status, 200);
     setup.wait_until_done(total, &worker).await;
-    setup.check(&scenario).await;
+    let entries = setup.check(&scenario).await;
 
     let (_, metrics) = worker.get("/metrics").expect("/metrics answers");
     let consumed = common::metric_sum(&metrics, "entitlements_messages_consumed_total");
@@ -78,6 +78,10 @@ async fn events_delivered_twice_shuffled_and_randomly_keyed_end_as_one_clean_del
     );
     let status = worker.terminate(Duration::from_secs(30));
     assert!(status.success(), "SIGTERM exits 0: {status}");
+    eprintln!(
+        "fault-summary twice: events={} messages={total} ledger_entries={entries} lost=0 doubled=0",
+        scenario.events.len() + scenario.setup.len()
+    );
 }
 
 /// Secrets given in the configuration (the database password in its URL, a SASL password
