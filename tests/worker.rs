@@ -104,6 +104,19 @@ impl Harness {
         self.send(topic, message.to_string().as_bytes()).await;
     }
 
+    async fn grant(&self, id: &str, org: &str, quantity: i64) {
+        let fields = json!({"org_id": org, "product": "seat", "quantity": quantity});
+        self.send_json(&self.settings.topics.entitlement_granted, event(id, fields))
+            .await;
+    }
+
+    async fn join(&self, id: &str, org: &str, participant: &str) {
+        let fields =
+            json!({"org_id": org, "workspace_id": "summit", "participant_id": participant});
+        self.send_json(&self.settings.topics.participant_added, event(id, fields))
+            .await;
+    }
+
     /// Reads outputs until `done` holds for what was read, or fails after the deadline.
     async fn read_until(&mut self, what: &str, done: impl Fn(&Self) -> bool) {
         let deadline = tokio::time::Instant::now() + DEADLINE;
@@ -161,22 +174,13 @@ fn seats_moved_to(ledger: &[LedgerMessage], workspace: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_10_seats_when_12_join_then_10_move_and_2_are_missing_until_5_more_arrive() {
     let mut harness = Harness::start().await;
-    let topics = harness.settings.topics.clone();
-    harness
-        .send_json(
-            &topics.entitlement_granted,
-            event(
-                "g-1",
-                json!({"org_id": "acme", "product": "seat", "quantity": 10}),
-            ),
-        )
-        .await;
+    harness.grant("g-1", "acme", 10).await;
     harness
         .read_until("the grant entry", |h| h.ledger.len() == 1)
         .await;
     for n in 0..12 {
         harness
-            .send_json(&topics.participant_added, event(&format!("a-{n}"), json!({"org_id": "acme", "workspace_id": "summit", "participant_id": format!("p{n}")})))
+            .join(&format!("a-{n}"), "acme", &format!("p{n}"))
             .await;
     }
     harness
@@ -185,15 +189,7 @@ async fn given_10_seats_when_12_join_then_10_move_and_2_are_missing_until_5_more
                 && h.alerts.last().is_some_and(|alert| alert.missing == 2)
         })
         .await;
-    harness
-        .send_json(
-            &topics.entitlement_granted,
-            event(
-                "g-2",
-                json!({"org_id": "acme", "product": "seat", "quantity": 5}),
-            ),
-        )
-        .await;
+    harness.grant("g-2", "acme", 5).await;
     harness
         .read_until("the shortfall to resolve", |h| {
             h.alerts
@@ -235,24 +231,8 @@ async fn bad_messages_go_to_the_dead_letter_topic_and_the_events_after_them_are_
     huge.resize(64 * 1024 + 1, b'x');
     harness.send(&topics.participant_added, &huge).await;
     harness.send(&topics.participant_added, b"\xff\xfe").await;
-    harness
-        .send_json(
-            &topics.entitlement_granted,
-            event(
-                "g-1",
-                json!({"org_id": "acme", "product": "seat", "quantity": 1}),
-            ),
-        )
-        .await;
-    harness
-        .send_json(
-            &topics.participant_added,
-            event(
-                "a-1",
-                json!({"org_id": "acme", "workspace_id": "summit", "participant_id": "p1"}),
-            ),
-        )
-        .await;
+    harness.grant("g-1", "acme", 1).await;
+    harness.join("a-1", "acme", "p1").await;
     harness
         .read_until("four dead letters and the seat transfer", |h| {
             h.dead_letters.len() == 4 && seats_moved_to(&h.ledger, "summit") == 1
@@ -292,37 +272,12 @@ async fn bad_messages_go_to_the_dead_letter_topic_and_the_events_after_them_are_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_workspace_claimed_by_a_second_organization_is_rejected_and_costs_it_nothing() {
     let mut harness = Harness::start().await;
-    let topics = harness.settings.topics.clone();
-    harness
-        .send_json(
-            &topics.participant_added,
-            event(
-                "a-1",
-                json!({"org_id": "acme", "workspace_id": "summit", "participant_id": "p1"}),
-            ),
-        )
-        .await;
+    harness.join("a-1", "acme", "p1").await;
     harness
         .read_until("acme's shortfall", |h| h.alerts.len() == 1)
         .await;
-    harness
-        .send_json(
-            &topics.entitlement_granted,
-            event(
-                "g-1",
-                json!({"org_id": "globex", "product": "seat", "quantity": 5}),
-            ),
-        )
-        .await;
-    harness
-        .send_json(
-            &topics.participant_added,
-            event(
-                "a-2",
-                json!({"org_id": "globex", "workspace_id": "summit", "participant_id": "p2"}),
-            ),
-        )
-        .await;
+    harness.grant("g-1", "globex", 5).await;
+    harness.join("a-2", "globex", "p2").await;
     harness
         .read_until("the tenant mismatch", |h| {
             !h.dead_letters.is_empty() && h.ledger.len() == 1
@@ -353,15 +308,7 @@ async fn a_trial_fills_the_waiting_workspace_when_it_starts_and_expires_on_time(
     let now = chrono::Utc::now();
     let valid_from = (now + chrono::Duration::seconds(3)).to_rfc3339();
     let expires_at = (now + chrono::Duration::seconds(6)).to_rfc3339();
-    harness
-        .send_json(
-            &topics.entitlement_granted,
-            event(
-                "g-1",
-                json!({"org_id": "acme", "product": "seat", "quantity": 1}),
-            ),
-        )
-        .await;
+    harness.grant("g-1", "acme", 1).await;
     harness
         .send_json(
             &topics.entitlement_granted,
@@ -375,7 +322,7 @@ async fn a_trial_fills_the_waiting_workspace_when_it_starts_and_expires_on_time(
         .await;
     for n in 1..=3 {
         harness
-            .send_json(&topics.participant_added, event(&format!("a-{n}"), json!({"org_id": "acme", "workspace_id": "summit", "participant_id": format!("p{n}")})))
+            .join(&format!("a-{n}"), "acme", &format!("p{n}"))
             .await;
     }
     harness
