@@ -191,13 +191,14 @@ async fn given_10_seats_when_12_join_then_10_move_and_2_are_missing_until_5_more
         .await;
     harness.grant("g-2", "acme", 5).await;
     harness
-        .read_until("the shortfall to resolve", |h| {
+        .read_until("the shortfall to resolve and 12 seats in all", |h| {
+            // Alerts and ledger entries travel on different topics: wait for both.
             h.alerts
                 .last()
                 .is_some_and(|alert| alert.status == "resolved")
+                && seats_moved_to(&h.ledger, "summit") == 12
         })
         .await;
-    assert_eq!(seats_moved_to(&harness.ledger, "summit"), 12);
     let last = harness.ledger.last().unwrap();
     assert_eq!(last.pool_available_after, 3, "3 seats left in the pool");
     let sequences: Vec<i64> = harness.ledger.iter().map(|entry| entry.sequence).collect();
@@ -351,6 +352,9 @@ async fn a_trial_fills_the_waiting_workspace_when_it_starts_and_expires_on_time(
     harness
         .read_until("the trial's start, the refill and the expiry", |h| {
             h.ledger.iter().any(|entry| entry.kind == "expiry")
+                && h.alerts
+                    .last()
+                    .is_some_and(|alert| alert.status == "resolved")
         })
         .await;
     let kinds: Vec<(&str, i64, i64)> = harness
