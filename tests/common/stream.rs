@@ -25,6 +25,7 @@ use rdkafka::ClientConfig;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
+#[derive(Clone)]
 pub struct Event {
     pub kind: InputKind,
     pub org: String,
@@ -360,8 +361,9 @@ pub struct Outputs {
 }
 
 impl Outputs {
-    /// Reads all three output topics from the beginning until `ledger_entries` distinct
-    /// ledger entries have arrived and nothing more comes for a moment.
+    /// Reads all three output topics from the beginning up to their high watermarks as
+    /// they are now (call it once the outbox is empty: everything is in the log), and
+    /// checks that `ledger_entries` distinct ledger entries were among them.
     pub fn read(settings: &Settings, ledger_entries: usize, deadline: Duration) -> Self {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &settings.kafka.brokers)
@@ -371,11 +373,18 @@ impl Outputs {
             .expect("a reader");
         let topics = &settings.topics;
         let mut assignment = TopicPartitionList::new();
+        let mut remaining: HashMap<(String, i32), i64> = HashMap::new();
         for topic in [&topics.ledger, &topics.shortfalls, &topics.dlq] {
             let metadata = consumer
                 .fetch_metadata(Some(topic), Duration::from_secs(10))
                 .expect("the topic's metadata");
             for partition in metadata.topics()[0].partitions() {
+                let (low, high) = consumer
+                    .fetch_watermarks(topic, partition.id(), Duration::from_secs(10))
+                    .expect("the partition's watermarks");
+                if high > low {
+                    remaining.insert((topic.to_string(), partition.id()), high);
+                }
                 assignment
                     .add_partition_offset(topic, partition.id(), Offset::Beginning)
                     .expect("a partition");
@@ -385,22 +394,23 @@ impl Outputs {
         let mut outputs = Self::default();
         let mut ids = BTreeSet::new();
         let started = std::time::Instant::now();
-        let mut quiet_since = std::time::Instant::now();
-        loop {
-            let complete = ids.len() >= ledger_entries;
-            if complete && quiet_since.elapsed() > Duration::from_millis(500) {
-                return outputs;
-            }
+        while !remaining.is_empty() {
             assert!(
                 started.elapsed() < deadline,
-                "timed out reading the outputs: {} of {ledger_entries} ledger entries",
+                "timed out reading the outputs: {} ledger entries so far, still to read {remaining:?}",
                 ids.len()
             );
             let Some(message) = consumer.poll(Duration::from_millis(100)) else {
                 continue;
             };
             let message = message.expect("a message");
-            quiet_since = std::time::Instant::now();
+            let position = (message.topic().to_owned(), message.partition());
+            if remaining
+                .get(&position)
+                .is_some_and(|high| message.offset() + 1 >= *high)
+            {
+                remaining.remove(&position);
+            }
             let value: Value =
                 serde_json::from_slice(message.payload().expect("a payload")).expect("JSON");
             if message.topic() == topics.ledger {
@@ -412,6 +422,12 @@ impl Outputs {
                 outputs.dead_letters.push(value);
             }
         }
+        assert_eq!(
+            ids.len(),
+            ledger_entries,
+            "distinct ledger entries published"
+        );
+        outputs
     }
 }
 
