@@ -1,0 +1,216 @@
+//! The checks shared by the fuzz targets: `codec::decode` must never panic, must reject
+//! inputs over 64 KiB as `too_large` before looking at them, and every command it accepts
+//! must satisfy the contract (`schemas/*.schema.json`) and agree with the JSON it came from.
+
+use chrono::{DateTime, Datelike, Utc};
+use entitlement_worker::codec::{decode, InputKind, Rejection, MESSAGE_BYTES_MAX};
+use entitlement_worker::domain::{Command, CommandBody, Product, Quantity};
+use serde_json::Value;
+
+const REASONS: [&str; 4] = [
+    "too_large",
+    "invalid_encoding",
+    "invalid_json",
+    "schema_violation",
+];
+const SOURCE_KINDS: [&str; 5] = ["plan", "add_on", "subscription", "trial", "manual"];
+
+/// Decodes `data` as a message of `kind` and panics (a fuzzer crash) if any rule is broken.
+pub fn check_decode(kind: InputKind, data: &[u8]) {
+    let result = decode(kind, Some(data));
+    // Decoding is a pure function of its input.
+    assert_eq!(
+        result,
+        decode(kind, Some(data)),
+        "decoding is not deterministic"
+    );
+    match result {
+        Ok(command) => check_command(kind, data, &command),
+        Err(rejection) => check_rejection(data, &rejection),
+    }
+}
+
+fn check_rejection(data: &[u8], rejection: &Rejection) {
+    assert!(
+        REASONS.contains(&rejection.reason),
+        "unknown reason {:?}",
+        rejection.reason
+    );
+    assert!(!rejection.detail.is_empty(), "a rejection without detail");
+    if data.len() > MESSAGE_BYTES_MAX {
+        assert_eq!(rejection.reason, "too_large", "{} bytes", data.len());
+        assert_eq!(
+            rejection.event_id, None,
+            "too_large must not parse the input"
+        );
+    } else {
+        assert_ne!(rejection.reason, "too_large", "{} bytes", data.len());
+    }
+    if let Some(event_id) = &rejection.event_id {
+        assert_eq!(rejection.reason, "schema_violation");
+        let value: Value = serde_json::from_slice(data).expect("an event_id from non-JSON");
+        assert_eq!(value["event_id"].as_str(), Some(event_id.as_str()));
+    }
+}
+
+fn check_command(kind: InputKind, data: &[u8], command: &Command) {
+    assert!(
+        data.len() <= MESSAGE_BYTES_MAX,
+        "accepted {} bytes",
+        data.len()
+    );
+    let value: Value = serde_json::from_slice(data).expect("accepted input that is not JSON");
+    let object = value
+        .as_object()
+        .expect("accepted JSON that is not an object");
+    let field = |name: &str| object.get(name).and_then(Value::as_str);
+
+    // Envelope: ids of 1 to 128 characters taken from the input, a sane time.
+    check_identifier("event_id", command.event_id.as_str());
+    check_identifier("org_id", command.org_id.as_str());
+    assert_eq!(field("event_id"), Some(command.event_id.as_str()));
+    assert_eq!(field("org_id"), Some(command.org_id.as_str()));
+    check_time("occurred_at", command.occurred_at);
+    assert_eq!(
+        field("occurred_at").map(parse_time),
+        Some(command.occurred_at)
+    );
+    if let Some(workspace_id) = command.workspace_id() {
+        check_identifier("workspace_id", workspace_id.as_str());
+        assert_eq!(field("workspace_id"), Some(workspace_id.as_str()));
+    }
+
+    match (&command.body, kind) {
+        (CommandBody::ParticipantAdded { participant_id, .. }, InputKind::ParticipantAdded) => {
+            check_identifier("participant_id", participant_id.as_str());
+            assert_eq!(field("participant_id"), Some(participant_id.as_str()));
+        }
+        (
+            CommandBody::ParticipantCancelled {
+                participant_id,
+                activated,
+                ..
+            },
+            InputKind::ParticipantCancelled,
+        ) => {
+            check_identifier("participant_id", participant_id.as_str());
+            assert_eq!(field("participant_id"), Some(participant_id.as_str()));
+            assert_eq!(
+                object.get("activated").and_then(Value::as_bool),
+                Some(*activated)
+            );
+        }
+        (CommandBody::ModuleEnabled { module, .. }, InputKind::ModuleEnabled) => {
+            check_product(module);
+            assert!(!module.is_seat(), "`seat` accepted as a module");
+            assert_eq!(field("module"), Some(module.as_str()));
+        }
+        (
+            CommandBody::EntitlementGranted {
+                product,
+                quantity,
+                valid_from,
+                expires_at,
+                source,
+            },
+            InputKind::EntitlementGranted,
+        ) => {
+            check_product(product);
+            assert_eq!(field("product"), Some(product.as_str()));
+            check_quantity(*quantity);
+            assert_eq!(
+                object.get("quantity").and_then(Value::as_i64),
+                Some(quantity.get())
+            );
+            let start = valid_from.expect("a grant without its start of validity");
+            check_time("valid_from", start);
+            let expected_start = field("valid_from").map_or(command.occurred_at, parse_time);
+            assert_eq!(start, expected_start);
+            if let Some(end) = expires_at {
+                check_time("expires_at", *end);
+                assert!(
+                    *end > start,
+                    "expires_at {end} not after valid_from {start}"
+                );
+            }
+            if let Some(source) = source {
+                assert!(
+                    SOURCE_KINDS.contains(&source.kind.as_str()),
+                    "source.kind {:?}",
+                    source.kind
+                );
+                check_length("source.reference", &source.reference, 256);
+            }
+        }
+        (
+            CommandBody::TransferRequested {
+                product,
+                quantity,
+                requested_by,
+                ..
+            },
+            InputKind::TransferRequested,
+        ) => {
+            check_product(product);
+            assert_eq!(field("product"), Some(product.as_str()));
+            check_quantity(*quantity);
+            if !product.is_seat() {
+                assert_eq!(quantity.get(), 1, "a module transfer of several units");
+            }
+            check_identifier("requested_by.user_id", &requested_by.user_id);
+            check_length("requested_by.role", &requested_by.role, 64);
+        }
+        (body, kind) => panic!("{kind:?} decoded into {body:?}"),
+    }
+}
+
+fn check_identifier(name: &str, value: &str) {
+    check_length(name, value, 128);
+}
+
+fn check_length(name: &str, value: &str, max: usize) {
+    let length = value.chars().count();
+    assert!(
+        (1..=max).contains(&length),
+        "{name} is {length} characters, not 1 to {max}"
+    );
+}
+
+/// `^[a-z0-9][a-z0-9._-]{0,63}$`
+fn check_product(product: &Product) {
+    let handle = product.as_str();
+    let ok = |byte: u8, first: bool| {
+        byte.is_ascii_lowercase()
+            || byte.is_ascii_digit()
+            || (!first && matches!(byte, b'.' | b'_' | b'-'))
+    };
+    assert!(
+        (1..=64).contains(&handle.len())
+            && handle
+                .bytes()
+                .enumerate()
+                .all(|(index, byte)| ok(byte, index == 0)),
+        "{handle:?} is not a product handle"
+    );
+}
+
+fn check_quantity(quantity: Quantity) {
+    assert!(
+        (1..=1_000_000).contains(&quantity.get()),
+        "quantity {}",
+        quantity.get()
+    );
+}
+
+fn check_time(name: &str, time: DateTime<Utc>) {
+    assert!(
+        (1970..=9999).contains(&time.year()),
+        "{name} {time} outside the years 1970 to 9999"
+    );
+}
+
+fn parse_time(text: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(text)
+        .expect("an accepted time that is not RFC 3339")
+        .with_timezone(&Utc)
+}
