@@ -189,6 +189,7 @@ impl Setup {
     /// Reads the output topics and compares them and the database with `scenario`.
     /// Returns the number of ledger entries.
     pub async fn check(&self, scenario: &Scenario) -> usize {
+        stream::assert_oracle_agrees(scenario);
         let ledger_entries: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger")
             .fetch_one(&self.database)
             .await

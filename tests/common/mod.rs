@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 pub mod e2e;
+pub mod oracle;
 pub mod process;
 pub mod stream;
 pub mod tansu;

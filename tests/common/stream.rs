@@ -431,6 +431,65 @@ impl Outputs {
     }
 }
 
+/// Runs the reference model (`oracle.rs`, written apart from the worker's core) over the
+/// scenario's events in their generated order and checks that it reaches the outcome the
+/// generator computed: the target the worker is compared with is the oracle's too.
+pub fn assert_oracle_agrees(scenario: &Scenario) {
+    use super::oracle::{Oracle, OracleEvent, OracleVerdict};
+    let mut oracle = Oracle::new(false);
+    let now = Utc::now();
+    for event in scenario.setup.iter().chain(&scenario.events) {
+        let kind = match event.kind {
+            InputKind::ParticipantAdded => "participant-added",
+            InputKind::ParticipantCancelled => "participant-cancelled",
+            InputKind::ModuleEnabled => "module-enabled",
+            InputKind::EntitlementGranted => "entitlement-granted",
+            InputKind::TransferRequested => "entitlement-transfer-requested",
+        };
+        let decoded = OracleEvent::from_json(kind, &event.body).expect("a valid event");
+        oracle.apply(&decoded, now);
+    }
+    let expected = &scenario.expected;
+    let holdings = oracle.holdings();
+    let required: BTreeMap<(String, String), i64> = holdings
+        .iter()
+        .filter(|(_, (required, _))| *required > 0)
+        .map(|(key, (required, _))| (key.clone(), *required))
+        .collect();
+    assert_eq!(required, expected.required, "the oracle's required units");
+    for ((workspace, product), allocated) in &expected.allocated {
+        assert_eq!(
+            oracle.allocated(workspace, product),
+            *allocated,
+            "the oracle's allocation of {workspace} {product}"
+        );
+    }
+    let mut allocated_by_org: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for ((workspace, product), (_, allocated)) in &holdings {
+        let org = oracle.owner(workspace).expect("an owner").to_owned();
+        *allocated_by_org.entry((org, product.clone())).or_insert(0) += allocated;
+    }
+    assert_eq!(
+        allocated_by_org, expected.allocated_by_org,
+        "the oracle's allocations"
+    );
+    for (key, available) in &expected.available {
+        let pool = oracle.pool(&key.0, &key.1);
+        assert_eq!(pool.available, *available, "the oracle's pool {key:?}");
+        assert_eq!(
+            pool.granted, expected.granted[key],
+            "the oracle's grants {key:?}"
+        );
+    }
+    let forbidden: BTreeSet<String> = oracle
+        .verdicts()
+        .iter()
+        .filter(|(_, verdict)| *verdict == OracleVerdict::Refused("forbidden"))
+        .map(|(event_id, _)| event_id.clone())
+        .collect();
+    assert_eq!(forbidden, expected.forbidden, "the oracle's refusals");
+}
+
 /// Compares the worker's database and outputs with what the events demand.
 pub async fn check(pool: &PgPool, outputs: &Outputs, expected: &Expected) {
     let consumption: Vec<(String, String, String, i64, i64)> = sqlx::query_as(

@@ -1,0 +1,819 @@
+//! A reference model of the contract (`CONTRACT.md`, rules 1 to 9), for tests only.
+//!
+//! Written apart from `src/domain` and kept as naive as possible: plain strings, ordered
+//! maps, one event at a time, and state recomputed from scratch where that is simpler
+//! (a workspace's `required` seats are counted from the participants' latest events every
+//! time they are asked for; a pool's `available` units are the sum of what is left of its
+//! grants). Tests feed it the same events as the worker and compare.
+//!
+//! Where the contract is silent the model follows the core's observable behaviour, and
+//! says so where it does:
+//!
+//! - a grant without `valid_from` is valid from its `occurred_at`;
+//! - "oldest shortfall first" (rule 8) means the earliest `opened_at` (the time at which
+//!   the shortfall opened, as published), ties by `workspace_id`;
+//! - a refused manual transfer is as final as an applied one: its redelivery is a duplicate;
+//! - a participant event is a duplicate when it is the participant's latest event, and
+//!   stale when a newer one is known (both change nothing);
+//! - a second `module-enabled` for the same (workspace, module) is a duplicate;
+//! - a module counts as one unit, and a manual transfer of a module into a workspace that
+//!   already holds it is refused (`already_allocated`);
+//! - validity windows are brought up to `now` for an organization before each of its
+//!   accepted events, and for every organization by [`Oracle::settle`] (the worker's clock):
+//!   expiries first, then the grants whose time has come (a grant already past its end is
+//!   credited and expired at once), then the waiting workspaces are filled.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+/// The quantity product; every other product handle is an advanced module.
+pub const SEAT: &str = "seat";
+/// The only role that may move units by hand (rule 7).
+pub const MANAGER_ROLE: &str = "entitlement_manager";
+
+/// One input event, as the five input topics carry it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OracleEvent {
+    pub event_id: String,
+    pub occurred_at: DateTime<Utc>,
+    pub org_id: String,
+    pub body: OracleBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OracleBody {
+    ParticipantAdded {
+        workspace_id: String,
+        participant_id: String,
+    },
+    ParticipantCancelled {
+        workspace_id: String,
+        participant_id: String,
+        activated: bool,
+    },
+    ModuleEnabled {
+        workspace_id: String,
+        module: String,
+    },
+    Granted {
+        product: String,
+        quantity: i64,
+        valid_from: Option<DateTime<Utc>>,
+        expires_at: Option<DateTime<Utc>>,
+    },
+    TransferRequested {
+        workspace_id: String,
+        product: String,
+        quantity: i64,
+        role: String,
+        user_id: String,
+    },
+}
+
+/// What became of one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OracleVerdict {
+    Applied,
+    Duplicate,
+    Stale,
+    /// The dead-letter reason: `tenant_mismatch`, `forbidden`, `insufficient_pool`,
+    /// `already_allocated`.
+    Refused(&'static str),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum EntryKind {
+    Grant,
+    Transfer,
+    Expiry,
+    ManualTransfer,
+}
+
+impl EntryKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::Grant => "grant",
+            EntryKind::Transfer => "transfer",
+            EntryKind::Expiry => "expiry",
+            EntryKind::ManualTransfer => "manual_transfer",
+        }
+    }
+}
+
+/// One ledger entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OracleEntry {
+    pub org_id: String,
+    pub sequence: i64,
+    pub kind: EntryKind,
+    pub product: String,
+    pub quantity: i64,
+    pub workspace_id: Option<String>,
+    pub pool_available_after: i64,
+    pub caused_by: String,
+    pub actor: Option<String>,
+}
+
+/// One pool: `available` is what is left of its grants; the totals explain it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OraclePool {
+    pub available: i64,
+    pub granted: i64,
+    pub transferred: i64,
+    pub expired: i64,
+}
+
+/// An open shortfall: a (workspace, product) with `required > allocated`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OracleShortfall {
+    pub org_id: String,
+    pub workspace_id: String,
+    pub product: String,
+    pub missing: i64,
+    pub opened_at: DateTime<Utc>,
+}
+
+impl OracleEvent {
+    /// Builds an event from the JSON of one of the five input topics; `topic_kind` is the
+    /// contract's default topic name (`participant-added`, `participant-cancelled`,
+    /// `module-enabled`, `entitlement-granted`, `entitlement-transfer-requested`; `_` for
+    /// `-` is accepted too). None when the message would not reach the core (a missing or
+    /// malformed field: the worker dead-letters it as `schema_violation`).
+    pub fn from_json(topic_kind: &str, value: &Value) -> Option<OracleEvent> {
+        let text = |field: &str| -> Option<String> {
+            let text = value.get(field)?.as_str()?;
+            (1..=128)
+                .contains(&text.chars().count())
+                .then(|| text.to_owned())
+        };
+        let time = |field: &str| -> Option<Option<DateTime<Utc>>> {
+            match value.get(field) {
+                None | Some(Value::Null) => Some(None),
+                Some(raw) => DateTime::parse_from_rfc3339(raw.as_str()?)
+                    .ok()
+                    .map(|at| Some(at.with_timezone(&Utc))),
+            }
+        };
+        let handle = |field: &str| -> Option<String> {
+            let handle = value.get(field)?.as_str()?;
+            is_product_handle(handle).then(|| handle.to_owned())
+        };
+        let quantity = || -> Option<i64> {
+            let quantity = value.get("quantity")?.as_i64()?;
+            (1..=1_000_000).contains(&quantity).then_some(quantity)
+        };
+        let event_id = text("event_id")?;
+        let org_id = text("org_id")?;
+        let occurred_at = time("occurred_at")??;
+        let body = match topic_kind.replace('_', "-").as_str() {
+            "participant-added" => OracleBody::ParticipantAdded {
+                workspace_id: text("workspace_id")?,
+                participant_id: text("participant_id")?,
+            },
+            "participant-cancelled" => OracleBody::ParticipantCancelled {
+                workspace_id: text("workspace_id")?,
+                participant_id: text("participant_id")?,
+                activated: value.get("activated")?.as_bool()?,
+            },
+            "module-enabled" => {
+                let module = handle("module")?;
+                if module == SEAT {
+                    return None;
+                }
+                OracleBody::ModuleEnabled {
+                    workspace_id: text("workspace_id")?,
+                    module,
+                }
+            }
+            "entitlement-granted" => {
+                let valid_from = time("valid_from")?;
+                let expires_at = time("expires_at")?;
+                let start = valid_from.unwrap_or(occurred_at);
+                if expires_at.is_some_and(|end| end <= start) {
+                    return None;
+                }
+                OracleBody::Granted {
+                    product: handle("product")?,
+                    quantity: quantity()?,
+                    valid_from,
+                    expires_at,
+                }
+            }
+            "entitlement-transfer-requested" | "transfer-requested" => {
+                let product = handle("product")?;
+                let quantity = quantity()?;
+                if product != SEAT && quantity != 1 {
+                    return None;
+                }
+                let requested_by = value.get("requested_by")?;
+                let user_id = requested_by.get("user_id")?.as_str()?;
+                let role = requested_by.get("role")?.as_str()?;
+                if !(1..=128).contains(&user_id.chars().count()) || role.is_empty() {
+                    return None;
+                }
+                OracleBody::TransferRequested {
+                    workspace_id: text("workspace_id")?,
+                    product,
+                    quantity,
+                    role: role.to_owned(),
+                    user_id: user_id.to_owned(),
+                }
+            }
+            _ => return None,
+        };
+        Some(OracleEvent {
+            event_id,
+            occurred_at,
+            org_id,
+            body,
+        })
+    }
+
+    /// The workspace the event names, if any.
+    pub fn workspace_id(&self) -> Option<&str> {
+        match &self.body {
+            OracleBody::ParticipantAdded { workspace_id, .. }
+            | OracleBody::ParticipantCancelled { workspace_id, .. }
+            | OracleBody::ModuleEnabled { workspace_id, .. }
+            | OracleBody::TransferRequested { workspace_id, .. } => Some(workspace_id),
+            OracleBody::Granted { .. } => None,
+        }
+    }
+
+    /// Grants and transfer requests are remembered by `event_id` whatever became of them.
+    fn is_final_once_seen(&self) -> bool {
+        matches!(
+            self.body,
+            OracleBody::Granted { .. } | OracleBody::TransferRequested { .. }
+        )
+    }
+}
+
+/// `^[a-z0-9][a-z0-9._-]{0,63}$`
+fn is_product_handle(handle: &str) -> bool {
+    let bytes = handle.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 64
+        && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
+        && bytes.iter().all(|byte| {
+            byte.is_ascii_lowercase() || byte.is_ascii_digit() || matches!(byte, b'.' | b'_' | b'-')
+        })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GrantState {
+    /// `valid_from` has not come yet.
+    Waiting,
+    /// In the pool: `remaining` units can be drawn.
+    InPool,
+    /// Expired (or credited already past its end).
+    Over,
+}
+
+#[derive(Debug, Clone)]
+struct Grant {
+    event_id: String,
+    org_id: String,
+    product: String,
+    quantity: i64,
+    remaining: i64,
+    valid_from: DateTime<Utc>,
+    expires_at: Option<DateTime<Utc>>,
+    state: GrantState,
+}
+
+#[derive(Debug, Clone)]
+struct Latest {
+    occurred_at: DateTime<Utc>,
+    event_id: String,
+    counts: bool,
+}
+
+/// The reference model.
+#[derive(Debug, Clone)]
+pub struct Oracle {
+    auto_assign: bool,
+    /// Grants and transfer requests already seen (applied or refused).
+    final_ids: BTreeSet<String>,
+    /// workspace -> organization.
+    owners: BTreeMap<String, String>,
+    /// (workspace, participant) -> latest event.
+    latest: BTreeMap<(String, String), Latest>,
+    /// (workspace, module) enabled.
+    enabled: BTreeSet<(String, String)>,
+    /// (workspace, product) -> units transferred in.
+    allocated: BTreeMap<(String, String), i64>,
+    /// (workspace, product) -> when its open shortfall opened.
+    opened_at: BTreeMap<(String, String), DateTime<Utc>>,
+    /// (org, product) -> running totals (available is computed from the grants).
+    totals: BTreeMap<(String, String), OraclePool>,
+    grants: Vec<Grant>,
+    ledger: Vec<OracleEntry>,
+    verdicts: Vec<(String, OracleVerdict)>,
+}
+
+impl Oracle {
+    /// `auto_assign` is the `modules.auto_assign` policy (rule 6).
+    pub fn new(auto_assign: bool) -> Self {
+        Self {
+            auto_assign,
+            final_ids: BTreeSet::new(),
+            owners: BTreeMap::new(),
+            latest: BTreeMap::new(),
+            enabled: BTreeSet::new(),
+            allocated: BTreeMap::new(),
+            opened_at: BTreeMap::new(),
+            totals: BTreeMap::new(),
+            grants: Vec::new(),
+            ledger: Vec::new(),
+            verdicts: Vec::new(),
+        }
+    }
+
+    /// Applies one event at the time `now`.
+    pub fn apply(&mut self, event: &OracleEvent, now: DateTime<Utc>) -> OracleVerdict {
+        let verdict = self.decide(event, now);
+        self.verdicts
+            .push((event.event_id.clone(), verdict.clone()));
+        verdict
+    }
+
+    /// Brings every organization's validity windows up to `now` (the worker's clock).
+    pub fn settle(&mut self, now: DateTime<Utc>) {
+        let orgs: BTreeSet<String> = self
+            .grants
+            .iter()
+            .map(|grant| grant.org_id.clone())
+            .collect();
+        for org in orgs {
+            self.settle_org(&org, now);
+        }
+    }
+
+    // ---- accessors ----
+
+    /// Counted participants for seats; 1 for an enabled module.
+    pub fn required(&self, workspace: &str, product: &str) -> i64 {
+        if product == SEAT {
+            self.latest
+                .iter()
+                .filter(|((held_in, _), latest)| held_in == workspace && latest.counts)
+                .count() as i64
+        } else {
+            i64::from(
+                self.enabled
+                    .contains(&(workspace.to_owned(), product.to_owned())),
+            )
+        }
+    }
+
+    pub fn allocated(&self, workspace: &str, product: &str) -> i64 {
+        self.allocated
+            .get(&(workspace.to_owned(), product.to_owned()))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn missing(&self, workspace: &str, product: &str) -> i64 {
+        (self.required(workspace, product) - self.allocated(workspace, product)).max(0)
+    }
+
+    /// Every (workspace, product) that requires or holds something: (required, allocated).
+    pub fn holdings(&self) -> BTreeMap<(String, String), (i64, i64)> {
+        let mut keys: BTreeSet<(String, String)> = self.allocated.keys().cloned().collect();
+        keys.extend(self.enabled.iter().cloned());
+        keys.extend(
+            self.latest
+                .keys()
+                .map(|(workspace, _)| (workspace.clone(), SEAT.to_owned())),
+        );
+        keys.into_iter()
+            .map(|(workspace, product)| {
+                let pair = (
+                    self.required(&workspace, &product),
+                    self.allocated(&workspace, &product),
+                );
+                ((workspace, product), pair)
+            })
+            .filter(|(_, (required, allocated))| *required != 0 || *allocated != 0)
+            .collect()
+    }
+
+    pub fn pool(&self, org: &str, product: &str) -> OraclePool {
+        let mut pool = self
+            .totals
+            .get(&(org.to_owned(), product.to_owned()))
+            .copied()
+            .unwrap_or_default();
+        pool.available = self
+            .grants
+            .iter()
+            .filter(|grant| {
+                grant.org_id == org && grant.product == product && grant.state == GrantState::InPool
+            })
+            .map(|grant| grant.remaining)
+            .sum();
+        pool
+    }
+
+    /// Every pool that ever received a grant, by (org, product).
+    pub fn pools(&self) -> BTreeMap<(String, String), OraclePool> {
+        self.totals
+            .keys()
+            .map(|(org, product)| ((org.clone(), product.clone()), self.pool(org, product)))
+            .collect()
+    }
+
+    /// The whole ledger, in recording order (per organization: sequence order).
+    pub fn ledger(&self) -> &[OracleEntry] {
+        &self.ledger
+    }
+
+    pub fn open_shortfalls(&self) -> Vec<OracleShortfall> {
+        self.opened_at
+            .iter()
+            .map(|((workspace, product), opened_at)| OracleShortfall {
+                org_id: self.owners.get(workspace).cloned().unwrap_or_default(),
+                workspace_id: workspace.clone(),
+                product: product.clone(),
+                missing: self.missing(workspace, product),
+                opened_at: *opened_at,
+            })
+            .collect()
+    }
+
+    /// Every event applied so far, in order, with its verdict.
+    pub fn verdicts(&self) -> &[(String, OracleVerdict)] {
+        &self.verdicts
+    }
+
+    pub fn owner(&self, workspace: &str) -> Option<&str> {
+        self.owners.get(workspace).map(String::as_str)
+    }
+
+    pub fn owners(&self) -> &BTreeMap<String, String> {
+        &self.owners
+    }
+
+    // ---- the rules ----
+
+    fn decide(&mut self, event: &OracleEvent, now: DateTime<Utc>) -> OracleVerdict {
+        // Rule 1 for grants and transfer requests: once seen, final.
+        if event.is_final_once_seen() && !self.final_ids.insert(event.event_id.clone()) {
+            return OracleVerdict::Duplicate;
+        }
+        // Rule 4: the workspace belongs to the first organization whose event was accepted.
+        if let Some(workspace) = event.workspace_id() {
+            if self
+                .owners
+                .get(workspace)
+                .is_some_and(|owner| owner != &event.org_id)
+            {
+                return OracleVerdict::Refused("tenant_mismatch");
+            }
+        }
+        let org = event.org_id.as_str();
+        self.settle_org(org, now);
+        match &event.body {
+            OracleBody::ParticipantAdded {
+                workspace_id,
+                participant_id,
+            } => self.participant(event, workspace_id, participant_id, true, now),
+            OracleBody::ParticipantCancelled {
+                workspace_id,
+                participant_id,
+                activated,
+            } => self.participant(event, workspace_id, participant_id, *activated, now),
+            OracleBody::ModuleEnabled {
+                workspace_id,
+                module,
+            } => {
+                let key = (workspace_id.clone(), module.clone());
+                if self.enabled.contains(&key) {
+                    return OracleVerdict::Duplicate;
+                }
+                self.claim(workspace_id, org);
+                self.enabled.insert(key);
+                self.track(now);
+                self.fill(org, module, &event.event_id, now);
+                OracleVerdict::Applied
+            }
+            OracleBody::Granted {
+                product,
+                quantity,
+                valid_from,
+                expires_at,
+            } => {
+                self.grants.push(Grant {
+                    event_id: event.event_id.clone(),
+                    org_id: org.to_owned(),
+                    product: product.clone(),
+                    quantity: *quantity,
+                    remaining: 0,
+                    valid_from: valid_from.unwrap_or(event.occurred_at),
+                    expires_at: *expires_at,
+                    state: GrantState::Waiting,
+                });
+                self.totals
+                    .entry((org.to_owned(), product.clone()))
+                    .or_default();
+                self.settle_org(org, now);
+                OracleVerdict::Applied
+            }
+            OracleBody::TransferRequested {
+                workspace_id,
+                product,
+                quantity,
+                role,
+                user_id,
+            } => {
+                // Rule 7: the role, then the whole quantity.
+                if role != MANAGER_ROLE {
+                    return OracleVerdict::Refused("forbidden");
+                }
+                if product != SEAT && self.allocated(workspace_id, product) >= 1 {
+                    return OracleVerdict::Refused("already_allocated");
+                }
+                if self.pool(org, product).available < *quantity {
+                    return OracleVerdict::Refused("insufficient_pool");
+                }
+                self.claim(workspace_id, org);
+                self.draw(org, product, *quantity);
+                *self
+                    .allocated
+                    .entry((workspace_id.clone(), product.clone()))
+                    .or_default() += quantity;
+                self.record(
+                    org,
+                    EntryKind::ManualTransfer,
+                    product,
+                    *quantity,
+                    Some(workspace_id),
+                    &event.event_id,
+                    Some(user_id),
+                );
+                self.track(now);
+                OracleVerdict::Applied
+            }
+        }
+    }
+
+    /// Rules 2 and 3: the latest event by (`occurred_at`, `event_id`) decides; a participant
+    /// counts unless that event is a cancellation without activation.
+    fn participant(
+        &mut self,
+        event: &OracleEvent,
+        workspace: &str,
+        participant: &str,
+        counts: bool,
+        now: DateTime<Utc>,
+    ) -> OracleVerdict {
+        let key = (workspace.to_owned(), participant.to_owned());
+        if let Some(latest) = self.latest.get(&key) {
+            if latest.event_id == event.event_id {
+                return OracleVerdict::Duplicate;
+            }
+            if (event.occurred_at, &event.event_id) < (latest.occurred_at, &latest.event_id) {
+                return OracleVerdict::Stale;
+            }
+        }
+        self.claim(workspace, &event.org_id);
+        self.latest.insert(
+            key,
+            Latest {
+                occurred_at: event.occurred_at,
+                event_id: event.event_id.clone(),
+                counts,
+            },
+        );
+        self.track(now);
+        self.fill(&event.org_id, SEAT, &event.event_id, now);
+        OracleVerdict::Applied
+    }
+
+    fn claim(&mut self, workspace: &str, org: &str) {
+        self.owners
+            .entry(workspace.to_owned())
+            .or_insert_with(|| org.to_owned());
+    }
+
+    /// Rule 9 and the validity windows, for one organization: expiries, then grants whose
+    /// time has come, then a refill with what they brought (rule 8).
+    fn settle_org(&mut self, org: &str, now: DateTime<Utc>) {
+        let products: BTreeSet<String> = self
+            .grants
+            .iter()
+            .filter(|grant| grant.org_id == org)
+            .map(|grant| grant.product.clone())
+            .collect();
+        for product in products {
+            let mut ending: Vec<usize> = (0..self.grants.len())
+                .filter(|&index| {
+                    let grant = &self.grants[index];
+                    grant.org_id == org
+                        && grant.product == product
+                        && grant.state == GrantState::InPool
+                        && grant.expires_at.is_some_and(|end| end <= now)
+                })
+                .collect();
+            ending.sort_by_key(|&index| self.draw_key(index));
+            for index in ending {
+                let left = self.grants[index].remaining;
+                self.grants[index].remaining = 0;
+                self.grants[index].state = GrantState::Over;
+                if left > 0 {
+                    self.total(org, &product).expired += left;
+                    let cause = self.grants[index].event_id.clone();
+                    self.record(org, EntryKind::Expiry, &product, left, None, &cause, None);
+                }
+            }
+
+            let mut starting: Vec<usize> = (0..self.grants.len())
+                .filter(|&index| {
+                    let grant = &self.grants[index];
+                    grant.org_id == org
+                        && grant.product == product
+                        && grant.state == GrantState::Waiting
+                        && grant.valid_from <= now
+                })
+                .collect();
+            starting.sort_by_key(|&index| {
+                let grant = &self.grants[index];
+                (grant.valid_from, grant.event_id.clone())
+            });
+            let mut credited = None;
+            for index in starting {
+                let quantity = self.grants[index].quantity;
+                let cause = self.grants[index].event_id.clone();
+                self.grants[index].state = GrantState::InPool;
+                self.grants[index].remaining = quantity;
+                self.total(org, &product).granted += quantity;
+                self.record(
+                    org,
+                    EntryKind::Grant,
+                    &product,
+                    quantity,
+                    None,
+                    &cause,
+                    None,
+                );
+                if self.grants[index].expires_at.is_some_and(|end| end <= now) {
+                    self.grants[index].state = GrantState::Over;
+                    self.grants[index].remaining = 0;
+                    self.total(org, &product).expired += quantity;
+                    self.record(
+                        org,
+                        EntryKind::Expiry,
+                        &product,
+                        quantity,
+                        None,
+                        &cause,
+                        None,
+                    );
+                } else {
+                    credited = Some(cause);
+                }
+            }
+            if let Some(cause) = credited {
+                self.fill(org, &product, &cause, now);
+            }
+        }
+    }
+
+    /// Rule 5 (and 6 under auto-assign): every waiting workspace of the organization gets
+    /// `min(missing, available)`, oldest shortfall first.
+    fn fill(&mut self, org: &str, product: &str, cause: &str, now: DateTime<Utc>) {
+        if product != SEAT && !self.auto_assign {
+            return;
+        }
+        self.track(now);
+        let mut waiting: Vec<(DateTime<Utc>, String)> = self
+            .opened_at
+            .iter()
+            .filter(|((workspace, held), _)| {
+                held == product && self.owners.get(workspace).map(String::as_str) == Some(org)
+            })
+            .map(|((workspace, _), opened_at)| (*opened_at, workspace.clone()))
+            .collect();
+        waiting.sort();
+        for (_, workspace) in waiting {
+            let moved = self
+                .missing(&workspace, product)
+                .min(self.pool(org, product).available);
+            if moved == 0 {
+                continue;
+            }
+            self.draw(org, product, moved);
+            *self
+                .allocated
+                .entry((workspace.clone(), product.to_owned()))
+                .or_default() += moved;
+            self.record(
+                org,
+                EntryKind::Transfer,
+                product,
+                moved,
+                Some(&workspace),
+                cause,
+                None,
+            );
+        }
+        self.track(now);
+    }
+
+    /// Opens a shortfall where something is missing, closes it where nothing is.
+    fn track(&mut self, now: DateTime<Utc>) {
+        let holdings = self.holdings();
+        for ((workspace, product), (required, allocated)) in holdings {
+            let key = (workspace, product);
+            if required > allocated {
+                self.opened_at.entry(key).or_insert(now);
+            } else {
+                self.opened_at.remove(&key);
+            }
+        }
+        let still_missing: Vec<(String, String)> = self
+            .opened_at
+            .keys()
+            .filter(|(workspace, product)| self.missing(workspace, product) == 0)
+            .cloned()
+            .collect();
+        for key in still_missing {
+            self.opened_at.remove(&key);
+        }
+    }
+
+    /// Earliest expiry first, units that never expire last; then by start, then by grant.
+    fn draw_key(&self, index: usize) -> (bool, Option<DateTime<Utc>>, DateTime<Utc>, String) {
+        let grant = &self.grants[index];
+        (
+            grant.expires_at.is_none(),
+            grant.expires_at,
+            grant.valid_from,
+            grant.event_id.clone(),
+        )
+    }
+
+    fn draw(&mut self, org: &str, product: &str, quantity: i64) {
+        assert!(
+            quantity <= self.pool(org, product).available,
+            "the oracle never draws more than the pool holds"
+        );
+        let mut order: Vec<usize> = (0..self.grants.len())
+            .filter(|&index| {
+                let grant = &self.grants[index];
+                grant.org_id == org && grant.product == product && grant.state == GrantState::InPool
+            })
+            .collect();
+        order.sort_by_key(|&index| self.draw_key(index));
+        let mut left = quantity;
+        for index in order {
+            let take = left.min(self.grants[index].remaining);
+            self.grants[index].remaining -= take;
+            left -= take;
+        }
+        assert_eq!(left, 0);
+        self.total(org, product).transferred += quantity;
+    }
+
+    fn total(&mut self, org: &str, product: &str) -> &mut OraclePool {
+        self.totals
+            .entry((org.to_owned(), product.to_owned()))
+            .or_default()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &mut self,
+        org: &str,
+        kind: EntryKind,
+        product: &str,
+        quantity: i64,
+        workspace: Option<&str>,
+        cause: &str,
+        actor: Option<&str>,
+    ) {
+        let sequence = self
+            .ledger
+            .iter()
+            .filter(|entry| entry.org_id == org)
+            .count() as i64
+            + 1;
+        let pool_available_after = self.pool(org, product).available;
+        self.ledger.push(OracleEntry {
+            org_id: org.to_owned(),
+            sequence,
+            kind,
+            product: product.to_owned(),
+            quantity,
+            workspace_id: workspace.map(str::to_owned),
+            pool_available_after,
+            caused_by: cause.to_owned(),
+            actor: actor.map(str::to_owned),
+        });
+    }
+}
