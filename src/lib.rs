@@ -10,11 +10,13 @@
 //! - [`telemetry`]: metrics, health and logs.
 //! - [`settings`]: typed configuration.
 //! - [`demo`]: an embedded broker and a story to watch.
+//! - [`ops`]: the operators' commands (report, history, export, verify, grant, transfer).
 
 pub mod codec;
 pub mod demo;
 pub mod domain;
 pub mod kafka;
+pub mod ops;
 pub mod pipeline;
 pub mod settings;
 pub mod store;

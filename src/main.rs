@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use entitlement_worker::settings::Settings;
-use entitlement_worker::{pipeline, telemetry};
+use entitlement_worker::{ops, pipeline, telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -36,6 +36,72 @@ enum Command {
         #[arg(long)]
         keep_running: bool,
     },
+    /// An organization's pools (granted, transferred, expired, available, expiring within
+    /// 30 days) and every workspace's required / allocated / missing units, those missing
+    /// entitlements first, with totals.
+    ///
+    /// Example: entitlement-worker report --org acme --format json
+    Report {
+        /// The organization (`org_id`).
+        #[arg(long)]
+        org: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// The ledger entries of an organization, newest first, a page at a time.
+    ///
+    /// Example: entitlement-worker history --org acme --workspace summit-2026 --since 2026-11-01T00:00:00Z
+    History {
+        #[arg(long)]
+        org: String,
+        /// Only transfers into this workspace.
+        #[arg(long)]
+        workspace: Option<String>,
+        /// Only this product (`seat` or a module handle).
+        #[arg(long)]
+        product: Option<String>,
+        /// Only entries recorded at or after this time (RFC 3339).
+        #[arg(long, value_parser = parse_time)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Only entries older than this sequence: the next page.
+        #[arg(long, value_name = "SEQUENCE")]
+        before: Option<i64>,
+        /// Entries per page.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+        limit: i64,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// An Excel workbook of an organization: Overview, Workspaces and Transactions sheets.
+    ///
+    /// Example: entitlement-worker export --org acme --output acme.xlsx
+    Export {
+        #[arg(long)]
+        org: String,
+        /// The .xlsx file to write.
+        #[arg(long, value_name = "FILE.xlsx")]
+        output: PathBuf,
+    },
+    /// Replays the whole ledger and checks every invariant against the stored state;
+    /// exits 1 on any mismatch. Cheap enough to run daily.
+    ///
+    /// Example: entitlement-worker verify
+    Verify {
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+fn parse_time(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|time| time.with_timezone(&chrono::Utc))
+        .map_err(|error| format!("not an RFC 3339 time ({error}), e.g. 2026-11-01T00:00:00Z"))
 }
 
 fn main() -> ExitCode {
@@ -47,7 +113,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init_logging(&settings.log);
+    if matches!(arguments.command, Command::Run | Command::Demo { .. }) {
+        telemetry::init_logging(&settings.log);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -60,14 +128,20 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match arguments.command {
-            Command::Run => pipeline::run(settings, shutdown_signal(), None).await,
+            Command::Run => pipeline::run(settings, shutdown_signal(), None)
+                .await
+                .map(|()| ExitCode::SUCCESS),
             Command::Demo { keep_running } => {
-                entitlement_worker::demo::run(settings, keep_running, shutdown_signal()).await
+                entitlement_worker::demo::run(settings, keep_running, shutdown_signal())
+                    .await
+                    .map(|()| ExitCode::SUCCESS)
             }
+            Command::Verify { format } => verify(&settings, format).await,
+            command => ops_command(&settings, command).await,
         }
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             tracing::error!(
                 error = format!("{error:#}"),
@@ -77,6 +151,74 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn verify(settings: &Settings, format: Format) -> anyhow::Result<ExitCode> {
+    let pool = ops::connect(&settings.database).await?;
+    let verification = ops::verify::verify(&pool).await?;
+    match format {
+        Format::Table => print!("{}", verification.to_text()),
+        Format::Json => println!("{}", serde_json::to_string_pretty(&verification)?),
+    }
+    Ok(if verification.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn ops_command(settings: &Settings, command: Command) -> anyhow::Result<ExitCode> {
+    let now = chrono::Utc::now();
+    match command {
+        Command::Report { org, format } => {
+            let pool = ops::connect(&settings.database).await?;
+            let report = ops::report::Report::load(&pool, &org, now).await?;
+            match format {
+                Format::Table => print!("{}", report.to_table()),
+                Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            }
+        }
+        Command::History {
+            org,
+            workspace,
+            product,
+            since,
+            before,
+            limit,
+            format,
+        } => {
+            let pool = ops::connect(&settings.database).await?;
+            let query = ops::history::HistoryQuery {
+                org_id: org,
+                workspace_id: workspace,
+                product,
+                since,
+                before_sequence: before,
+                limit,
+            };
+            let rows = ops::history::page(&pool, &query).await?;
+            match format {
+                Format::Table => print!("{}", ops::history::to_table(&rows, &query)),
+                Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+            }
+        }
+        Command::Export { org, output } => {
+            let pool = ops::connect(&settings.database).await?;
+            let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let summary = ops::export::export(&pool, &org, &output, now, progress).await?;
+            println!(
+                "Wrote {}: {} pools, {} workspace rows, {} ledger entries.",
+                output.display(),
+                summary.pools,
+                summary.workspace_rows,
+                summary.ledger_entries
+            );
+        }
+        Command::Run | Command::Demo { .. } | Command::Verify { .. } => {
+            unreachable!("handled by main")
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Completes on the first SIGTERM or SIGINT.

@@ -1,0 +1,255 @@
+//! `entitlement-worker report`: an organization's pools and its workspaces' consumption,
+//! those missing entitlements first.
+
+use chrono::{DateTime, Duration, Utc};
+use futures::stream::{BoxStream, StreamExt as _};
+use serde::Serialize;
+use sqlx::PgPool;
+
+use super::cell;
+
+/// How far ahead `expiring_soon` looks.
+pub const EXPIRY_HORIZON_DAYS: i64 = 30;
+
+/// The report, as `--format json` prints it. Field names are a stable interface.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    pub org_id: String,
+    pub generated_at: DateTime<Utc>,
+    pub pools: Vec<PoolLine>,
+    pub workspaces: Vec<WorkspaceLine>,
+    pub totals: Vec<ProductTotals>,
+}
+
+/// One pool: what was granted, what left it and how, what is in it now.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PoolLine {
+    pub product: String,
+    pub granted: i64,
+    pub transferred: i64,
+    pub expired: i64,
+    /// Units in the pool now, ready to be transferred.
+    pub available: i64,
+    /// Of `available`, the units whose grant expires within 30 days.
+    pub expiring_soon: i64,
+    /// Units granted whose validity has not started yet (not in `granted`).
+    pub pending: i64,
+}
+
+/// One workspace's consumption of one product.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WorkspaceLine {
+    pub workspace_id: String,
+    pub product: String,
+    pub required: i64,
+    pub allocated: i64,
+    pub missing: i64,
+    /// When the current shortfall opened, if there is one.
+    pub missing_since: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProductTotals {
+    pub product: String,
+    pub required: i64,
+    pub allocated: i64,
+    pub missing: i64,
+    pub workspaces_missing: i64,
+}
+
+impl Report {
+    /// Reads the report of `org_id` as of `now`.
+    pub async fn load(pool: &PgPool, org_id: &str, now: DateTime<Utc>) -> anyhow::Result<Self> {
+        let known: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM organizations WHERE org_id = $1)")
+                .bind(org_id)
+                .fetch_one(pool)
+                .await?;
+        anyhow::ensure!(known, "no organization {org_id:?} is known to the worker");
+        let pools = pool_lines(pool, org_id, now).await?;
+        let workspaces: Vec<WorkspaceLine> = workspace_lines(pool, org_id)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+        let mut totals: Vec<ProductTotals> = Vec::new();
+        for line in &workspaces {
+            let index = match totals
+                .iter()
+                .position(|total| total.product == line.product)
+            {
+                Some(index) => index,
+                None => {
+                    totals.push(ProductTotals {
+                        product: line.product.clone(),
+                        required: 0,
+                        allocated: 0,
+                        missing: 0,
+                        workspaces_missing: 0,
+                    });
+                    totals.len() - 1
+                }
+            };
+            let total = &mut totals[index];
+            total.required += line.required;
+            total.allocated += line.allocated;
+            total.missing += line.missing;
+            total.workspaces_missing += i64::from(line.missing > 0);
+        }
+        totals.sort_by(|a, b| product_order(&a.product, &b.product));
+        Ok(Self {
+            org_id: org_id.to_owned(),
+            generated_at: now,
+            pools,
+            workspaces,
+            totals,
+        })
+    }
+
+    /// The report as a table that fits an 80-column terminal.
+    pub fn to_table(&self) -> String {
+        let mut out = String::new();
+        out.push_str(&format!(
+            "Entitlements of {} at {}\n\n",
+            self.org_id,
+            self.generated_at.format("%Y-%m-%d %H:%M UTC")
+        ));
+        out.push_str("POOLS\n");
+        out.push_str(&format!(
+            "{} {:>9} {:>11} {:>8} {:>9} {:>9} {:>8}\n",
+            cell("product", 18),
+            "granted",
+            "transferred",
+            "expired",
+            "available",
+            "exp. 30d",
+            "pending"
+        ));
+        for line in &self.pools {
+            out.push_str(&format!(
+                "{} {:>9} {:>11} {:>8} {:>9} {:>9} {:>8}\n",
+                cell(&line.product, 18),
+                line.granted,
+                line.transferred,
+                line.expired,
+                line.available,
+                line.expiring_soon,
+                line.pending
+            ));
+        }
+        if self.pools.is_empty() {
+            out.push_str("(no grants yet)\n");
+        }
+        out.push_str("\nWORKSPACES (missing entitlements first)\n");
+        out.push_str(&format!(
+            "  {} {} {:>9} {:>9} {:>8}\n",
+            cell("workspace", 28),
+            cell("product", 16),
+            "required",
+            "allocated",
+            "missing"
+        ));
+        for line in &self.workspaces {
+            out.push_str(&format!(
+                "{} {} {} {:>9} {:>9} {:>8}\n",
+                if line.missing > 0 { "!" } else { " " },
+                cell(&line.workspace_id, 28),
+                cell(&line.product, 16),
+                line.required,
+                line.allocated,
+                line.missing
+            ));
+        }
+        if self.workspaces.is_empty() {
+            out.push_str("  (no workspaces yet)\n");
+        }
+        out.push_str("\nTOTALS\n");
+        for total in &self.totals {
+            out.push_str(&format!(
+                "  {} required {}, allocated {}, missing {} in {} workspace(s)\n",
+                cell(&total.product, 16),
+                total.required,
+                total.allocated,
+                total.missing,
+                total.workspaces_missing
+            ));
+        }
+        out
+    }
+}
+
+/// `seat` first, then modules by name.
+fn product_order(a: &str, b: &str) -> std::cmp::Ordering {
+    (a != "seat", a).cmp(&(b != "seat", b))
+}
+
+/// The organization's pools, seat first.
+pub async fn pool_lines(
+    pool: &PgPool,
+    org_id: &str,
+    now: DateTime<Utc>,
+) -> anyhow::Result<Vec<PoolLine>> {
+    let horizon = now + Duration::days(EXPIRY_HORIZON_DAYS);
+    let rows: Vec<(String, i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT p.product, p.granted_total, p.transferred_total, p.expired_total, p.available,
+                COALESCE((SELECT sum(l.remaining) FROM lots l
+                          WHERE l.org_id = p.org_id AND l.product = p.product
+                            AND l.status = 'active' AND l.expires_at <= $2), 0)::bigint,
+                COALESCE((SELECT sum(l.remaining) FROM lots l
+                          WHERE l.org_id = p.org_id AND l.product = p.product
+                            AND l.status = 'pending'), 0)::bigint
+           FROM pools p
+          WHERE p.org_id = $1
+          ORDER BY p.product <> 'seat', p.product",
+    )
+    .bind(org_id)
+    .bind(horizon)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(product, granted, transferred, expired, available, expiring_soon, pending)| {
+                PoolLine {
+                    product,
+                    granted,
+                    transferred,
+                    expired,
+                    available,
+                    expiring_soon,
+                    pending,
+                }
+            },
+        )
+        .collect())
+}
+
+/// Every (workspace, product) of the organization, those missing entitlements first (most
+/// missing first), then by workspace and product; streamed, for large organizations.
+pub fn workspace_lines<'a>(
+    pool: &'a PgPool,
+    org_id: &'a str,
+) -> BoxStream<'a, Result<WorkspaceLine, sqlx::Error>> {
+    sqlx::query_as::<_, (String, String, i64, i64, Option<DateTime<Utc>>)>(
+        "SELECT workspace_id, product, required, allocated, shortfall_since
+           FROM consumption
+          WHERE org_id = $1
+          ORDER BY GREATEST(required - allocated, 0) DESC, workspace_id,
+                   product <> 'seat', product",
+    )
+    .bind(org_id)
+    .fetch(pool)
+    .map(|row| {
+        row.map(
+            |(workspace_id, product, required, allocated, missing_since)| WorkspaceLine {
+                workspace_id,
+                product,
+                required,
+                allocated,
+                missing: (required - allocated).max(0),
+                missing_since,
+            },
+        )
+    })
+    .boxed()
+}
