@@ -70,6 +70,13 @@ impl ConsumerContext for WorkerContext {
                 partitions = partitions.count(),
                 "Partitions are being revoked; committing the batch in hand first."
             );
+            // These partitions' lag is another instance's to report from now on.
+            for element in partitions.elements() {
+                let _ = self
+                    .metrics
+                    .consumer_lag
+                    .remove_label_values(&[element.topic(), &element.partition().to_string()]);
+            }
             if self.closing.load(Ordering::SeqCst) {
                 return;
             }
