@@ -79,13 +79,26 @@ pub async fn run(
         _ = &mut interrupted => {}
     }
     if keep_running {
-        println!("\nThe story is over; the worker keeps running until Ctrl-C.");
+        println!(
+            "\nThe story is over; the worker keeps running until Ctrl-C. In another terminal:\n\n\
+             \x20 export ENTITLEMENTS__KAFKA__BROKERS={}\n\
+             \x20 export ENTITLEMENTS__DATABASE__URL={}   # with your database.url's password\n\
+             \x20 entitlement-worker report --org acme\n\
+             \x20 entitlement-worker transfer --org acme --workspace expo-2026 --product live-stream --as u-alice --role entitlement_manager\n\
+             \x20 entitlement-worker export --org acme --output acme.xlsx\n\
+             \x20 entitlement-worker verify",
+            settings.kafka.brokers,
+            crate::settings::redact_url(&settings.database.url)
+        );
         interrupted.await;
     }
     println!("\nStopping the worker.");
     stop.cancel();
     worker.await??;
     watcher.abort();
+    // The watcher's consumer must be gone before the broker is: a consumer closing
+    // without its broker waits for it.
+    let _ = watcher.await;
     drop(cluster);
     Ok(())
 }
@@ -186,6 +199,14 @@ async fn play_story(settings: &Settings) -> anyhow::Result<()> {
             "A message that is not JSON arrives: dead-lettered, the worker goes on.",
             "",
             vec![(topics.participant_added.clone(), Value::String("this is not json".into()))],
+        ),
+        (
+            "expo-2026 enables live-stream; acme owns one unit, and it waits for you to transfer it.",
+            "",
+            vec![
+                (topics.entitlement_granted.clone(), event(json!({"org_id": "acme", "product": "live-stream", "quantity": 1, "source": {"kind": "add_on", "reference": "ADD-LIVE"}}))),
+                (topics.module_enabled.clone(), event(json!({"org_id": "acme", "workspace_id": "expo-2026", "module": "live-stream"}))),
+            ],
         ),
         (
             "acme gets a trial of 3 seats valid in a few seconds, for a few seconds: the timer credits, then expires them.",

@@ -52,6 +52,7 @@ enum Command {
     ///
     /// Example: entitlement-worker history --org acme --workspace summit-2026 --since 2026-11-01T00:00:00Z
     History {
+        /// The organization (`org_id`).
         #[arg(long)]
         org: String,
         /// Only transfers into this workspace.
@@ -76,11 +77,74 @@ enum Command {
     ///
     /// Example: entitlement-worker export --org acme --output acme.xlsx
     Export {
+        /// The organization (`org_id`).
         #[arg(long)]
         org: String,
         /// The .xlsx file to write.
         #[arg(long, value_name = "FILE.xlsx")]
         output: PathBuf,
+    },
+    /// Credits units to an organization's pool: publishes an `entitlement-granted` message
+    /// for the worker to apply.
+    ///
+    /// Example: entitlement-worker grant --org acme --product seat --quantity 50 --source-kind add_on --reference PO-1234
+    Grant {
+        /// The organization (`org_id`) whose pool receives the units.
+        #[arg(long)]
+        org: String,
+        /// `seat` or a module handle.
+        #[arg(long)]
+        product: String,
+        /// Units to credit, 1 to 1,000,000.
+        #[arg(long)]
+        quantity: i64,
+        /// When the units become available (RFC 3339); now if absent.
+        #[arg(long, value_parser = parse_time)]
+        valid_from: Option<chrono::DateTime<chrono::Utc>>,
+        /// When the units left in the pool expire (RFC 3339).
+        #[arg(long, value_parser = parse_time)]
+        expires_at: Option<chrono::DateTime<chrono::Utc>>,
+        /// plan, add_on, subscription, trial or manual.
+        #[arg(long, default_value = "manual")]
+        source_kind: String,
+        /// The order, contract or ticket behind the grant.
+        #[arg(long)]
+        reference: Option<String>,
+        /// The event id; a new one if absent. Reuse one to retry safely: the worker applies
+        /// an event id once.
+        #[arg(long)]
+        event_id: Option<String>,
+    },
+    /// Moves units from an organization's pool to a workspace by hand: publishes an
+    /// `entitlement-transfer-requested` message and waits for the worker's answer, the
+    /// ledger entry or the dead-letter reason. Exits 0 when the units moved, 1 otherwise.
+    ///
+    /// Example: entitlement-worker transfer --org acme --workspace summit-2026 --product gamification --quantity 1 --as u-alice --role entitlement_manager
+    Transfer {
+        /// The organization (`org_id`) whose pool the units leave.
+        #[arg(long)]
+        org: String,
+        /// The workspace (event) that receives them.
+        #[arg(long)]
+        workspace: String,
+        /// `seat` or a module handle.
+        #[arg(long)]
+        product: String,
+        /// Seats to move; 1 for a module.
+        #[arg(long, default_value_t = 1)]
+        quantity: i64,
+        /// The person asking (`requested_by.user_id`).
+        #[arg(long = "as", value_name = "USER")]
+        user: String,
+        /// Their role; only entitlement_manager may transfer.
+        #[arg(long)]
+        role: String,
+        /// How long to wait for the worker's answer, in seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+        /// The event id; a new one if absent. Reuse one to retry safely.
+        #[arg(long)]
+        event_id: Option<String>,
     },
     /// Replays the whole ledger and checks every invariant against the stored state;
     /// exits 1 on any mismatch. Cheap enough to run daily.
@@ -213,6 +277,90 @@ async fn ops_command(settings: &Settings, command: Command) -> anyhow::Result<Ex
                 summary.workspace_rows,
                 summary.ledger_entries
             );
+        }
+        Command::Grant {
+            org,
+            product,
+            quantity,
+            valid_from,
+            expires_at,
+            source_kind,
+            reference,
+            event_id,
+        } => {
+            let published = ops::publish::grant(
+                settings,
+                ops::publish::GrantRequest {
+                    org_id: org,
+                    product,
+                    quantity,
+                    valid_from,
+                    expires_at,
+                    source_kind,
+                    source_reference: reference,
+                    event_id,
+                },
+            )
+            .await?;
+            println!(
+                "Published grant {} to {} (partition {}, offset {}); the worker credits it \
+                 when it consumes it.",
+                published.event_id, published.topic, published.partition, published.offset
+            );
+        }
+        Command::Transfer {
+            org,
+            workspace,
+            product,
+            quantity,
+            user,
+            role,
+            timeout,
+            event_id,
+        } => {
+            let (published, outcome) = ops::publish::transfer(
+                settings,
+                ops::publish::TransferRequest {
+                    org_id: org,
+                    workspace_id: workspace,
+                    product,
+                    quantity,
+                    user_id: user,
+                    role,
+                    event_id,
+                },
+                std::time::Duration::from_secs(timeout),
+            )
+            .await?;
+            println!(
+                "Published transfer request {} to {} (partition {}, offset {}).",
+                published.event_id, published.topic, published.partition, published.offset
+            );
+            match outcome {
+                Some(ops::publish::Outcome::Transferred(entry)) => {
+                    println!(
+                        "Transferred: ledger {} #{}: {} {} -> {} by {}; {} left in the pool.",
+                        entry.org_id,
+                        entry.sequence,
+                        entry.quantity,
+                        entry.product,
+                        entry.workspace_id.as_deref().unwrap_or("?"),
+                        entry.actor.as_deref().unwrap_or("?"),
+                        entry.pool_available_after
+                    );
+                }
+                Some(ops::publish::Outcome::Refused(letter)) => {
+                    println!("Refused ({}): {}", letter.reason, letter.detail);
+                    return Ok(ExitCode::FAILURE);
+                }
+                None => {
+                    println!(
+                        "No answer from the worker within {timeout} s: is it running? The \
+                         request stays on the topic and is applied when the worker consumes it."
+                    );
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
         }
         Command::Run | Command::Demo { .. } | Command::Verify { .. } => {
             unreachable!("handled by main")

@@ -4,6 +4,7 @@
 
 pub mod export;
 pub mod history;
+pub mod publish;
 pub mod report;
 pub mod verify;
 
