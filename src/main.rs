@@ -271,11 +271,16 @@ async fn ops_command(settings: &Settings, command: Command) -> anyhow::Result<Ex
             let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
             let summary = ops::export::export(&pool, &org, &output, now, progress).await?;
             println!(
-                "Wrote {}: {} pools, {} workspace rows, {} ledger entries.",
+                "Wrote {}: {} pools, {} workspace rows, {} ledger entries{}.",
                 output.display(),
                 summary.pools,
                 summary.workspace_rows,
-                summary.ledger_entries
+                summary.ledger_entries,
+                if summary.truncated {
+                    " (cut to Excel's row limit: see the notes in the workbook)"
+                } else {
+                    ""
+                }
             );
         }
         Command::Grant {

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use futures::stream::{BoxStream, StreamExt as _};
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::cell;
@@ -59,10 +59,12 @@ pub async fn page(pool: &PgPool, query: &HistoryQuery) -> Result<Vec<LedgerRow>,
         .await
 }
 
-/// Every entry of the organization, newest first, streamed (for the export).
-pub fn all_entries<'a>(
-    pool: &'a PgPool,
+/// The newest `limit` entries of the organization, newest first, streamed (for the
+/// export).
+pub fn newest_entries<'a>(
+    connection: &'a mut PgConnection,
     org_id: &'a str,
+    limit: u64,
 ) -> BoxStream<'a, Result<LedgerRow, sqlx::Error>> {
     sqlx::query_as(SELECT_ENTRIES)
         .bind(org_id)
@@ -70,8 +72,8 @@ pub fn all_entries<'a>(
         .bind(None::<String>)
         .bind(None::<DateTime<Utc>>)
         .bind(None::<i64>)
-        .bind(i64::MAX)
-        .fetch(pool)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch(connection)
         .boxed()
 }
 

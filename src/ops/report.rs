@@ -4,7 +4,7 @@
 use chrono::{DateTime, Duration, Utc};
 use futures::stream::{BoxStream, StreamExt as _};
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use super::cell;
 
@@ -66,8 +66,9 @@ impl Report {
                 .fetch_one(pool)
                 .await?;
         anyhow::ensure!(known, "no organization {org_id:?} is known to the worker");
-        let pools = pool_lines(pool, org_id, now).await?;
-        let workspaces: Vec<WorkspaceLine> = workspace_lines(pool, org_id)
+        let mut connection = pool.acquire().await?;
+        let pools = pool_lines(&mut connection, org_id, now).await?;
+        let workspaces: Vec<WorkspaceLine> = workspace_lines(&mut connection, org_id, None)
             .collect::<Vec<_>>()
             .await
             .into_iter()
@@ -185,7 +186,7 @@ fn product_order(a: &str, b: &str) -> std::cmp::Ordering {
 
 /// The organization's pools, seat first.
 pub async fn pool_lines(
-    pool: &PgPool,
+    connection: &mut PgConnection,
     org_id: &str,
     now: DateTime<Utc>,
 ) -> anyhow::Result<Vec<PoolLine>> {
@@ -204,7 +205,7 @@ pub async fn pool_lines(
     )
     .bind(org_id)
     .bind(horizon)
-    .fetch_all(pool)
+    .fetch_all(connection)
     .await?;
     Ok(rows
         .into_iter()
@@ -224,21 +225,25 @@ pub async fn pool_lines(
         .collect())
 }
 
-/// Every (workspace, product) of the organization, those missing entitlements first (most
-/// missing first), then by workspace and product; streamed, for large organizations.
+/// The organization's (workspace, product) rows, those missing entitlements first (most
+/// missing first), then by workspace and product; the first `limit` if given; streamed,
+/// for large organizations.
 pub fn workspace_lines<'a>(
-    pool: &'a PgPool,
+    connection: &'a mut PgConnection,
     org_id: &'a str,
+    limit: Option<u64>,
 ) -> BoxStream<'a, Result<WorkspaceLine, sqlx::Error>> {
     sqlx::query_as::<_, (String, String, i64, i64, Option<DateTime<Utc>>)>(
         "SELECT workspace_id, product, required, allocated, shortfall_since
            FROM consumption
           WHERE org_id = $1
           ORDER BY GREATEST(required - allocated, 0) DESC, workspace_id,
-                   product <> 'seat', product",
+                   product <> 'seat', product
+          LIMIT $2",
     )
     .bind(org_id)
-    .fetch(pool)
+    .bind(limit.map(|limit| i64::try_from(limit).unwrap_or(i64::MAX)))
+    .fetch(connection)
     .map(|row| {
         row.map(
             |(workspace_id, product, required, allocated, missing_since)| WorkspaceLine {
