@@ -1,0 +1,3032 @@
+//! The benchmark of issue 4: throughput, its two limits, latency and state growth of the
+//! `entitlement-worker` binary against a real Kafka-protocol broker and PostgreSQL.
+//!
+//! Run it with `scripts/bench.sh [--events N] [--stored 10000,1000000] ...` (which builds
+//! the worker and this example in release first); `--help` lists every option, and
+//! docs/performance.md says what each figure means.
+//!
+//! What it does, in order:
+//!
+//! 1. starts its own `tansu` broker (memory storage, a free port, a temporary directory)
+//!    and creates the eight topics;
+//! 2. generates a seeded, realistic stream (many organizations, heavy-tailed workspace
+//!    sizes, joins and cancellations, modules, grants and refills, manual transfers) and
+//!    loads it into the broker, measuring the produce rate;
+//! 3. measures the two limits: a plain consumer reading the five input topics, and
+//!    PostgreSQL absorbing one row per participant with `COPY`;
+//! 4. runs the worker binary on a fresh database and measures end to end: from its start
+//!    until every message is applied and the outbox is empty;
+//! 5. repeats 4 with many participants already stored (`--stored`);
+//! 6. restarts the worker on the first database, caught up, and measures input -> alert
+//!    latency at a steady offered rate;
+//! 7. prints a table and writes the same figures as JSON (`--json`).
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use chrono::{DateTime, SecondsFormat, Utc};
+use clap::Parser;
+use entitlement_worker::settings::{Settings, TopicSettings};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{DeliveryResult, Message};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::ClientContext;
+use serde_json::{json, Value};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
+
+/// Modules the stream enables (any handle but `seat` is an advanced module).
+const MODULES: [&str; 4] = ["gamification", "live-stream", "networking", "analytics"];
+/// Organizations the latency phase uses: none of them ever gets a grant.
+const LATENCY_ORGS: usize = 20;
+/// Workspaces the latency phase spreads its events over, so that no batch holds two
+/// events of one workspace (the worker folds the changes of one batch into one alert).
+const LATENCY_WORKSPACES: usize = 2_000;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    about = "Benchmark of entitlement-worker (issue 4): throughput, limits, latency, state growth"
+)]
+struct Args {
+    /// Input events in the generated stream.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: usize,
+    /// Organizations in the generated stream.
+    #[arg(long, default_value_t = 200)]
+    orgs: usize,
+    /// Seed of the stream's random generator: the same seed gives the same stream.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Partitions per topic.
+    #[arg(long, default_value_t = 3)]
+    partitions: i32,
+    /// Offered rate of the latency phase, in participant-added events per second.
+    #[arg(long, default_value_t = 2000)]
+    latency_rate: u64,
+    /// Duration of the latency phase; 0 skips it.
+    #[arg(long, default_value_t = 30)]
+    latency_seconds: u64,
+    /// Participants already stored before an end-to-end run, one run per size,
+    /// comma-separated (e.g. 10000,1000000,10000000); "none" skips the state-growth runs.
+    #[arg(long, default_value = "10000,1000000")]
+    stored: String,
+    /// Where the JSON result goes.
+    #[arg(long, default_value = "target/bench/result.json")]
+    json: PathBuf,
+    /// Keep the benchmark's databases (they are dropped at the end otherwise).
+    #[arg(long)]
+    keep: bool,
+    /// The PostgreSQL server; each run gets a fresh database on it.
+    #[arg(long, default_value = "postgres://postgres:postgres@127.0.0.1:5432")]
+    database_server: String,
+    /// The worker binary (default: target/release/entitlement-worker).
+    #[arg(long)]
+    worker_bin: Option<PathBuf>,
+    /// The tansu binary (default: $TANSU, else ~/.cargo/bin/tansu, else tansu on the PATH).
+    #[arg(long)]
+    tansu: Option<PathBuf>,
+    /// Overrides batch.max_messages for the worker (default: the worker's default).
+    #[arg(long)]
+    batch_max_messages: Option<usize>,
+    /// Overrides batch.max_wait_ms for the worker (default: the worker's default).
+    #[arg(long)]
+    batch_max_wait_ms: Option<u64>,
+    /// An extra librdkafka property for the worker (KEY=VALUE, repeatable), passed in a
+    /// `--config` file as `kafka.properties`; for experiments, none by default.
+    #[arg(long = "worker-kafka-property", value_name = "KEY=VALUE")]
+    worker_kafka_properties: Vec<String>,
+    /// An extra environment variable for the worker process (KEY=VALUE, repeatable), e.g.
+    /// MALLOC_ARENA_MAX=2; for experiments, none by default.
+    #[arg(long = "worker-env", value_name = "KEY=VALUE")]
+    worker_env: Vec<String>,
+    /// Gives up on an end-to-end run after this long.
+    #[arg(long, default_value_t = 1800)]
+    run_timeout_seconds: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let sizes = parse_sizes(&args.stored)?;
+    let worker_bin = args.worker_bin.clone().unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/entitlement-worker")
+    });
+    if !worker_bin.exists() {
+        bail!(
+            "{} is missing: build it with `cargo build --release` (scripts/bench.sh does)",
+            worker_bin.display()
+        );
+    }
+    let facts = machine_facts(&args).await?;
+    println!(
+        "entitlement-worker benchmark: {} events, seed {}, stored sizes {:?}, latency {} ev/s for {} s",
+        fmt_int(args.events as u64),
+        args.seed,
+        sizes,
+        args.latency_rate,
+        args.latency_seconds
+    );
+    let mut cleanup = Cleanup {
+        server: args.database_server.clone(),
+        databases: Vec::new(),
+        keep: args.keep,
+    };
+    let outcome = bench(&args, &worker_bin, &sizes, &facts, &mut cleanup).await;
+    cleanup.finish().await;
+    let report = outcome?;
+    let text = report.text();
+    println!("\n{text}");
+    if let Some(parent) = args.json.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.json, serde_json::to_string_pretty(&report.json())?)?;
+    println!("JSON written to {}", args.json.display());
+    Ok(())
+}
+
+fn parse_sizes(text: &str) -> anyhow::Result<Vec<u64>> {
+    if text.trim().is_empty() || text.trim() == "none" {
+        return Ok(Vec::new());
+    }
+    text.split(',')
+        .map(|size| {
+            size.trim()
+                .replace('_', "")
+                .parse::<u64>()
+                .with_context(|| format!("--stored: {size:?} is not a number"))
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// The orchestration
+// ---------------------------------------------------------------------------------------
+
+struct Bench<'a> {
+    args: &'a Args,
+    worker_bin: PathBuf,
+    brokers: String,
+    /// The five input topics (the output names are set per run).
+    inputs: TopicSettings,
+    run_id: String,
+    log_dir: PathBuf,
+    tansu_pid: u32,
+    clock_ticks: f64,
+}
+
+async fn bench(
+    args: &Args,
+    worker_bin: &Path,
+    sizes: &[u64],
+    facts: &Value,
+    cleanup: &mut Cleanup,
+) -> anyhow::Result<Report> {
+    let all_started = Instant::now();
+    let run_id = format!("{:x}", Utc::now().timestamp() & 0xff_ffff);
+    let mut phases: Vec<(String, f64)> = Vec::new();
+    let mut phase = Instant::now();
+    let mut lap = |phases: &mut Vec<(String, f64)>, name: &str| {
+        phases.push((name.to_owned(), phase.elapsed().as_secs_f64()));
+        phase = Instant::now();
+    };
+    let tansu = Tansu::start(args.tansu.clone())?;
+    println!(
+        "tansu listens on {} (memory storage, directory {})",
+        tansu.brokers,
+        tansu.dir.path().display()
+    );
+    let mut inputs = Settings::load(None)?.topics;
+    for name in [
+        &mut inputs.participant_added,
+        &mut inputs.participant_cancelled,
+        &mut inputs.module_enabled,
+        &mut inputs.entitlement_granted,
+        &mut inputs.transfer_requested,
+    ] {
+        *name = format!("bench-{run_id}-{name}");
+    }
+    let log_dir = args
+        .json
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(format!("logs-{run_id}"));
+    std::fs::create_dir_all(&log_dir)?;
+    println!("worker logs go to {}", log_dir.display());
+    // A copy of the binary, so that a rebuild during the benchmark cannot mix versions.
+    let worker_copy = tansu.dir.path().join("entitlement-worker");
+    std::fs::copy(worker_bin, &worker_copy).context("copying the worker binary")?;
+    let bench = Bench {
+        args,
+        worker_bin: worker_copy,
+        brokers: tansu.brokers.clone(),
+        inputs,
+        run_id,
+        log_dir: log_dir.clone(),
+        tansu_pid: tansu.child.id(),
+        clock_ticks: clock_ticks(),
+    };
+    let main_settings = bench.run_settings("main", &format!("bench_{}_main", bench.run_id));
+    entitlement_worker::kafka::admin::create_topics(
+        &main_settings.kafka,
+        &main_settings.topics,
+        args.partitions,
+    )
+    .await
+    .context("creating the topics")?;
+    lap(&mut phases, "broker start and topics");
+
+    // The stream.
+    let started = Instant::now();
+    let base = Utc::now() - chrono::Duration::days(8);
+    let (events, stream) = generate(args.events, args.orgs, args.seed, base);
+    let generate_seconds = started.elapsed().as_secs_f64();
+    println!(
+        "generated {} events in {:.1} s: {} organizations, {} workspaces (largest {} participants)",
+        fmt_int(events.len() as u64),
+        generate_seconds,
+        stream.orgs,
+        fmt_int(stream.workspaces),
+        fmt_int(stream.largest_workspace)
+    );
+    let produced = {
+        let brokers = bench.brokers.clone();
+        let topics = bench.inputs.clone();
+        let events = Arc::new(events);
+        let for_producer = events.clone();
+        let produced =
+            tokio::task::spawn_blocking(move || produce_stream(&brokers, &topics, &for_producer))
+                .await??;
+        println!(
+            "loaded into the broker: {} messages in {:.1} s = {} msgs/s",
+            fmt_int(produced.messages),
+            produced.seconds,
+            fmt_int(produced.rate() as u64)
+        );
+        (produced, Arc::try_unwrap(events).ok().expect("one owner"))
+    };
+    let (produced, events) = produced;
+    let total = produced.messages as i64;
+    lap(&mut phases, "stream generated and loaded");
+
+    // Limit (a): a plain consumer.
+    let consumer_limit = {
+        let brokers = bench.brokers.clone();
+        let topics = bench.inputs.clone();
+        let partitions = args.partitions;
+        let target = produced.messages;
+        tokio::task::spawn_blocking(move || plain_consumer(&brokers, &topics, partitions, target))
+            .await??
+    };
+    println!(
+        "limit (a) plain consumer: {} msgs in {:.2} s = {} msgs/s",
+        fmt_int(consumer_limit.messages),
+        consumer_limit.seconds,
+        fmt_int(consumer_limit.rate() as u64)
+    );
+    lap(&mut phases, "limit (a) plain consumer");
+
+    // Limit (b): PostgreSQL COPY, in the main run's database before the worker runs.
+    cleanup
+        .databases
+        .push(database_name(&main_settings.database.url));
+    entitlement_worker::store::Store::connect(&main_settings.database)
+        .await
+        .context("creating the main database")?;
+    let copy_rows = participant_rows(&events);
+    let participant_events = events
+        .iter()
+        .filter(|event| matches!(event.kind, Kind::Added | Kind::Cancelled))
+        .count() as u64;
+    drop(events);
+    let copy_limit = copy_limit(&main_settings.database.url, &copy_rows).await?;
+    drop(copy_rows);
+    println!(
+        "limit (b) PostgreSQL COPY: {} rows in {:.2} s = {} rows/s",
+        fmt_int(copy_limit.messages),
+        copy_limit.seconds,
+        fmt_int(copy_limit.rate() as u64)
+    );
+    lap(&mut phases, "limit (b) COPY, with the database's creation");
+
+    // End to end on a fresh database.
+    let main_run = bench
+        .end_to_end("main", &main_settings, total, 0, 0.0)
+        .await?;
+    println!("{}", main_run.one_line());
+    lap(
+        &mut phases,
+        "end to end, fresh database (with the worker's stop)",
+    );
+
+    // State growth.
+    let mut growth = Vec::new();
+    for size in sizes {
+        let label = format!("s{size}");
+        let settings = bench.run_settings(&label, &format!("bench_{}_{label}", bench.run_id));
+        cleanup
+            .databases
+            .push(database_name(&settings.database.url));
+        entitlement_worker::kafka::admin::create_topics(
+            &settings.kafka,
+            &settings.topics,
+            args.partitions,
+        )
+        .await?;
+        let started = Instant::now();
+        entitlement_worker::store::Store::connect(&settings.database)
+            .await
+            .context("creating and migrating a state-growth database")?;
+        let populated = populate(&settings.database.url, *size, args.seed).await?;
+        let populate_seconds = started.elapsed().as_secs_f64();
+        lap(
+            &mut phases,
+            &format!("store {} participants", fmt_int(*size)),
+        );
+        println!(
+            "stored {} participants in {} workspaces of {} organizations in {:.1} s",
+            fmt_int(populated.participants),
+            fmt_int(populated.workspaces),
+            fmt_int(populated.orgs),
+            populate_seconds
+        );
+        let run = bench
+            .end_to_end(&label, &settings, total, *size, populate_seconds)
+            .await?;
+        println!("{}", run.one_line());
+        growth.push(run);
+        if !args.keep {
+            cleanup
+                .drop_now(&database_name(&settings.database.url))
+                .await;
+        }
+        lap(
+            &mut phases,
+            &format!("end to end, {} stored", fmt_int(*size)),
+        );
+    }
+
+    // Latency, on the main run's database, caught up.
+    let latency = if args.latency_seconds > 0 {
+        let result = bench.latency(&main_settings, total).await?;
+        println!("{}", result.one_line());
+        lap(
+            &mut phases,
+            "latency (catch-up, warm-up, sending, draining)",
+        );
+        Some(result)
+    } else {
+        None
+    };
+    drop(tansu);
+    Ok(Report {
+        args: args.clone(),
+        facts: facts.clone(),
+        stream,
+        generate_seconds,
+        produced,
+        consumer_limit,
+        copy_limit,
+        participant_events,
+        main_run,
+        growth,
+        latency,
+        phases,
+        total_seconds: all_started.elapsed().as_secs_f64(),
+    })
+}
+
+impl Bench<'_> {
+    /// Settings for one run: the shared input topics, output topics of the run's own, a
+    /// fresh consumer group, and the given database.
+    fn run_settings(&self, label: &str, database: &str) -> Settings {
+        let mut settings = Settings::load(None).expect("the defaults load");
+        settings.kafka.brokers = self.brokers.clone();
+        settings.kafka.group_id = format!(
+            "bench-{}-{label}-{:08x}",
+            self.run_id,
+            rand::random::<u32>()
+        );
+        settings.kafka.session_timeout_ms = 6000;
+        settings.database.url = format!("{}/{database}", self.args.database_server);
+        if let Some(messages) = self.args.batch_max_messages {
+            settings.batch.max_messages = messages;
+        }
+        if let Some(wait) = self.args.batch_max_wait_ms {
+            settings.batch.max_wait_ms = wait;
+        }
+        let mut topics = self.inputs.clone();
+        for name in [&mut topics.shortfalls, &mut topics.ledger, &mut topics.dlq] {
+            *name = format!("bench-{}-{label}-{name}", self.run_id);
+        }
+        settings.topics = topics;
+        settings
+    }
+
+    fn start_worker(&self, settings: &Settings, label: &str) -> anyhow::Result<WorkerProcess> {
+        let mut arguments = Vec::new();
+        if !self.args.worker_kafka_properties.is_empty() {
+            let mut toml = String::from("[kafka.properties]\n");
+            for property in &self.args.worker_kafka_properties {
+                let Some((key, value)) = property.split_once('=') else {
+                    bail!("--worker-kafka-property {property:?} is not KEY=VALUE");
+                };
+                toml.push_str(&format!("{key:?} = {value:?}\n"));
+            }
+            let path = self.log_dir.join("worker-extra.toml");
+            std::fs::write(&path, toml)?;
+            arguments = vec!["--config".to_owned(), path.to_string_lossy().into_owned()];
+        }
+        let mut extra = Vec::new();
+        for variable in &self.args.worker_env {
+            let Some((key, value)) = variable.split_once('=') else {
+                bail!("--worker-env {variable:?} is not KEY=VALUE");
+            };
+            extra.push((key.to_owned(), value.to_owned()));
+        }
+        WorkerProcess::start(
+            &self.worker_bin,
+            settings,
+            &arguments,
+            &extra,
+            &self.log_dir.join(format!("worker-{label}.log")),
+        )
+    }
+
+    /// Starts the worker binary on `settings` and measures until `total` messages are
+    /// applied and the outbox is empty.
+    async fn end_to_end(
+        &self,
+        label: &str,
+        settings: &Settings,
+        total: i64,
+        stored: u64,
+        populate_seconds: f64,
+    ) -> anyhow::Result<RunResult> {
+        let pool = monitor_pool(&settings.database.url).await?;
+        let mut worker = self.start_worker(settings, label)?;
+        let pid = worker.child.id();
+        let started = worker.started;
+        let deadline = Duration::from_secs(self.args.run_timeout_seconds);
+        let mut healthy_at = None;
+        let mut progress_at = None;
+        let mut applied_at = None;
+        let mut timeline = Vec::new();
+        let meter_stop = Arc::new(AtomicBool::new(false));
+        let meter = meter_in_background(
+            CpuMeter::new(pid, self.tansu_pid, self.clock_ticks),
+            meter_stop.clone(),
+        );
+        let wal_start = wal_bytes(&pool).await;
+        let checkpoints_start = checkpoints(&pool).await;
+        let mut next_sample = started + Duration::from_secs(1);
+        let done_at = loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if let Some(status) = worker.child.try_wait()? {
+                bail!(
+                    "the worker exited with {status} during run {label}; log {}:\n{}",
+                    worker.log.display(),
+                    worker.tail_of_log()
+                );
+            }
+            if started.elapsed() > deadline {
+                bail!(
+                    "run {label}: not done after {deadline:?} (applied {} of {total}); log {}:\n{}",
+                    applied(&pool).await,
+                    worker.log.display(),
+                    worker.tail_of_log()
+                );
+            }
+            let now = Instant::now();
+            if healthy_at.is_none()
+                && http_get(&worker.metrics_address, "/healthz")
+                    .is_some_and(|(code, _)| code == 200)
+            {
+                healthy_at = Some(now - started);
+            }
+            let count = applied(&pool).await;
+            if progress_at.is_none() && count > 0 {
+                progress_at = Some(now - started);
+            }
+            if applied_at.is_none() && count >= total {
+                applied_at = Some(now - started);
+            }
+            let sample_due = now >= next_sample;
+            let backlog = if sample_due || count >= total {
+                Some(outbox_backlog(&pool).await)
+            } else {
+                None
+            };
+            if sample_due {
+                next_sample += Duration::from_secs(1);
+                let metrics = http_get(&worker.metrics_address, "/metrics")
+                    .map(|(_, body)| MetricsSummary::parse(&body))
+                    .unwrap_or_default();
+                timeline.push(Sample {
+                    seconds: (now - started).as_secs_f64(),
+                    applied: count,
+                    outbox: backlog.unwrap_or(-1),
+                    rss_kib: proc_status_kib(pid, "VmRSS").unwrap_or(0),
+                    batches: metrics.batches,
+                    commit_seconds: metrics.commit_seconds_sum,
+                });
+            }
+            if count >= total && backlog == Some(0) {
+                break now - started;
+            }
+        };
+        meter_stop.store(true, Ordering::SeqCst);
+        let cpu = meter.await?;
+        let peak_rss_kib = proc_status_kib(pid, "VmHWM").unwrap_or(0);
+        let metrics = http_get(&worker.metrics_address, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        let wal = wal_bytes(&pool).await - wal_start;
+        let checkpoints = checkpoints(&pool).await - checkpoints_start;
+        let (exit, stop_seconds) = worker.terminate(Duration::from_secs(60));
+        let log = scan_log(&worker.log);
+        // After the worker's sessions ended, so that their statistics are all flushed.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let tables = table_statistics(&pool).await;
+        pool.close().await;
+        Ok(RunResult {
+            label: label.to_owned(),
+            stored,
+            populate_seconds,
+            events: total as u64,
+            seconds: done_at.as_secs_f64(),
+            healthy_seconds: healthy_at.map(|at| at.as_secs_f64()),
+            first_progress_seconds: progress_at.map(|at| at.as_secs_f64()),
+            applied_seconds: applied_at.map(|at| at.as_secs_f64()),
+            peak_rss_kib,
+            timeline,
+            cpu,
+            metrics: MetricsSummary::parse(&metrics),
+            exit,
+            stop_seconds,
+            log,
+            wal_bytes: wal,
+            checkpoints,
+            tables,
+        })
+    }
+
+    /// Input -> alert latency at a steady offered rate, with the worker caught up on the
+    /// main run's database.
+    async fn latency(&self, main: &Settings, main_total: i64) -> anyhow::Result<LatencyResult> {
+        let mut settings = main.clone();
+        settings.kafka.group_id = format!("{}-latency", main.kafka.group_id);
+        let pool = monitor_pool(&settings.database.url).await?;
+        let mut worker = self.start_worker(&settings, "latency")?;
+        let pid = worker.child.id();
+        let wait = Duration::from_secs(300);
+        let caught_up = wait_until(&pool, &worker, main_total, wait).await?;
+        println!("latency: the worker is caught up after {caught_up:.1} s");
+
+        // Warm-up: every workspace of the latency phase is claimed and short by one.
+        let rate = self.args.latency_rate.max(1);
+        let count = (rate * self.args.latency_seconds) as usize;
+        let workspaces = LATENCY_WORKSPACES.min(count).max(1);
+        let warmup: Vec<(String, String, String)> = (0..workspaces)
+            .map(|w| {
+                let org = format!("lat-org-{:02}", w % LATENCY_ORGS);
+                let payload = added_json(
+                    &format!("latw-{w:06}"),
+                    &now_rfc3339(),
+                    &org,
+                    &format!("lat-ws-{w:05}"),
+                    "wp-0",
+                );
+                (self.inputs.participant_added.clone(), org, payload)
+            })
+            .collect();
+        {
+            let brokers = self.brokers.clone();
+            tokio::task::spawn_blocking(move || produce_simple(&brokers, &warmup)).await??;
+        }
+        wait_until(&pool, &worker, main_total + workspaces as i64, wait).await?;
+
+        // The reader reads the shortfall topic from its beginning (tansu's memory storage
+        // reports wrong watermarks, so "the end" cannot be asked for) and is caught up
+        // before anything is produced; alerts not caused by a "lat-" event are skipped.
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader_count = Arc::new(AtomicU64::new(0));
+        let reader = {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &self.brokers)
+                .set("group.id", format!("bench-{}-alerts", self.run_id))
+                .set("enable.auto.commit", "false")
+                .set("fetch.wait.max.ms", "10")
+                .create()?;
+            let topic = settings.topics.shortfalls.clone();
+            let mut assignment = TopicPartitionList::new();
+            for partition in 0..self.args.partitions {
+                assignment.add_partition_offset(&topic, partition, Offset::Beginning)?;
+            }
+            consumer.assign(&assignment)?;
+            let stop = stop.clone();
+            let count = reader_count.clone();
+            std::thread::spawn(move || {
+                let mut read = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    let Some(Ok(message)) = consumer.poll(Duration::from_millis(20)) else {
+                        continue;
+                    };
+                    let at = Instant::now();
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let cause = message
+                        .payload()
+                        .and_then(|payload| serde_json::from_slice::<Value>(payload).ok())
+                        .and_then(|alert| alert["caused_by"].as_str().map(str::to_owned));
+                    if let Some(index) = cause
+                        .as_deref()
+                        .and_then(|cause| cause.strip_prefix("lat-"))
+                        .and_then(|index| index.parse::<usize>().ok())
+                    {
+                        read.push((index, at));
+                    }
+                }
+                read
+            })
+        };
+        // Caught up: nothing new read for 2 s.
+        let mut last = (u64::MAX, Instant::now());
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = reader_count.load(Ordering::SeqCst);
+            if now != last.0 {
+                last = (now, Instant::now());
+            } else if last.1.elapsed() >= Duration::from_secs(2) {
+                break;
+            }
+        }
+        let alerts_before = reader_count.load(Ordering::SeqCst);
+        println!("latency: the alert reader is caught up ({alerts_before} earlier alerts skipped)");
+
+        let checkpoints_start = checkpoints(&pool).await;
+        let meter_stop = Arc::new(AtomicBool::new(false));
+        let meter = meter_in_background(
+            CpuMeter::new(pid, self.tansu_pid, self.clock_ticks),
+            meter_stop.clone(),
+        );
+        let paced = {
+            let brokers = self.brokers.clone();
+            let topic = self.inputs.participant_added.clone();
+            tokio::task::spawn_blocking(move || {
+                produce_paced(&brokers, &topic, rate, count, workspaces)
+            })
+            .await??
+        };
+        let expected = main_total + workspaces as i64 + count as i64;
+        let drained = wait_until(&pool, &worker, expected, wait).await?;
+        meter_stop.store(true, Ordering::SeqCst);
+        let cpu = meter.await?;
+        let checkpoints = checkpoints(&pool).await - checkpoints_start;
+        // Alerts published at the end may still be on their way to the reader.
+        let settle = Instant::now();
+        while settle.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        stop.store(true, Ordering::SeqCst);
+        let read = reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("the reader panicked"))?;
+        let alerts_read = reader_count.load(Ordering::SeqCst) - alerts_before;
+        let peak_rss_kib = proc_status_kib(pid, "VmHWM").unwrap_or(0);
+        let metrics = http_get(&worker.metrics_address, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        let (exit, _) = worker.terminate(Duration::from_secs(60));
+        let log = scan_log(&worker.log);
+        pool.close().await;
+
+        let mut seen = vec![false; count];
+        let mut latencies: Vec<f64> = Vec::with_capacity(count);
+        // Per second of sending: the latencies of the inputs sent in that second.
+        let mut by_second: Vec<Vec<f64>> = vec![Vec::new(); self.args.latency_seconds as usize + 1];
+        for (index, at) in read {
+            if index < count && !seen[index] {
+                seen[index] = true;
+                let latency = at.duration_since(paced.sent[index]).as_secs_f64() * 1000.0;
+                latencies.push(latency);
+                let second = paced.sent[index].duration_since(paced.started).as_secs() as usize;
+                if let Some(bucket) = by_second.get_mut(second) {
+                    bucket.push(latency);
+                }
+            }
+        }
+        latencies.sort_by(f64::total_cmp);
+        let per_second: Vec<(f64, f64)> = by_second
+            .iter_mut()
+            .filter(|bucket| !bucket.is_empty())
+            .map(|bucket| {
+                bucket.sort_by(f64::total_cmp);
+                (percentile(bucket, 0.5), percentile(bucket, 1.0))
+            })
+            .collect();
+        Ok(LatencyResult {
+            offered_rate: rate,
+            produced: count as u64,
+            produce_seconds: paced.seconds,
+            warmup_workspaces: workspaces as u64,
+            matched: latencies.len() as u64,
+            alerts_read,
+            per_second,
+            checkpoints,
+            p50_ms: percentile(&latencies, 0.50),
+            p99_ms: percentile(&latencies, 0.99),
+            p999_ms: percentile(&latencies, 0.999),
+            max_ms: latencies.last().copied().unwrap_or(f64::NAN),
+            mean_ms: latencies.iter().sum::<f64>() / latencies.len().max(1) as f64,
+            drained_seconds: drained,
+            peak_rss_kib,
+            cpu,
+            metrics: MetricsSummary::parse(&metrics),
+            exit,
+            log,
+        })
+    }
+}
+
+/// Waits until `total` messages are applied and the outbox is empty; returns the seconds.
+async fn wait_until(
+    pool: &PgPool,
+    worker: &WorkerProcess,
+    total: i64,
+    limit: Duration,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    loop {
+        if applied(pool).await >= total && outbox_backlog(pool).await == 0 {
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        if started.elapsed() > limit {
+            bail!(
+                "not caught up after {limit:?} (applied {} of {total}); log {}:\n{}",
+                applied(pool).await,
+                worker.log.display(),
+                worker.tail_of_log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn monitor_pool(url: &str) -> anyhow::Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(2)
+        .connect(url)
+        .await
+        .with_context(|| format!("connecting to {}", redact(url)))
+}
+
+/// Messages the worker applied: the sum of the next offsets it stored.
+async fn applied(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT COALESCE(sum(next_offset), 0)::bigint FROM consumer_offsets")
+        .fetch_one(pool)
+        .await
+        .unwrap_or(0)
+}
+
+async fn outbox_backlog(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(pool)
+        .await
+        .unwrap_or(-1)
+}
+
+fn percentile(sorted: &[f64], quantile: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (quantile * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+// ---------------------------------------------------------------------------------------
+// The stream
+// ---------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Added,
+    Cancelled,
+    Module,
+    Grant,
+    Transfer,
+}
+
+fn topic_of(topics: &TopicSettings, kind: Kind) -> &str {
+    match kind {
+        Kind::Added => &topics.participant_added,
+        Kind::Cancelled => &topics.participant_cancelled,
+        Kind::Module => &topics.module_enabled,
+        Kind::Grant => &topics.entitlement_granted,
+        Kind::Transfer => &topics.transfer_requested,
+    }
+}
+
+struct Event {
+    /// Milliseconds after the stream's start at which the platform produces it.
+    produce_at: i64,
+    kind: Kind,
+    org: u16,
+    payload: String,
+}
+
+#[derive(Default, Clone)]
+struct StreamStats {
+    orgs: usize,
+    workspaces: u64,
+    largest_workspace: u64,
+    huge_workspaces: Vec<u64>,
+    median_workspace: u64,
+    added: u64,
+    cancelled: u64,
+    cancelled_activated: u64,
+    modules: u64,
+    grants: u64,
+    refills: u64,
+    transfers: u64,
+    transfers_by_viewers: u64,
+    orgs_ample: usize,
+    orgs_refilled: usize,
+    orgs_short: usize,
+    mean_bytes: f64,
+    late_events: u64,
+}
+
+fn uuid(rng: &mut StdRng) -> String {
+    uuid::Uuid::from_u128(rng.random::<u128>()).to_string()
+}
+
+fn rfc3339(base: DateTime<Utc>, offset_ms: i64) -> String {
+    (base + chrono::Duration::milliseconds(offset_ms)).to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn now_rfc3339() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn added_json(id: &str, at: &str, org: &str, workspace: &str, participant: &str) -> String {
+    format!(
+        r#"{{"event_id":"{id}","occurred_at":"{at}","org_id":"{org}","workspace_id":"{workspace}","participant_id":"{participant}"}}"#
+    )
+}
+
+/// Pareto(`minimum`, `alpha`): heavy-tailed sizes.
+fn pareto(rng: &mut StdRng, minimum: f64, alpha: f64) -> f64 {
+    let uniform: f64 = rng.random_range(f64::EPSILON..1.0);
+    minimum / uniform.powf(1.0 / alpha)
+}
+
+/// A seeded stream of about `count` events (exactly `count` when enough were generated):
+/// organizations of Zipf-like weights, workspaces of heavy-tailed sizes (a few huge ones),
+/// participants joining and cancelling over a week, modules, grants with refills, a few
+/// manual transfers; produced in time order with a small jitter and 1% arriving late.
+fn generate(
+    count: usize,
+    orgs: usize,
+    seed: u64,
+    base: DateTime<Utc>,
+) -> (Vec<Event>, StreamStats) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let orgs = orgs.clamp(1, 999);
+    let span: i64 = 7 * 24 * 3_600_000;
+    let scale = (count as f64 / 1_000_000.0).min(1.0);
+    let weights: Vec<f64> = (0..orgs)
+        .map(|rank| 1.0 / ((rank + 1) as f64).powf(0.7))
+        .collect();
+    let total_weight: f64 = weights.iter().sum();
+    let cumulative: Vec<f64> = weights
+        .iter()
+        .scan(0.0, |sum, weight| {
+            *sum += weight;
+            Some(*sum)
+        })
+        .collect();
+    let pick_org = |rng: &mut StdRng| -> usize {
+        let point = rng.random::<f64>() * total_weight;
+        cumulative
+            .partition_point(|edge| *edge < point)
+            .min(orgs - 1)
+    };
+    let org_name = |org: usize| format!("org-{org:03}");
+
+    let mut events: Vec<Event> = Vec::with_capacity(count + count / 10);
+    let mut stats = StreamStats {
+        orgs,
+        ..StreamStats::default()
+    };
+    // Per organization: counted participants and enabled modules, for the grants.
+    let mut seat_demand = vec![0_i64; orgs];
+    let mut module_demand: Vec<HashMap<&str, i64>> = vec![HashMap::new(); orgs];
+    let mut sizes = Vec::new();
+    let huge = ((4.0 * scale).round() as usize).max(1);
+    let target = count + count / 33;
+    let push = |events: &mut Vec<Event>, rng: &mut StdRng, at: i64, kind, org: usize, payload| {
+        let late = rng.random_bool(0.01);
+        let delay = if late {
+            rng.random_range(0..600_000)
+        } else {
+            rng.random_range(0..2_000)
+        };
+        events.push(Event {
+            produce_at: at + delay,
+            kind,
+            org: org as u16,
+            payload,
+        });
+        late
+    };
+    let mut workspace = 0_u64;
+    while events.len() < target {
+        let org = pick_org(&mut rng);
+        let is_huge = (workspace as usize) < huge;
+        let size = if is_huge {
+            (rng.random_range(20_000.0..60_000.0) * scale).round() as u64
+        } else {
+            (pareto(&mut rng, 8.0, 1.15).min(8_000.0 * scale.max(0.1))).round() as u64
+        }
+        .max(1);
+        if is_huge {
+            stats.huge_workspaces.push(size);
+        }
+        sizes.push(size);
+        let ws = format!("ws-{org:03}-{workspace:06}");
+        workspace += 1;
+        let on = org_name(org);
+        let start = rng.random_range(0..span * 8 / 10);
+        let length = if is_huge {
+            rng.random_range(72 * 3_600_000..120 * 3_600_000)
+        } else {
+            rng.random_range(2 * 3_600_000..48 * 3_600_000)
+        };
+        let end = (start + length).min(span);
+        for p in 0..size {
+            let joined = start + (rng.random::<f64>() * (end - start) as f64 * 0.9) as i64;
+            let participant = format!("p-{p:06}");
+            let payload = added_json(
+                &uuid(&mut rng),
+                &rfc3339(base, joined),
+                &on,
+                &ws,
+                &participant,
+            );
+            stats.late_events +=
+                push(&mut events, &mut rng, joined, Kind::Added, org, payload) as u64;
+            stats.added += 1;
+            let mut counted = true;
+            if rng.random_bool(0.14) {
+                let at = joined + 1 + (rng.random::<f64>() * (end - joined) as f64) as i64;
+                let activated = rng.random_bool(0.5);
+                counted = activated;
+                let payload = format!(
+                    r#"{{"event_id":"{}","occurred_at":"{}","org_id":"{on}","workspace_id":"{ws}","participant_id":"{participant}","activated":{activated}}}"#,
+                    uuid(&mut rng),
+                    rfc3339(base, at)
+                );
+                stats.late_events +=
+                    push(&mut events, &mut rng, at, Kind::Cancelled, org, payload) as u64;
+                stats.cancelled += 1;
+                stats.cancelled_activated += activated as u64;
+            }
+            seat_demand[org] += counted as i64;
+        }
+        if rng.random_bool(0.3) {
+            let how_many = if rng.random_bool(0.7) { 1 } else { 2 };
+            let first = rng.random_range(0..MODULES.len());
+            for m in 0..how_many {
+                let module = MODULES[(first + m) % MODULES.len()];
+                let at = start + rng.random_range(0..3_600_000);
+                let payload = format!(
+                    r#"{{"event_id":"{}","occurred_at":"{}","org_id":"{on}","workspace_id":"{ws}","module":"{module}"}}"#,
+                    uuid(&mut rng),
+                    rfc3339(base, at)
+                );
+                stats.late_events +=
+                    push(&mut events, &mut rng, at, Kind::Module, org, payload) as u64;
+                stats.modules += 1;
+                *module_demand[org].entry(module).or_default() += 1;
+                if rng.random_bool(0.05) {
+                    let viewer = rng.random_bool(0.15);
+                    let role = if viewer {
+                        "viewer"
+                    } else {
+                        "entitlement_manager"
+                    };
+                    let at = at + rng.random_range(600_000..7_200_000);
+                    let payload = transfer_json(
+                        &uuid(&mut rng),
+                        &rfc3339(base, at),
+                        &on,
+                        &ws,
+                        module,
+                        1,
+                        &format!("u-{org:03}-{}", rng.random_range(0..5)),
+                        role,
+                    );
+                    stats.late_events +=
+                        push(&mut events, &mut rng, at, Kind::Transfer, org, payload) as u64;
+                    stats.transfers += 1;
+                    stats.transfers_by_viewers += viewer as u64;
+                }
+            }
+        }
+        if rng.random_bool(0.002) {
+            let at = start + rng.random_range(0..(end - start).max(1));
+            let quantity = rng.random_range(5..=20);
+            let payload = transfer_json(
+                &uuid(&mut rng),
+                &rfc3339(base, at),
+                &on,
+                &ws,
+                "seat",
+                quantity,
+                &format!("u-{org:03}-0"),
+                "entitlement_manager",
+            );
+            stats.late_events +=
+                push(&mut events, &mut rng, at, Kind::Transfer, org, payload) as u64;
+            stats.transfers += 1;
+        }
+    }
+    stats.workspaces = workspace;
+
+    // Grants: most organizations hold enough; some run short and are refilled during the
+    // stream; a few stay short.
+    for org in 0..orgs {
+        let on = org_name(org);
+        let demand = seat_demand[org];
+        let roll: f64 = rng.random();
+        let (class, initial, refills): (usize, f64, Vec<(f64, f64)>) = if roll < 0.65 {
+            (0, 1.15, vec![])
+        } else if roll < 0.90 {
+            (1, 0.5, vec![(0.3, 0.22), (0.5, 0.22), (0.7, 0.22)])
+        } else {
+            (2, 0.3, vec![(0.6, 0.2)])
+        };
+        match class {
+            0 => stats.orgs_ample += 1,
+            1 => stats.orgs_refilled += 1,
+            _ => stats.orgs_short += 1,
+        }
+        let grant = |events: &mut Vec<Event>,
+                     rng: &mut StdRng,
+                     at: i64,
+                     product: &str,
+                     quantity: i64,
+                     kind: &str,
+                     expires: Option<i64>| {
+            let mut left = quantity;
+            while left > 0 {
+                let piece = left.min(1_000_000);
+                left -= piece;
+                let expires = expires
+                    .map(|at| format!(r#","expires_at":"{}""#, rfc3339(base, at)))
+                    .unwrap_or_default();
+                let payload = format!(
+                    r#"{{"event_id":"{}","occurred_at":"{}","org_id":"{on}","product":"{product}","quantity":{piece}{expires},"source":{{"kind":"{kind}","reference":"ref-{}"}}}}"#,
+                    uuid(rng),
+                    rfc3339(base, at),
+                    rng.random_range(10_000..99_999)
+                );
+                push(events, rng, at, Kind::Grant, org, payload);
+            }
+        };
+        let first = (demand as f64 * initial).ceil() as i64 + 10;
+        let at = rng.random_range(0..60_000);
+        grant(&mut events, &mut rng, at, "seat", first, "plan", None);
+        stats.grants += 1;
+        for (when, share) in refills {
+            let quantity = (demand as f64 * share).ceil() as i64 + 1;
+            let kind = if rng.random_bool(0.5) {
+                "add_on"
+            } else {
+                "subscription"
+            };
+            grant(
+                &mut events,
+                &mut rng,
+                (span as f64 * when) as i64,
+                "seat",
+                quantity,
+                kind,
+                None,
+            );
+            stats.grants += 1;
+            stats.refills += 1;
+        }
+        if rng.random_bool(0.2) {
+            // A trial that expires well after the benchmark.
+            let at = rng.random_range(0..span / 2);
+            grant(
+                &mut events,
+                &mut rng,
+                at,
+                "seat",
+                50,
+                "trial",
+                Some(span + 30 * 24 * 3_600_000),
+            );
+            stats.grants += 1;
+        }
+        let mut modules: Vec<(&str, i64)> =
+            module_demand[org].iter().map(|(m, n)| (*m, *n)).collect();
+        modules.sort();
+        for (module, enabled) in modules {
+            let quantity = match class {
+                0 => enabled,
+                1 => (enabled as f64 * 0.6).ceil() as i64,
+                _ => 0,
+            };
+            if quantity > 0 {
+                let at = rng.random_range(0..60_000);
+                grant(&mut events, &mut rng, at, module, quantity, "add_on", None);
+                stats.grants += 1;
+            }
+        }
+    }
+    events.sort_by_key(|event| event.produce_at);
+    events.truncate(count);
+    // The counts above are of what was generated; recount what is kept.
+    let mut kept = [0_u64; 5];
+    let mut bytes = 0_u64;
+    for event in &events {
+        kept[event.kind as usize] += 1;
+        bytes += event.payload.len() as u64;
+    }
+    stats.added = kept[Kind::Added as usize];
+    stats.cancelled = kept[Kind::Cancelled as usize];
+    stats.modules = kept[Kind::Module as usize];
+    stats.grants = kept[Kind::Grant as usize];
+    stats.transfers = kept[Kind::Transfer as usize];
+    stats.mean_bytes = bytes as f64 / events.len().max(1) as f64;
+    sizes.sort_unstable();
+    stats.largest_workspace = sizes.last().copied().unwrap_or(0);
+    stats.median_workspace = sizes.get(sizes.len() / 2).copied().unwrap_or(0);
+    (events, stats)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn transfer_json(
+    id: &str,
+    at: &str,
+    org: &str,
+    ws: &str,
+    product: &str,
+    quantity: i64,
+    user: &str,
+    role: &str,
+) -> String {
+    format!(
+        r#"{{"event_id":"{id}","occurred_at":"{at}","org_id":"{org}","workspace_id":"{ws}","product":"{product}","quantity":{quantity},"requested_by":{{"user_id":"{user}","role":"{role}"}}}}"#
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Kafka: loading the stream, the plain consumer, paced production
+// ---------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct Deliveries {
+    delivered: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => self.delivered.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.failed.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+fn producer(brokers: &str, linger_ms: &str) -> anyhow::Result<BaseProducer<Deliveries>> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", linger_ms)
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("queue.buffering.max.kbytes", "1048576")
+        .create_with_context(Deliveries::default())?)
+}
+
+/// Sends one record, waiting for room in the local queue when it is full.
+fn send(
+    producer: &BaseProducer<Deliveries>,
+    topic: &str,
+    key: &str,
+    payload: &str,
+) -> anyhow::Result<()> {
+    loop {
+        match producer.send(BaseRecord::to(topic).key(key).payload(payload)) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                producer.poll(Duration::from_millis(5));
+            }
+            Err((error, _)) => bail!("could not produce to {topic}: {error}"),
+        }
+    }
+}
+
+fn finish(producer: &BaseProducer<Deliveries>, sent: u64) -> anyhow::Result<()> {
+    producer.flush(Duration::from_secs(300))?;
+    let context = producer.context();
+    let (delivered, failed) = (
+        context.delivered.load(Ordering::SeqCst),
+        context.failed.load(Ordering::SeqCst),
+    );
+    if failed > 0 || delivered != sent {
+        bail!("{failed} messages failed, {delivered} of {sent} delivered");
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+struct Rate {
+    messages: u64,
+    seconds: f64,
+    /// What should have been read or written, where that is known independently.
+    expected: u64,
+}
+
+impl Rate {
+    fn rate(&self) -> f64 {
+        self.messages as f64 / self.seconds.max(1e-9)
+    }
+}
+
+fn produce_stream(brokers: &str, topics: &TopicSettings, events: &[Event]) -> anyhow::Result<Rate> {
+    let producer = producer(brokers, "20")?;
+    let keys: Vec<String> = (0..1000).map(|org| format!("org-{org:03}")).collect();
+    let started = Instant::now();
+    for (index, event) in events.iter().enumerate() {
+        send(
+            &producer,
+            topic_of(topics, event.kind),
+            &keys[event.org as usize],
+            &event.payload,
+        )?;
+        if index % 1000 == 0 {
+            producer.poll(Duration::ZERO);
+        }
+    }
+    finish(&producer, events.len() as u64)?;
+    Ok(Rate {
+        messages: events.len() as u64,
+        seconds: started.elapsed().as_secs_f64(),
+        expected: events.len() as u64,
+    })
+}
+
+/// (topic, key, payload) triples, produced and flushed.
+fn produce_simple(brokers: &str, records: &[(String, String, String)]) -> anyhow::Result<()> {
+    let producer = producer(brokers, "5")?;
+    for (topic, key, payload) in records {
+        send(&producer, topic, key, payload)?;
+    }
+    finish(&producer, records.len() as u64)
+}
+
+struct Paced {
+    started: Instant,
+    sent: Vec<Instant>,
+    seconds: f64,
+}
+
+/// Produces `count` participant-added events at `rate` per second, each into the next of
+/// `workspaces` workspaces of organizations without a pool, and notes when each was sent.
+fn produce_paced(
+    brokers: &str,
+    topic: &str,
+    rate: u64,
+    count: usize,
+    workspaces: usize,
+) -> anyhow::Result<Paced> {
+    let producer = producer(brokers, "1")?;
+    let mut sent = Vec::with_capacity(count);
+    let started = Instant::now();
+    for index in 0..count {
+        let due = started + Duration::from_secs_f64(index as f64 / rate as f64);
+        let now = Instant::now();
+        if due > now {
+            producer.poll(Duration::ZERO);
+            std::thread::sleep(due - now);
+        }
+        let w = index % workspaces;
+        let org = format!("lat-org-{:02}", w % LATENCY_ORGS);
+        let payload = added_json(
+            &format!("lat-{index:09}"),
+            &now_rfc3339(),
+            &org,
+            &format!("lat-ws-{w:05}"),
+            &format!("lp-{index:09}"),
+        );
+        sent.push(Instant::now());
+        send(&producer, topic, &org, &payload)?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    finish(&producer, count as u64)?;
+    Ok(Paced {
+        started,
+        sent,
+        seconds,
+    })
+}
+
+/// Limit (a): a plain consumer reading the five input topics from the beginning until it
+/// has read the `target` messages produced, doing nothing with them.
+fn plain_consumer(
+    brokers: &str,
+    topics: &TopicSettings,
+    partitions: i32,
+    target: u64,
+) -> anyhow::Result<Rate> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set(
+            "group.id",
+            format!("bench-plain-{:08x}", rand::random::<u32>()),
+        )
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut assignment = TopicPartitionList::new();
+    for (_, topic) in topics.inputs() {
+        for partition in 0..partitions {
+            assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
+        }
+    }
+    let watermarks = |consumer: &BaseConsumer| -> anyhow::Result<(i64, Vec<String>)> {
+        let mut total = 0;
+        let mut each = Vec::new();
+        for (_, topic) in topics.inputs() {
+            for partition in 0..partitions {
+                let (low, high) =
+                    consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
+                total += high - low;
+                each.push(format!("{topic}[{partition}] {low}..{high}"));
+            }
+        }
+        Ok((total, each))
+    };
+    let (before, _) = watermarks(&consumer)?;
+    let started = Instant::now();
+    consumer.assign(&assignment)?;
+    let mut messages = 0_u64;
+    let mut bytes = 0_u64;
+    let mut read: HashMap<(String, i32), (i64, i64)> = HashMap::new();
+    while messages < target {
+        if started.elapsed() > Duration::from_secs(1800) {
+            bail!("the plain consumer read {messages} of {target} messages in 30 minutes");
+        }
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = message?;
+        messages += 1;
+        bytes += message.payload_len() as u64;
+        let last = read
+            .entry((message.topic().to_owned(), message.partition()))
+            .or_insert((0_i64, -1_i64));
+        last.0 += 1;
+        last.1 = message.offset();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    std::hint::black_box(bytes);
+    let (after, each) = watermarks(&consumer)?;
+    if before != target as i64 || after != target as i64 {
+        let mut read: Vec<String> = read
+            .iter()
+            .map(|((topic, partition), (count, last))| {
+                format!("{topic}[{partition}] {count} read, last offset {last}")
+            })
+            .collect();
+        read.sort();
+        eprintln!(
+            "note: the input partitions' watermarks summed to {before} right after the stream was \
+             flushed and to {after} after it was read; {target} messages were produced and read.\n  \
+             watermarks (low..high): {each:?}\n  read: {read:?}"
+        );
+    }
+    Ok(Rate {
+        messages,
+        seconds,
+        expected: before.max(0) as u64,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// PostgreSQL: the COPY limit and the stored participants
+// ---------------------------------------------------------------------------------------
+
+/// One text-format COPY row per participant: the state its participant events leave,
+/// the last one in produce order winning (a table with a primary key takes each key once).
+fn participant_rows(events: &[Event]) -> Vec<u8> {
+    let mut latest: HashMap<(String, String), (String, String, bool)> = HashMap::new();
+    for event in events {
+        if !matches!(event.kind, Kind::Added | Kind::Cancelled) {
+            continue;
+        }
+        let value: Value = serde_json::from_str(&event.payload).expect("generated JSON");
+        let text = |field: &str| value[field].as_str().unwrap_or_default().to_owned();
+        let counted = value["activated"].as_bool().unwrap_or(true);
+        latest.insert(
+            (text("workspace_id"), text("participant_id")),
+            (text("occurred_at"), text("event_id"), counted),
+        );
+    }
+    let mut rows = Vec::with_capacity(latest.len() * 100);
+    for ((workspace, participant), (at, id, counted)) in latest {
+        let counted = if counted { 't' } else { 'f' };
+        writeln!(rows, "{workspace}\t{participant}\t{at}\t{id}\t{counted}").expect("in memory");
+    }
+    rows
+}
+
+/// Limit (b): `COPY` of one row per participant into a scratch table shaped like
+/// `participants` (same columns, same primary key).
+async fn copy_limit(url: &str, rows: &[u8]) -> anyhow::Result<Rate> {
+    let mut connection = PgConnection::connect(url).await?;
+    sqlx::raw_sql(
+        "DROP TABLE IF EXISTS bench_copy_participants;
+         CREATE TABLE bench_copy_participants (
+             workspace_id   text NOT NULL,
+             participant_id text NOT NULL,
+             last_event_at  timestamptz NOT NULL,
+             last_event_id  text NOT NULL,
+             counted        boolean NOT NULL,
+             PRIMARY KEY (workspace_id, participant_id))",
+    )
+    .execute(&mut connection)
+    .await?;
+    let started = Instant::now();
+    let mut copy = connection
+        .copy_in_raw("COPY bench_copy_participants FROM STDIN")
+        .await?;
+    // COPY data may be cut anywhere: message boundaries need not be row boundaries.
+    for chunk in rows.chunks(1 << 20) {
+        copy.send(chunk).await?;
+    }
+    let copied = copy.finish().await?;
+    let seconds = started.elapsed().as_secs_f64();
+    sqlx::raw_sql("DROP TABLE bench_copy_participants")
+        .execute(&mut connection)
+        .await?;
+    connection.close().await?;
+    Ok(Rate {
+        messages: copied,
+        seconds,
+        expected: (rows.iter().filter(|byte| **byte == b'\n').count()) as u64,
+    })
+}
+
+struct Populated {
+    orgs: u64,
+    workspaces: u64,
+    participants: u64,
+}
+
+/// Stores `participants` participants (90% counted) in workspaces of heavy-tailed sizes
+/// belonging to organizations the stream never names, with their organizations,
+/// workspaces, seat pools and consumption rows; then VACUUM ANALYZE of `participants` and
+/// CHECKPOINT, so the run starts from a settled database.
+///
+/// Only `participants` (the table whose size is the variable) is analysed: analysing the
+/// small tables too (10 organizations, 68 workspaces for 10,000 participants) makes the
+/// worker's cached plans scan them sequentially once the stream has added its 200
+/// organizations and 16,000 workspaces, which measures stale statistics, not state size;
+/// the fresh database of the first run has no statistics either.
+async fn populate(url: &str, participants: u64, seed: u64) -> anyhow::Result<Populated> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_5eed);
+    let orgs = (participants / 10_000).max(10);
+    let mut workspaces: Vec<(u64, u64, u64)> = Vec::new(); // (org, size, counted)
+    let mut left = participants;
+    while left > 0 {
+        let size = (pareto(&mut rng, 50.0, 1.3).min(50_000.0) as u64).clamp(1, left);
+        let org = workspaces.len() as u64 % orgs;
+        workspaces.push((org, size, 0));
+        left -= size;
+    }
+    let mut connection = PgConnection::connect(url).await?;
+
+    let mut copy = connection
+        .copy_in_raw("COPY participants (workspace_id, participant_id, last_event_at, last_event_id, counted) FROM STDIN")
+        .await?;
+    let mut buffer = Vec::with_capacity(8 << 20);
+    for (index, (_, size, counted)) in workspaces.iter_mut().enumerate() {
+        for p in 0..*size {
+            let is_counted = rng.random_bool(0.9);
+            *counted += is_counted as u64;
+            writeln!(
+                buffer,
+                "stored-ws-{index:07}\tp-{p:06}\t2026-01-01 09:00:00+00\tstored-{index}-{p}\t{}",
+                if is_counted { 't' } else { 'f' }
+            )?;
+            if buffer.len() >= 4 << 20 {
+                copy.send(buffer.as_slice()).await?;
+                buffer.clear();
+            }
+        }
+    }
+    copy.send(buffer.as_slice()).await?;
+    copy.finish().await?;
+
+    let mut copy = connection
+        .copy_in_raw("COPY organizations (org_id) FROM STDIN")
+        .await?;
+    let text: String = (0..orgs)
+        .map(|org| format!("stored-org-{org:05}\n"))
+        .collect();
+    copy.send(text.as_bytes()).await?;
+    copy.finish().await?;
+
+    let mut copy = connection
+        .copy_in_raw("COPY workspaces (workspace_id, org_id) FROM STDIN")
+        .await?;
+    let text: String = workspaces
+        .iter()
+        .enumerate()
+        .map(|(index, (org, _, _))| format!("stored-ws-{index:07}\tstored-org-{org:05}\n"))
+        .collect();
+    copy.send(text.as_bytes()).await?;
+    copy.finish().await?;
+
+    let mut copy = connection
+        .copy_in_raw(
+            "COPY consumption (workspace_id, product, org_id, required, allocated) FROM STDIN",
+        )
+        .await?;
+    let text: String = workspaces
+        .iter()
+        .enumerate()
+        .map(|(index, (org, _, counted))| {
+            format!("stored-ws-{index:07}\tseat\tstored-org-{org:05}\t{counted}\t{counted}\n")
+        })
+        .collect();
+    copy.send(text.as_bytes()).await?;
+    copy.finish().await?;
+
+    let mut per_org = vec![0_u64; orgs as usize];
+    for (org, _, counted) in &workspaces {
+        per_org[*org as usize] += counted;
+    }
+    let mut copy = connection
+        .copy_in_raw("COPY pools (org_id, product, available, granted_total, transferred_total, expired_total) FROM STDIN")
+        .await?;
+    let text: String = per_org
+        .iter()
+        .enumerate()
+        .map(|(org, units)| format!("stored-org-{org:05}\tseat\t0\t{units}\t{units}\t0\n"))
+        .collect();
+    copy.send(text.as_bytes()).await?;
+    copy.finish().await?;
+
+    sqlx::raw_sql("VACUUM (ANALYZE) participants")
+        .execute(&mut connection)
+        .await?;
+    sqlx::raw_sql("CHECKPOINT").execute(&mut connection).await?;
+    connection.close().await?;
+    Ok(Populated {
+        orgs,
+        workspaces: workspaces.len() as u64,
+        participants,
+    })
+}
+
+/// Drops the benchmark's databases at the end (unless `--keep`).
+struct Cleanup {
+    server: String,
+    databases: Vec<String>,
+    keep: bool,
+}
+
+impl Cleanup {
+    async fn drop_now(&mut self, name: &str) {
+        drop_database(&self.server, name).await;
+        self.databases.retain(|database| database != name);
+    }
+
+    async fn finish(&mut self) {
+        if self.keep {
+            if !self.databases.is_empty() {
+                println!("kept the databases {:?}", self.databases);
+            }
+            return;
+        }
+        for name in std::mem::take(&mut self.databases) {
+            drop_database(&self.server, &name).await;
+        }
+    }
+}
+
+async fn drop_database(server: &str, name: &str) {
+    let result = async {
+        let mut connection = PgConnection::connect(&format!("{server}/postgres")).await?;
+        let statement = format!(
+            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+            name.replace('"', "\"\"")
+        );
+        sqlx::raw_sql(&statement).execute(&mut connection).await?;
+        connection.close().await
+    }
+    .await;
+    if let Err(error) = result {
+        eprintln!("could not drop the database {name}: {error}");
+    }
+}
+
+fn database_name(url: &str) -> String {
+    url.rsplit('/').next().unwrap_or_default().to_owned()
+}
+
+fn redact(url: &str) -> String {
+    entitlement_worker::settings::redact_url(url)
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes: tansu and the worker
+// ---------------------------------------------------------------------------------------
+
+struct Tansu {
+    child: Child,
+    brokers: String,
+    dir: tempfile::TempDir,
+}
+
+fn tansu_binary(explicit: Option<PathBuf>) -> PathBuf {
+    if let Some(path) = explicit {
+        return path;
+    }
+    if let Ok(path) = std::env::var("TANSU") {
+        return path.into();
+    }
+    let cargo_bin = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|_| std::env::var("HOME").map(|home| PathBuf::from(home).join(".cargo")))
+        .map(|home| home.join("bin").join("tansu"));
+    match cargo_bin {
+        Ok(path) if path.exists() => path,
+        _ => "tansu".into(),
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Tansu {
+    fn start(binary: Option<PathBuf>) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("bench-tansu-").tempdir()?;
+        let port = free_port()?;
+        let url = format!("tcp://127.0.0.1:{port}");
+        let log = std::fs::File::create(dir.path().join("tansu.log"))?;
+        let child = Command::new(tansu_binary(binary))
+            .current_dir(dir.path())
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("tansu could not start; install it with scripts/ensure-tansu.sh")?;
+        let tansu = Self {
+            child,
+            brokers: format!("127.0.0.1:{port}"),
+            dir,
+        };
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if started.elapsed() > Duration::from_secs(30) {
+                bail!("tansu did not listen on port {port} within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(tansu)
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct WorkerProcess {
+    child: Child,
+    metrics_address: String,
+    log: PathBuf,
+    started: Instant,
+}
+
+/// The environment that points the binary at `settings`, as tests/common/process.rs
+/// builds it: the `ENTITLEMENTS__` variables the contract names.
+fn environment(settings: &Settings, metrics_address: &str) -> Vec<(String, String)> {
+    let topics = &settings.topics;
+    let variables = vec![
+        ("KAFKA__BROKERS", settings.kafka.brokers.clone()),
+        ("KAFKA__GROUP_ID", settings.kafka.group_id.clone()),
+        (
+            "KAFKA__SESSION_TIMEOUT_MS",
+            settings.kafka.session_timeout_ms.to_string(),
+        ),
+        ("DATABASE__URL", settings.database.url.clone()),
+        ("METRICS__LISTEN", metrics_address.to_owned()),
+        (
+            "MODULES__AUTO_ASSIGN",
+            settings.modules.auto_assign.to_string(),
+        ),
+        ("BATCH__MAX_WAIT_MS", settings.batch.max_wait_ms.to_string()),
+        (
+            "BATCH__MAX_MESSAGES",
+            settings.batch.max_messages.to_string(),
+        ),
+        (
+            "OUTBOX__POLL_INTERVAL_MS",
+            settings.outbox.poll_interval_ms.to_string(),
+        ),
+        ("LOG__FORMAT", "json".to_owned()),
+        (
+            "TOPICS__PARTICIPANT_ADDED",
+            topics.participant_added.clone(),
+        ),
+        (
+            "TOPICS__PARTICIPANT_CANCELLED",
+            topics.participant_cancelled.clone(),
+        ),
+        ("TOPICS__MODULE_ENABLED", topics.module_enabled.clone()),
+        (
+            "TOPICS__ENTITLEMENT_GRANTED",
+            topics.entitlement_granted.clone(),
+        ),
+        (
+            "TOPICS__TRANSFER_REQUESTED",
+            topics.transfer_requested.clone(),
+        ),
+        ("TOPICS__SHORTFALLS", topics.shortfalls.clone()),
+        ("TOPICS__LEDGER", topics.ledger.clone()),
+        ("TOPICS__DLQ", topics.dlq.clone()),
+    ];
+    variables
+        .into_iter()
+        .map(|(key, value)| (format!("ENTITLEMENTS__{key}"), value))
+        .collect()
+}
+
+impl WorkerProcess {
+    fn start(
+        binary: &Path,
+        settings: &Settings,
+        arguments: &[String],
+        extra_environment: &[(String, String)],
+        log: &Path,
+    ) -> anyhow::Result<Self> {
+        let metrics_address = format!("127.0.0.1:{}", free_port()?);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let started = Instant::now();
+        let child = Command::new(binary)
+            .arg("run")
+            .args(arguments)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(environment(settings, &metrics_address))
+            .envs(extra_environment.iter().cloned())
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        Ok(Self {
+            child,
+            metrics_address,
+            log: log.to_owned(),
+            started,
+        })
+    }
+
+    /// SIGTERM, then waits up to `limit`: the exit code and how long the stop took.
+    fn terminate(&mut self, limit: Duration) -> (Option<i32>, f64) {
+        let started = Instant::now();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return (status.code(), started.elapsed().as_secs_f64());
+            }
+            if started.elapsed() > limit {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return (None, started.elapsed().as_secs_f64());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn tail_of_log(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET: enough for /metrics and /healthz.
+fn http_get(address: &str, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(address).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())?;
+    Some((status, body))
+}
+
+/// Warnings and errors in the worker's JSON log.
+#[derive(Default, Clone)]
+struct LogScan {
+    warnings: u64,
+    errors: u64,
+    /// The distinct messages, with how often each came.
+    messages: Vec<(String, u64)>,
+}
+
+fn scan_log(path: &Path) -> LogScan {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut scan = LogScan::default();
+    let mut counts: Vec<(String, u64)> = Vec::new();
+    for line in text.lines() {
+        let Ok(value) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let level = value["level"].as_str().unwrap_or_default();
+        if level != "WARN" && level != "ERROR" {
+            continue;
+        }
+        if level == "WARN" {
+            scan.warnings += 1;
+        } else {
+            scan.errors += 1;
+        }
+        // The worker logs with flatten_event: the fields are at the top level.
+        let field = |name: &str| {
+            value[name]
+                .as_str()
+                .or_else(|| value["fields"][name].as_str())
+                .map(str::to_owned)
+        };
+        let mut message = format!("{level} {}", field("message").unwrap_or_default());
+        if let Some(error) = field("error") {
+            message.push_str(&format!(" ({error})"));
+        }
+        match counts.iter_mut().find(|(known, _)| *known == message) {
+            Some((_, count)) => *count += 1,
+            None => counts.push((message, 1)),
+        }
+    }
+    scan.messages = counts;
+    scan
+}
+
+// ---------------------------------------------------------------------------------------
+// /proc: memory and CPU
+// ---------------------------------------------------------------------------------------
+
+fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// utime + stime of a process, in clock ticks, and its command name.
+fn proc_cpu(pid: &str) -> Option<(String, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let name = stat[open + 1..close].to_owned();
+    let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some((name, ticks))
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|output| String::from_utf8(output.stdout).ok())
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// CPU time per process, sampled about once a second: a process's share is the sum of
+/// its increases between samples, so processes that start and end during a run (other
+/// people's builds, autovacuum workers) are counted too, to within their last second.
+struct CpuMeter {
+    worker: u32,
+    tansu: u32,
+    me: u32,
+    ticks_per_second: f64,
+    started: Instant,
+    busy_start: u64,
+    last: HashMap<u32, (String, u64)>,
+    /// Ticks per party: "worker", "tansu", "postgres", "harness", or a command name.
+    totals: HashMap<String, u64>,
+}
+
+fn machine_busy_ticks() -> u64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|stat| {
+            let values: Vec<u64> = stat
+                .lines()
+                .next()?
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|value| value.parse().ok())
+                .collect();
+            // user nice system idle iowait irq softirq steal: busy = all but idle, iowait.
+            let all: u64 = values.iter().take(8).sum();
+            Some(all - values.get(3)? - values.get(4)?)
+        })
+        .unwrap_or(0)
+}
+
+fn all_processes() -> HashMap<u32, (String, u64)> {
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|entry| entry.file_name().into_string().ok())
+                .filter_map(|name| name.parse::<u32>().ok())
+                .filter_map(|pid| Some((pid, proc_cpu(&pid.to_string())?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl CpuMeter {
+    fn new(worker: u32, tansu: u32, ticks_per_second: f64) -> Self {
+        Self {
+            worker,
+            tansu,
+            me: std::process::id(),
+            ticks_per_second,
+            started: Instant::now(),
+            busy_start: machine_busy_ticks(),
+            last: all_processes(),
+            totals: HashMap::new(),
+        }
+    }
+
+    fn party(&self, pid: u32, name: &str) -> String {
+        if pid == self.worker {
+            "worker".into()
+        } else if pid == self.tansu {
+            "tansu".into()
+        } else if pid == self.me {
+            "harness".into()
+        } else if name == "postgres" {
+            "postgres".into()
+        } else if name.starts_with("kworker") {
+            "kernel workers".into()
+        } else {
+            name.to_owned()
+        }
+    }
+
+    fn sample(&mut self) {
+        let now = all_processes();
+        for (pid, (name, ticks)) in &now {
+            // Kernel threads change their names as they work: a known pid is the same
+            // process unless its time went backwards (a reused pid).
+            let before = match self.last.get(pid) {
+                Some((_, before)) if before <= ticks => *before,
+                // Started since the last sample: all its time is new.
+                _ => 0,
+            };
+            let party = self.party(*pid, name);
+            *self.totals.entry(party).or_default() += ticks.saturating_sub(before);
+        }
+        self.last = now;
+    }
+
+    fn finish(mut self) -> CpuShare {
+        self.sample();
+        let seconds = self.started.elapsed().as_secs_f64();
+        let cores = |ticks: u64| ticks as f64 / self.ticks_per_second / seconds.max(1e-9);
+        let take = |totals: &mut HashMap<String, u64>, party: &str| {
+            cores(totals.remove(party).unwrap_or(0))
+        };
+        let worker = take(&mut self.totals, "worker");
+        let tansu = take(&mut self.totals, "tansu");
+        let postgres = take(&mut self.totals, "postgres");
+        let harness = take(&mut self.totals, "harness");
+        let mut others: Vec<(String, f64)> = self
+            .totals
+            .iter()
+            .map(|(name, ticks)| (name.clone(), cores(*ticks)))
+            .filter(|(_, cores)| *cores >= 0.005)
+            .collect();
+        others.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let machine = cores(machine_busy_ticks().saturating_sub(self.busy_start));
+        CpuShare {
+            seconds,
+            worker,
+            tansu,
+            postgres,
+            harness,
+            others,
+            machine,
+        }
+    }
+}
+
+/// Cores used on average over an interval, per party, and the machine's total (which also
+/// holds kernel time no process is charged with, such as interrupts).
+#[derive(Default, Clone)]
+struct CpuShare {
+    seconds: f64,
+    worker: f64,
+    tansu: f64,
+    postgres: f64,
+    harness: f64,
+    others: Vec<(String, f64)>,
+    machine: f64,
+}
+
+impl CpuShare {
+    fn other(&self) -> f64 {
+        // An empty sum of floats is -0.0; adding 0.0 prints it as 0.00.
+        self.others.iter().map(|(_, cores)| cores).sum::<f64>() + 0.0
+    }
+
+    fn line(&self) -> String {
+        let top: Vec<String> = self
+            .others
+            .iter()
+            .take(3)
+            .map(|(name, cores)| format!("{name} {cores:.2}"))
+            .collect();
+        format!(
+            "cores: worker {:.2}, postgres {:.2}, tansu {:.2}, harness {:.2}, other processes {:.2}{}; machine {:.2} of {}",
+            self.worker,
+            self.postgres,
+            self.tansu,
+            self.harness,
+            self.other(),
+            if top.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", top.join(", "))
+            },
+            self.machine,
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        )
+    }
+
+    fn json(&self) -> Value {
+        json!({"seconds": self.seconds, "cores": {"worker": self.worker, "postgres": self.postgres,
+               "tansu": self.tansu, "harness": self.harness, "other_processes": self.other(),
+               "machine": self.machine},
+               "other_processes": self.others.iter().map(|(name, cores)| json!({"name": name, "cores": cores})).collect::<Vec<_>>()})
+    }
+}
+
+/// Samples a [`CpuMeter`] every second until `stop`, then hands back its share.
+fn meter_in_background(
+    mut meter: CpuMeter,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<CpuShare> {
+    tokio::spawn(async move {
+        let mut rounds = 0_u64;
+        while !stop.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            rounds += 1;
+            if rounds % 4 == 0 {
+                meter.sample();
+            }
+        }
+        meter.finish()
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Machine facts
+// ---------------------------------------------------------------------------------------
+
+fn command_output(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+async fn machine_facts(args: &Args) -> anyhow::Result<Value> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let total_kib: u64 = meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu_model = cpuinfo
+        .lines()
+        .find_map(|line| line.strip_prefix("model name"))
+        .and_then(|rest| rest.split(':').nth(1))
+        .unwrap_or("unknown")
+        .trim()
+        .to_owned();
+    let mut connection = PgConnection::connect(&format!("{}/postgres", args.database_server))
+        .await
+        .context("PostgreSQL is not reachable; scripts/ensure-postgres.sh starts it")?;
+    let version: String = sqlx::query_scalar("SHOW server_version")
+        .fetch_one(&mut connection)
+        .await?;
+    let mut settings = serde_json::Map::new();
+    for name in [
+        "shared_buffers",
+        "synchronous_commit",
+        "fsync",
+        "max_wal_size",
+        "work_mem",
+    ] {
+        let value: String = sqlx::query_scalar(&format!("SHOW {name}"))
+            .fetch_one(&mut connection)
+            .await?;
+        settings.insert(name.to_owned(), Value::String(value));
+    }
+    connection.close().await?;
+    let dirty =
+        !command_output("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
+    Ok(json!({
+        "nproc": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "cpu_model": cpu_model,
+        "total_ram_mib": total_kib / 1024,
+        "kernel": command_output("uname", &["-r"]),
+        "postgresql_version": version,
+        "postgresql_settings": settings,
+        "tansu_version": command_output(&tansu_binary(args.tansu.clone()).to_string_lossy(), &["--version"]),
+        "broker_storage": "memory://tansu/",
+        "git_commit": command_output("git", &["rev-parse", "HEAD"]),
+        "git_worktree_dirty": dirty,
+        "loadavg_at_start": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+        "started_at": Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true),
+    }))
+}
+
+// ---------------------------------------------------------------------------------------
+// Results
+// ---------------------------------------------------------------------------------------
+
+struct Sample {
+    seconds: f64,
+    applied: i64,
+    outbox: i64,
+    rss_kib: u64,
+    /// The worker's batches committed so far, and the seconds they took.
+    batches: f64,
+    commit_seconds: f64,
+}
+
+#[derive(Default, Clone)]
+struct MetricsSummary {
+    batches: f64,
+    batch_size_sum: f64,
+    commit_seconds_sum: f64,
+    commit_count: f64,
+    rejected: f64,
+    retries: f64,
+    publish_errors: f64,
+    published: f64,
+    ledger_entries: f64,
+    alerts: f64,
+    stale: f64,
+    duplicates: f64,
+    consumed: f64,
+    redelivered: f64,
+    /// "reason=count" for each dead-letter reason.
+    rejected_by_reason: String,
+}
+
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>()
+        + 0.0
+}
+
+impl MetricsSummary {
+    fn parse(text: &str) -> Self {
+        Self {
+            batches: metric_sum(text, "entitlements_batches_committed_total"),
+            batch_size_sum: metric_sum(text, "entitlements_batch_size_sum"),
+            commit_seconds_sum: metric_sum(text, "entitlements_commit_latency_seconds_sum"),
+            commit_count: metric_sum(text, "entitlements_commit_latency_seconds_count"),
+            rejected: metric_sum(text, "entitlements_messages_rejected_total"),
+            retries: metric_sum(text, "entitlements_store_retries_total"),
+            publish_errors: metric_sum(text, "entitlements_publish_errors_total"),
+            published: metric_sum(text, "entitlements_published_total"),
+            ledger_entries: metric_sum(text, "entitlements_ledger_entries_total"),
+            alerts: metric_sum(text, "entitlements_shortfall_alerts_total"),
+            stale: metric_sum(text, "entitlements_stale_events_total"),
+            duplicates: metric_sum(text, "entitlements_duplicate_events_total"),
+            consumed: metric_sum(text, "entitlements_messages_consumed_total"),
+            redelivered: metric_sum(text, "entitlements_redelivered_messages_total"),
+            rejected_by_reason: text
+                .lines()
+                .filter_map(|line| {
+                    line.strip_prefix("entitlements_messages_rejected_total{reason=\"")
+                })
+                .filter_map(|rest| {
+                    let (reason, rest) = rest.split_once('"')?;
+                    Some(format!("{reason}={}", rest.rsplit(' ').next()?))
+                })
+                .collect::<Vec<_>>()
+                .join(" "),
+        }
+    }
+
+    fn mean_batch(&self) -> f64 {
+        self.batch_size_sum / self.batches.max(1.0)
+    }
+
+    fn mean_commit_ms(&self) -> f64 {
+        1000.0 * self.commit_seconds_sum / self.commit_count.max(1.0)
+    }
+
+    fn json(&self) -> Value {
+        json!({"batches": self.batches, "mean_batch_size": self.mean_batch(),
+               "mean_commit_ms": self.mean_commit_ms(), "commit_seconds_total": self.commit_seconds_sum,
+               "rejected": self.rejected, "store_retries": self.retries,
+               "publish_errors": self.publish_errors, "published": self.published,
+               "ledger_entries": self.ledger_entries, "alerts": self.alerts,
+               "stale": self.stale, "duplicates": self.duplicates, "consumed": self.consumed,
+               "redelivered": self.redelivered, "rejected_by_reason": self.rejected_by_reason})
+    }
+}
+
+struct RunResult {
+    label: String,
+    stored: u64,
+    populate_seconds: f64,
+    events: u64,
+    seconds: f64,
+    healthy_seconds: Option<f64>,
+    first_progress_seconds: Option<f64>,
+    applied_seconds: Option<f64>,
+    peak_rss_kib: u64,
+    timeline: Vec<Sample>,
+    cpu: CpuShare,
+    metrics: MetricsSummary,
+    exit: Option<i32>,
+    stop_seconds: f64,
+    log: LogScan,
+    /// WAL written by the whole PostgreSQL server during the run.
+    wal_bytes: i64,
+    /// Checkpoints the server made during the run (timed and requested).
+    checkpoints: i64,
+    /// pg_stat_user_tables of the run's database after the run.
+    tables: Vec<Value>,
+}
+
+/// The server's WAL position counter (pg_stat_wal, PostgreSQL 14 and later).
+async fn wal_bytes(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT wal_bytes::bigint FROM pg_stat_wal")
+        .fetch_one(pool)
+        .await
+        .unwrap_or(0)
+}
+
+/// Checkpoints so far (pg_stat_bgwriter), timed and requested.
+async fn checkpoints(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT (checkpoints_timed + checkpoints_req)::bigint FROM pg_stat_bgwriter")
+        .fetch_one(pool)
+        .await
+        .unwrap_or(0)
+}
+
+/// Row and scan counters of the run's tables: where the database's work went.
+async fn table_statistics(pool: &PgPool) -> Vec<Value> {
+    sqlx::query_scalar(
+        "SELECT json_build_object('table', relname, 'seq_scan', seq_scan,
+                'seq_tup_read', seq_tup_read, 'idx_scan', idx_scan, 'idx_tup_fetch', idx_tup_fetch,
+                'inserted', n_tup_ins, 'updated', n_tup_upd, 'hot_updated', n_tup_hot_upd,
+                'deleted', n_tup_del, 'live', n_live_tup, 'dead', n_dead_tup,
+                'autovacuums', autovacuum_count, 'size_bytes', pg_total_relation_size(relid))
+           FROM pg_stat_user_tables ORDER BY relname",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap_or_default()
+}
+
+impl RunResult {
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.seconds.max(1e-9)
+    }
+
+    fn micros_per_event(&self) -> f64 {
+        self.seconds * 1e6 / self.events.max(1) as f64
+    }
+
+    /// Applied messages per second, second by second.
+    fn per_second(&self) -> Vec<i64> {
+        let mut previous = 0;
+        self.timeline
+            .iter()
+            .map(|sample| {
+                let delta = sample.applied - previous;
+                previous = sample.applied;
+                delta
+            })
+            .collect()
+    }
+
+    /// The mean commit time of the batches committed in each second.
+    fn commit_ms_per_second(&self) -> Vec<f64> {
+        let mut previous = (0.0, 0.0);
+        self.timeline
+            .iter()
+            .map(|sample| {
+                let batches = sample.batches - previous.0;
+                let seconds = sample.commit_seconds - previous.1;
+                previous = (sample.batches, sample.commit_seconds);
+                if batches > 0.0 {
+                    1000.0 * seconds / batches
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    }
+
+    /// Longest run of whole seconds without progress between the first progress and the
+    /// last message applied.
+    fn longest_stall(&self) -> usize {
+        let rates = self.per_second();
+        let first = rates
+            .iter()
+            .position(|rate| *rate > 0)
+            .unwrap_or(rates.len());
+        let last = rates.iter().rposition(|rate| *rate > 0).unwrap_or(0);
+        let mut longest = 0;
+        let mut current = 0;
+        for rate in rates.iter().take(last + 1).skip(first) {
+            if *rate == 0 {
+                current += 1;
+                longest = longest.max(current);
+            } else {
+                current = 0;
+            }
+        }
+        longest
+    }
+
+    fn one_line(&self) -> String {
+        format!(
+            "run {}: {} events in {:.1} s = {} events/s, {:.1} µs/event, peak RSS {:.1} MiB, exit {:?}",
+            self.label,
+            fmt_int(self.events),
+            self.seconds,
+            fmt_int(self.rate() as u64),
+            self.micros_per_event(),
+            self.peak_rss_kib as f64 / 1024.0,
+            self.exit
+        )
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "label": self.label,
+            "stored_participants": self.stored,
+            "populate_seconds": self.populate_seconds,
+            "events": self.events,
+            "seconds": self.seconds,
+            "events_per_second": self.rate(),
+            "micros_per_event": self.micros_per_event(),
+            "healthz_after_seconds": self.healthy_seconds,
+            "first_progress_after_seconds": self.first_progress_seconds,
+            "all_applied_after_seconds": self.applied_seconds,
+            "peak_rss_mib": self.peak_rss_kib as f64 / 1024.0,
+            "longest_stall_seconds": self.longest_stall(),
+            "timeline": self.timeline.iter().map(|sample| json!({
+                "t": sample.seconds, "applied": sample.applied, "outbox": sample.outbox,
+                "rss_mib": sample.rss_kib as f64 / 1024.0, "batches": sample.batches,
+                "commit_seconds": sample.commit_seconds})).collect::<Vec<_>>(),
+            "cpu": self.cpu.json(),
+            "worker_metrics": self.metrics.json(),
+            "exit_code": self.exit,
+            "stop_seconds": self.stop_seconds,
+            "wal_bytes": self.wal_bytes,
+            "checkpoints": self.checkpoints,
+            "tables": self.tables,
+            "log": {"warnings": self.log.warnings, "errors": self.log.errors,
+                    "messages": self.log.messages.iter().map(|(m, n)| json!({"message": m, "count": n})).collect::<Vec<_>>()},
+        })
+    }
+}
+
+struct LatencyResult {
+    /// Checkpoints the server made while the inputs were sent and drained.
+    checkpoints: i64,
+    /// p50 and max of the inputs sent in each second.
+    per_second: Vec<(f64, f64)>,
+    offered_rate: u64,
+    produced: u64,
+    produce_seconds: f64,
+    warmup_workspaces: u64,
+    matched: u64,
+    alerts_read: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+    mean_ms: f64,
+    drained_seconds: f64,
+    peak_rss_kib: u64,
+    cpu: CpuShare,
+    metrics: MetricsSummary,
+    exit: Option<i32>,
+    log: LogScan,
+}
+
+impl LatencyResult {
+    fn one_line(&self) -> String {
+        format!(
+            "latency at {} ev/s: p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms; {} of {} matched",
+            self.offered_rate, self.p50_ms, self.p99_ms, self.p999_ms, self.max_ms, self.matched, self.produced
+        )
+    }
+}
+
+struct Report {
+    args: Args,
+    facts: Value,
+    stream: StreamStats,
+    generate_seconds: f64,
+    produced: Rate,
+    consumer_limit: Rate,
+    copy_limit: Rate,
+    participant_events: u64,
+    main_run: RunResult,
+    growth: Vec<RunResult>,
+    latency: Option<LatencyResult>,
+    /// Wall time of each part of the benchmark, in order.
+    phases: Vec<(String, f64)>,
+    total_seconds: f64,
+}
+
+fn fmt_int(value: u64) -> String {
+    let digits = value.to_string();
+    let mut out = String::new();
+    for (index, digit) in digits.chars().enumerate() {
+        if index > 0 && (digits.len() - index) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "MET"
+    } else {
+        "NOT MET"
+    }
+}
+
+impl Report {
+    fn slower_limit(&self) -> (f64, &'static str) {
+        let consumer = self.consumer_limit.rate();
+        let copy = self.copy_limit.rate();
+        if consumer <= copy {
+            (consumer, "plain consumer")
+        } else {
+            (copy, "PostgreSQL COPY")
+        }
+    }
+
+    fn text(&self) -> String {
+        let mut out = String::new();
+        let f = &self.facts;
+        let s = &self.stream;
+        let line = |out: &mut String, text: String| {
+            out.push_str(&text);
+            out.push('\n');
+        };
+        line(
+            &mut out,
+            "== entitlement-worker benchmark (issue 4) ==".into(),
+        );
+        line(
+            &mut out,
+            format!(
+                "machine   {} cores ({}), {} MiB RAM, kernel {}",
+                f["nproc"],
+                f["cpu_model"].as_str().unwrap_or_default(),
+                f["total_ram_mib"],
+                f["kernel"].as_str().unwrap_or_default()
+            ),
+        );
+        line(&mut out, format!(
+            "          PostgreSQL {} (shared_buffers {}, synchronous_commit {}, fsync {}); {} with {} storage",
+            f["postgresql_version"].as_str().unwrap_or_default(),
+            f["postgresql_settings"]["shared_buffers"].as_str().unwrap_or_default(),
+            f["postgresql_settings"]["synchronous_commit"].as_str().unwrap_or_default(),
+            f["postgresql_settings"]["fsync"].as_str().unwrap_or_default(),
+            f["tansu_version"].as_str().unwrap_or_default(),
+            f["broker_storage"].as_str().unwrap_or_default(),
+        ));
+        line(&mut out, format!(
+            "          commit {}{}; load average at start {}; worker, broker, PostgreSQL and this harness share the cores",
+            f["git_commit"].as_str().unwrap_or_default().get(..12).unwrap_or_default(),
+            if f["git_worktree_dirty"].as_bool() == Some(true) { " (uncommitted changes)" } else { "" },
+            f["loadavg_at_start"].as_str().unwrap_or_default()
+        ));
+        line(&mut out, format!(
+            "stream    {} events, seed {}: {} organizations ({} ample, {} refilled mid-stream, {} short), {} workspaces",
+            fmt_int(self.produced.messages), self.args.seed, s.orgs, s.orgs_ample, s.orgs_refilled, s.orgs_short, fmt_int(s.workspaces)
+        ));
+        line(
+            &mut out,
+            format!(
+                "          workspace sizes: median {}, largest {}, huge {:?}",
+                fmt_int(s.median_workspace),
+                fmt_int(s.largest_workspace),
+                s.huge_workspaces
+            ),
+        );
+        line(&mut out, format!(
+            "          {} added, {} cancelled ({} activated), {} modules enabled, {} grants ({} refills), {} manual transfers ({} by viewers); mean {:.0} bytes; {} arrive late",
+            fmt_int(s.added), fmt_int(s.cancelled), fmt_int(s.cancelled_activated), fmt_int(s.modules), fmt_int(s.grants), s.refills,
+            s.transfers, s.transfers_by_viewers, s.mean_bytes, fmt_int(s.late_events)
+        ));
+        line(
+            &mut out,
+            format!(
+                "load      generated in {:.1} s; produced {} msgs in {:.1} s = {} msgs/s",
+                self.generate_seconds,
+                fmt_int(self.produced.messages),
+                self.produced.seconds,
+                fmt_int(self.produced.rate() as u64)
+            ),
+        );
+        let defaults = Settings::load(None).expect("the defaults load");
+        line(
+            &mut out,
+            format!(
+                "worker    binary, {} partitions per topic; batch.max_messages {}, batch.max_wait_ms {}, outbox.batch_size {}, outbox.poll_interval_ms {}; extra librdkafka properties: {}",
+                self.args.partitions,
+                self.args.batch_max_messages.unwrap_or(defaults.batch.max_messages),
+                self.args.batch_max_wait_ms.unwrap_or(defaults.batch.max_wait_ms),
+                defaults.outbox.batch_size,
+                defaults.outbox.poll_interval_ms,
+                if self.args.worker_kafka_properties.is_empty() && self.args.worker_env.is_empty() {
+                    "none".to_owned()
+                } else {
+                    format!(
+                        "{}; extra environment: {}",
+                        self.args.worker_kafka_properties.join(", "),
+                        self.args.worker_env.join(", ")
+                    )
+                }
+            ),
+        );
+        line(&mut out, String::new());
+        line(&mut out, "limits".into());
+        line(
+            &mut out,
+            format!(
+                "  (a) plain consumer, 5 input topics        {:>10} msgs/s   ({} msgs in {:.2} s; watermarks right after the load said {})",
+                fmt_int(self.consumer_limit.rate() as u64),
+                fmt_int(self.consumer_limit.messages),
+                self.consumer_limit.seconds,
+                fmt_int(self.consumer_limit.expected)
+            ),
+        );
+        line(&mut out, format!(
+            "  (b) PostgreSQL COPY, participants shape   {:>10} rows/s   ({} rows for {} participant events, in {:.2} s)",
+            fmt_int(self.copy_limit.rate() as u64), fmt_int(self.copy_limit.messages), fmt_int(self.participant_events), self.copy_limit.seconds
+        ));
+        let (slower, slower_name) = self.slower_limit();
+        let m = &self.main_run;
+        line(&mut out, String::new());
+        line(
+            &mut out,
+            "end to end (fresh database, worker binary started after the stream was loaded)".into(),
+        );
+        line(
+            &mut out,
+            format!(
+                "  {} events applied and published in {:.1} s = {} events/s ({:.1} µs/event)",
+                fmt_int(m.events),
+                m.seconds,
+                fmt_int(m.rate() as u64),
+                m.micros_per_event()
+            ),
+        );
+        line(
+            &mut out,
+            format!(
+                "  ratio to the slower limit ({slower_name}, {} /s): {:.0}%",
+                fmt_int(slower as u64),
+                100.0 * m.rate() / slower
+            ),
+        );
+        line(&mut out, format!(
+            "  /healthz 200 after {:.1} s, first batch after {:.1} s, all applied after {:.1} s, outbox empty after {:.1} s",
+            m.healthy_seconds.unwrap_or(f64::NAN), m.first_progress_seconds.unwrap_or(f64::NAN),
+            m.applied_seconds.unwrap_or(f64::NAN), m.seconds
+        ));
+        line(&mut out, format!(
+            "  peak RSS {}; {} batches, mean {:.0} messages, mean commit {:.1} ms; {} ledger entries, {} alerts, {} published, {} dead letters",
+            mib(m.peak_rss_kib), fmt_int(m.metrics.batches as u64), m.metrics.mean_batch(), m.metrics.mean_commit_ms(),
+            fmt_int(m.metrics.ledger_entries as u64), fmt_int(m.metrics.alerts as u64), fmt_int(m.metrics.published as u64), fmt_int(m.metrics.rejected as u64)
+        ));
+        line(&mut out, format!(
+            "  worker counted {} messages consumed ({} stale, {} duplicates, {} redelivered); dead letters: {}",
+            fmt_int(m.metrics.consumed as u64), fmt_int(m.metrics.stale as u64), fmt_int(m.metrics.duplicates as u64),
+            fmt_int(m.metrics.redelivered as u64),
+            if m.metrics.rejected_by_reason.is_empty() { "none" } else { &m.metrics.rejected_by_reason }
+        ));
+        line(&mut out, format!("  {}", m.cpu.line()));
+        line(
+            &mut out,
+            format!(
+                "  applied per second (thousands): {}",
+                m.per_second()
+                    .iter()
+                    .map(|rate| format!("{:.0}", *rate as f64 / 1000.0))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        );
+        line(
+            &mut out,
+            format!(
+                "  outbox backlog per second (thousands): {}",
+                m.timeline
+                    .iter()
+                    .map(|sample| format!("{:.0}", sample.outbox as f64 / 1000.0))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        );
+        line(
+            &mut out,
+            format!(
+                "  mean commit per second (ms): {}",
+                m.commit_ms_per_second()
+                    .iter()
+                    .map(|ms| format!("{ms:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        );
+        line(
+            &mut out,
+            format!(
+                "  resident memory per second (MiB): {}",
+                m.timeline
+                    .iter()
+                    .map(|sample| format!("{:.0}", sample.rss_kib as f64 / 1024.0))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        );
+        line(
+            &mut out,
+            format!(
+                "  WAL written by the server during the run: {:.0} MiB ({:.0} bytes per event); {} checkpoints",
+                m.wal_bytes as f64 / 1048576.0,
+                m.wal_bytes as f64 / m.events.max(1) as f64,
+                m.checkpoints
+            ),
+        );
+        line(
+            &mut out,
+            "  tables: rows inserted / updated (HOT) / deleted; index scans, rows fetched by index; rows read by sequential scans".into(),
+        );
+        for table in &m.tables {
+            let n = |key: &str| table[key].as_i64().unwrap_or(0).max(0) as u64;
+            if n("inserted") + n("updated") + n("deleted") + n("idx_tup_fetch") + n("seq_tup_read")
+                == 0
+            {
+                continue;
+            }
+            line(
+                &mut out,
+                format!(
+                    "    {:<18} {:>9} / {:>9} ({:>9}) / {:>9}; {:>8} scans, {:>11} fetched; {:>11} seq read; {:>6.0} MiB",
+                    table["table"].as_str().unwrap_or_default(),
+                    fmt_int(n("inserted")),
+                    fmt_int(n("updated")),
+                    fmt_int(n("hot_updated")),
+                    fmt_int(n("deleted")),
+                    fmt_int(n("idx_scan")),
+                    fmt_int(n("idx_tup_fetch")),
+                    fmt_int(n("seq_tup_read")),
+                    n("size_bytes") as f64 / 1048576.0
+                ),
+            );
+        }
+        line(
+            &mut out,
+            format!(
+            "  longest stall {} s; SIGTERM -> exit {:?} in {:.1} s; log: {} warnings, {} errors",
+            m.longest_stall(), m.exit, m.stop_seconds, m.log.warnings, m.log.errors
+        ),
+        );
+        for (message, count) in &m.log.messages {
+            line(&mut out, format!("    {count} x {message}"));
+        }
+
+        if let Some(l) = &self.latency {
+            line(&mut out, String::new());
+            line(&mut out, format!(
+                "latency input -> alert ({} ev/s offered for {:.1} s into {} workspaces of {} organizations without a pool; worker caught up on the main database)",
+                l.offered_rate, l.produce_seconds, fmt_int(l.warmup_workspaces), LATENCY_ORGS
+            ));
+            line(
+                &mut out,
+                format!(
+                    "  p50 {:.1} ms   p99 {:.1} ms   p99.9 {:.1} ms   max {:.1} ms   mean {:.1} ms",
+                    l.p50_ms, l.p99_ms, l.p999_ms, l.max_ms, l.mean_ms
+                ),
+            );
+            line(&mut out, format!(
+                "  {} of {} inputs matched to their alert ({} alerts read); {} batches, mean {:.0} messages, mean commit {:.1} ms; peak RSS {}; {} checkpoints; exit {:?}",
+                fmt_int(l.matched), fmt_int(l.produced), fmt_int(l.alerts_read), fmt_int(l.metrics.batches as u64),
+                l.metrics.mean_batch(), l.metrics.mean_commit_ms(), mib(l.peak_rss_kib), l.checkpoints, l.exit
+            ));
+            line(
+                &mut out,
+                format!(
+                    "  per second of sending, p50/max (ms): {}",
+                    l.per_second
+                        .iter()
+                        .map(|(p50, max)| format!("{p50:.0}/{max:.0}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ),
+            );
+            line(&mut out, format!("  {}", l.cpu.line()));
+            if l.log.warnings + l.log.errors > 0 {
+                for (message, count) in &l.log.messages {
+                    line(&mut out, format!("    {count} x {message}"));
+                }
+            }
+        }
+
+        let mut runs: Vec<&RunResult> = vec![&self.main_run];
+        runs.extend(self.growth.iter());
+        line(&mut out, String::new());
+        line(
+            &mut out,
+            "state growth (same stream, fresh database with participants already stored)".into(),
+        );
+        line(
+            &mut out,
+            format!(
+                "  {:>12} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7}",
+                "stored",
+                "seconds",
+                "events/s",
+                "µs/event",
+                "peak RSS",
+                "commit ms",
+                "ledger",
+                "alerts",
+                "stall s",
+                "load s"
+            ),
+        );
+        for run in &runs {
+            line(
+                &mut out,
+                format!(
+                    "  {:>12} {:>8.1} {:>9} {:>9.1} {:>9} {:>9.1} {:>8} {:>8} {:>8} {:>7.1}",
+                    fmt_int(run.stored),
+                    run.seconds,
+                    fmt_int(run.rate() as u64),
+                    run.micros_per_event(),
+                    format!("{:.1}M", run.peak_rss_kib as f64 / 1024.0),
+                    run.metrics.mean_commit_ms(),
+                    fmt_int(run.metrics.ledger_entries as u64),
+                    fmt_int(run.metrics.alerts as u64),
+                    run.longest_stall(),
+                    run.populate_seconds
+                ),
+            );
+        }
+        for run in &self.growth {
+            line(
+                &mut out,
+                format!(
+                    "  stored {}: {}; log {} warnings, {} errors; applied/s (k): {}; RSS/s (MiB): {}",
+                    fmt_int(run.stored),
+                    run.cpu.line(),
+                    run.log.warnings,
+                    run.log.errors,
+                    run.per_second()
+                        .iter()
+                        .map(|rate| format!("{:.0}", *rate as f64 / 1000.0))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    run.timeline
+                        .iter()
+                        .map(|sample| format!("{:.0}", sample.rss_kib as f64 / 1024.0))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ),
+            );
+        }
+
+        line(&mut out, String::new());
+        line(&mut out, "targets of issue 4".into());
+        let ratio = m.rate() / slower;
+        line(
+            &mut out,
+            format!(
+                "  >= 50,000 events/s over {} events          {:>12} events/s   {}",
+                fmt_int(m.events),
+                fmt_int(m.rate() as u64),
+                verdict(m.rate() >= 50_000.0)
+            ),
+        );
+        line(
+            &mut out,
+            format!(
+                "  >= 50% of the slower limit                  {:>12.0}%           {}",
+                100.0 * ratio,
+                verdict(ratio >= 0.5)
+            ),
+        );
+        match &self.latency {
+            Some(l) => line(
+                &mut out,
+                format!(
+                    "  p99 input->alert < 100 ms at {} ev/s       {:>12.1} ms         {}",
+                    l.offered_rate,
+                    l.p99_ms,
+                    verdict(l.p99_ms < 100.0 && l.matched > 0)
+                ),
+            ),
+            None => line(
+                &mut out,
+                "  p99 input->alert < 100 ms                   not measured".into(),
+            ),
+        }
+        let largest = runs.iter().map(|run| run.peak_rss_kib).max().unwrap_or(0);
+        let smallest = runs.iter().map(|run| run.peak_rss_kib).min().unwrap_or(0);
+        let biggest_stored = runs.iter().map(|run| run.stored).max().unwrap_or(0);
+        line(
+            &mut out,
+            format!(
+                "  worker RSS < 128 MiB, 0 to {} stored    {:>8.1}-{:.1} MiB   {}{}",
+                fmt_int(biggest_stored),
+                smallest as f64 / 1024.0,
+                largest as f64 / 1024.0,
+                verdict(largest < 128 * 1024),
+                if biggest_stored < 10_000_000 {
+                    " (10M not measured in this run)"
+                } else {
+                    ""
+                }
+            ),
+        );
+        let costs: Vec<f64> = runs.iter().map(|run| run.micros_per_event()).collect();
+        let (low, high) = costs.iter().fold((f64::MAX, 0.0_f64), |(low, high), cost| {
+            (low.min(*cost), high.max(*cost))
+        });
+        line(
+            &mut out,
+            format!(
+                "  cost per event flat (max/min <= 1.25)       {:>8.1}-{:.1} µs ({:.2}x)  {}",
+                low,
+                high,
+                high / low,
+                verdict(runs.len() > 1 && high / low <= 1.25)
+            ),
+        );
+        line(
+            &mut out,
+            format!(
+                "time per part: {}; total {:.0} s",
+                self.phases
+                    .iter()
+                    .map(|(name, seconds)| format!("{name} {seconds:.1} s"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                self.total_seconds
+            ),
+        );
+        out
+    }
+
+    fn json(&self) -> Value {
+        let (slower, slower_name) = self.slower_limit();
+        let s = &self.stream;
+        json!({
+            "machine": self.facts,
+            "arguments": {
+                "events": self.args.events, "orgs": self.args.orgs, "seed": self.args.seed,
+                "partitions": self.args.partitions, "latency_rate": self.args.latency_rate,
+                "latency_seconds": self.args.latency_seconds, "stored": self.args.stored,
+                "batch_max_messages": self.args.batch_max_messages, "batch_max_wait_ms": self.args.batch_max_wait_ms,
+                "worker_kafka_properties": self.args.worker_kafka_properties,
+                "worker_env": self.args.worker_env,
+            },
+            "stream": {
+                "events": self.produced.messages, "organizations": s.orgs, "workspaces": s.workspaces,
+                "largest_workspace": s.largest_workspace, "median_workspace": s.median_workspace,
+                "huge_workspaces": s.huge_workspaces, "added": s.added, "cancelled": s.cancelled,
+                "cancelled_activated": s.cancelled_activated, "modules_enabled": s.modules, "grants": s.grants,
+                "refills": s.refills, "manual_transfers": s.transfers, "transfers_by_viewers": s.transfers_by_viewers,
+                "orgs_ample": s.orgs_ample, "orgs_refilled": s.orgs_refilled, "orgs_short": s.orgs_short,
+                "mean_bytes": s.mean_bytes, "late_events": s.late_events,
+                "generate_seconds": self.generate_seconds,
+            },
+            "produce": {"messages": self.produced.messages, "seconds": self.produced.seconds, "per_second": self.produced.rate()},
+            "limits": {
+                "plain_consumer": {"messages": self.consumer_limit.messages, "messages_by_watermarks": self.consumer_limit.expected, "seconds": self.consumer_limit.seconds, "per_second": self.consumer_limit.rate()},
+                "postgres_copy": {"rows": self.copy_limit.messages, "participant_events": self.participant_events,
+                                  "seconds": self.copy_limit.seconds, "per_second": self.copy_limit.rate()},
+                "slower": slower_name, "slower_per_second": slower,
+            },
+            "end_to_end": self.main_run.json(),
+            "ratio_to_slower_limit": self.main_run.rate() / slower,
+            "latency": self.latency.as_ref().map(|l| json!({
+                "offered_rate": l.offered_rate, "produced": l.produced, "produce_seconds": l.produce_seconds,
+                "workspaces": l.warmup_workspaces, "matched": l.matched, "alerts_read": l.alerts_read,
+                "per_second_of_sending": l.per_second.iter().map(|(p50, max)| json!({"p50_ms": p50, "max_ms": max})).collect::<Vec<_>>(),
+                "p50_ms": l.p50_ms, "p99_ms": l.p99_ms, "p999_ms": l.p999_ms, "max_ms": l.max_ms, "mean_ms": l.mean_ms,
+                "drained_after_seconds": l.drained_seconds, "checkpoints": l.checkpoints, "peak_rss_mib": l.peak_rss_kib as f64 / 1024.0,
+                "cpu": l.cpu.json(), "worker_metrics": l.metrics.json(), "exit_code": l.exit,
+                "log": {"warnings": l.log.warnings, "errors": l.log.errors},
+            })),
+            "state_growth": self.growth.iter().map(RunResult::json).collect::<Vec<_>>(),
+            "phases": self.phases.iter().map(|(name, seconds)| json!({"part": name, "seconds": seconds})).collect::<Vec<_>>(),
+            "total_seconds": self.total_seconds,
+        })
+    }
+}
