@@ -104,6 +104,53 @@ pub struct LogSettings {
 }
 
 impl Settings {
+    /// The `ENTITLEMENTS__` environment variables that configure another process (a worker
+    /// started by the tests or the benchmark) like `self`, for the keys those change.
+    pub fn environment(&self) -> Vec<(String, String)> {
+        let topics = &self.topics;
+        [
+            ("KAFKA__BROKERS", self.kafka.brokers.clone()),
+            ("KAFKA__GROUP_ID", self.kafka.group_id.clone()),
+            (
+                "KAFKA__SESSION_TIMEOUT_MS",
+                self.kafka.session_timeout_ms.to_string(),
+            ),
+            ("DATABASE__URL", self.database.url.clone()),
+            ("METRICS__LISTEN", self.metrics.listen.clone()),
+            ("MODULES__AUTO_ASSIGN", self.modules.auto_assign.to_string()),
+            ("BATCH__MAX_WAIT_MS", self.batch.max_wait_ms.to_string()),
+            ("BATCH__MAX_MESSAGES", self.batch.max_messages.to_string()),
+            (
+                "OUTBOX__POLL_INTERVAL_MS",
+                self.outbox.poll_interval_ms.to_string(),
+            ),
+            ("LOG__FORMAT", self.log.format.clone()),
+            (
+                "TOPICS__PARTICIPANT_ADDED",
+                topics.participant_added.clone(),
+            ),
+            (
+                "TOPICS__PARTICIPANT_CANCELLED",
+                topics.participant_cancelled.clone(),
+            ),
+            ("TOPICS__MODULE_ENABLED", topics.module_enabled.clone()),
+            (
+                "TOPICS__ENTITLEMENT_GRANTED",
+                topics.entitlement_granted.clone(),
+            ),
+            (
+                "TOPICS__TRANSFER_REQUESTED",
+                topics.transfer_requested.clone(),
+            ),
+            ("TOPICS__SHORTFALLS", topics.shortfalls.clone()),
+            ("TOPICS__LEDGER", topics.ledger.clone()),
+            ("TOPICS__DLQ", topics.dlq.clone()),
+        ]
+        .into_iter()
+        .map(|(key, value)| (format!("ENTITLEMENTS__{key}"), value))
+        .collect()
+    }
+
     /// Loads the layers in order; later layers win.
     pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
         let mut builder = config::Config::builder().add_source(config::File::from_str(

@@ -16,55 +16,10 @@ pub struct WorkerProcess {
 /// The environment that points the binary at `settings`: every key the tests change,
 /// through the `ENTITLEMENTS__` variables the contract names.
 pub fn environment(settings: &Settings, metrics_address: &str) -> Vec<(String, String)> {
-    let topics = &settings.topics;
-    let mut variables = vec![
-        ("KAFKA__BROKERS", settings.kafka.brokers.clone()),
-        ("KAFKA__GROUP_ID", settings.kafka.group_id.clone()),
-        (
-            "KAFKA__SESSION_TIMEOUT_MS",
-            settings.kafka.session_timeout_ms.to_string(),
-        ),
-        ("DATABASE__URL", settings.database.url.clone()),
-        ("METRICS__LISTEN", metrics_address.to_owned()),
-        (
-            "MODULES__AUTO_ASSIGN",
-            settings.modules.auto_assign.to_string(),
-        ),
-        ("BATCH__MAX_WAIT_MS", settings.batch.max_wait_ms.to_string()),
-        (
-            "BATCH__MAX_MESSAGES",
-            settings.batch.max_messages.to_string(),
-        ),
-        (
-            "OUTBOX__POLL_INTERVAL_MS",
-            settings.outbox.poll_interval_ms.to_string(),
-        ),
-        ("LOG__FORMAT", "json".to_owned()),
-        (
-            "TOPICS__PARTICIPANT_ADDED",
-            topics.participant_added.clone(),
-        ),
-        (
-            "TOPICS__PARTICIPANT_CANCELLED",
-            topics.participant_cancelled.clone(),
-        ),
-        ("TOPICS__MODULE_ENABLED", topics.module_enabled.clone()),
-        (
-            "TOPICS__ENTITLEMENT_GRANTED",
-            topics.entitlement_granted.clone(),
-        ),
-        (
-            "TOPICS__TRANSFER_REQUESTED",
-            topics.transfer_requested.clone(),
-        ),
-        ("TOPICS__SHORTFALLS", topics.shortfalls.clone()),
-        ("TOPICS__LEDGER", topics.ledger.clone()),
-        ("TOPICS__DLQ", topics.dlq.clone()),
-    ];
-    variables
-        .drain(..)
-        .map(|(key, value)| (format!("ENTITLEMENTS__{key}"), value))
-        .collect()
+    let mut settings = settings.clone();
+    settings.metrics.listen = metrics_address.to_owned();
+    settings.log.format = "json".to_owned();
+    settings.environment()
 }
 
 impl WorkerProcess {
