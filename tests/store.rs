@@ -89,3 +89,129 @@ async fn a_batch_delivered_twice_is_applied_once() {
             .unwrap();
     assert_eq!(sequence, 2);
 }
+
+#[tokio::test]
+async fn a_lot_becoming_valid_fills_a_workspace_the_batch_does_not_name() {
+    // Given a grant valid only from t+2 s and a workspace left waiting for a seat,
+    let store = store().await;
+    let now = Utc::now();
+    let valid_from = (now + Duration::seconds(2)).to_rfc3339();
+    let grant = format!(
+        r#"{{"event_id":"g-later","occurred_at":"{}","org_id":"acme","product":"seat","quantity":5,"valid_from":"{valid_from}"}}"#,
+        now.to_rfc3339()
+    );
+    let waiting = r#"{"event_id":"a-waiting","occurred_at":"2026-01-01T09:00:00Z","org_id":"acme","workspace_id":"w-waiting","participant_id":"p1"}"#;
+    let first = store
+        .apply_batch(
+            &[
+                inbound("granted", 0, InputKind::EntitlementGranted, &grant),
+                inbound("added", 0, InputKind::ParticipantAdded, waiting),
+            ],
+            Policy::default(),
+            now,
+        )
+        .await
+        .unwrap();
+    assert!(first.ledger_entries.is_empty(), "nothing is valid yet");
+    assert_eq!(first.alerts, 1, "a shortfall opens for w-waiting");
+
+    // when a later batch names only another workspace of the organization, after t+2 s,
+    let other = r#"{"event_id":"a-other","occurred_at":"2026-01-01T09:00:01Z","org_id":"acme","workspace_id":"w-other","participant_id":"p2"}"#;
+    let second = store
+        .apply_batch(
+            &[inbound("added", 1, InputKind::ParticipantAdded, other)],
+            Policy::default(),
+            now + Duration::seconds(3),
+        )
+        .await
+        .unwrap();
+
+    // then the units become valid and fill the waiting workspace too (rule 8).
+    assert_eq!(second.ledger_entries.get("grant"), Some(&1));
+    assert_eq!(second.ledger_entries.get("transfer"), Some(&2));
+    let allocated: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT workspace_id, required, allocated FROM consumption WHERE org_id = 'acme' ORDER BY 1",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        allocated,
+        vec![("w-other".to_owned(), 1, 1), ("w-waiting".to_owned(), 1, 1)]
+    );
+}
+
+#[tokio::test]
+async fn a_batch_leaves_its_messages_in_one_outbox_row_read_whole_and_in_order() {
+    let store = store().await;
+    let now = Utc::now();
+    let grant = r#"{"event_id":"g1","occurred_at":"2026-01-01T09:00:00Z","org_id":"acme","product":"seat","quantity":1}"#;
+    let joins: Vec<String> = (1..=3)
+        .map(|n| format!(r#"{{"event_id":"a{n}","occurred_at":"2026-01-01T09:00:0{n}Z","org_id":"acme","workspace_id":"w","participant_id":"p{n}"}}"#))
+        .collect();
+    let mut batch = vec![inbound("granted", 0, InputKind::EntitlementGranted, grant)];
+    batch.extend(
+        joins
+            .iter()
+            .enumerate()
+            .map(|(n, join)| inbound("added", n as i64, InputKind::ParticipantAdded, join)),
+    );
+    batch.push(inbound("added", 3, InputKind::ParticipantAdded, "not json"));
+    let report = store
+        .apply_batch(&batch, Policy::default(), now)
+        .await
+        .unwrap();
+    // grant + one transfer, one alert (2 missing), one dead letter.
+    assert_eq!(report.ledger_total(), 2);
+    assert_eq!(report.alerts, 1);
+    let second = store
+        .apply_batch(
+            &[inbound(
+                "granted",
+                1,
+                InputKind::EntitlementGranted,
+                r#"{"event_id":"g2","occurred_at":"2026-01-01T09:01:00Z","org_id":"acme","product":"seat","quantity":2}"#,
+            )],
+            Policy::default(),
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        second.ledger_total(),
+        2,
+        "a grant and the transfer it allowed"
+    );
+    assert_eq!(second.alerts, 1, "the shortfall is resolved");
+    assert_eq!(store.outbox_backlog().await.unwrap(), 4 + 3);
+
+    // A round asking for fewer messages than the first row holds still gets that row whole.
+    let rows = store.pending_outbox(1).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    let kinds: Vec<&str> = rows[0]
+        .messages
+        .iter()
+        .map(|message| message.channel.as_str())
+        .collect();
+    assert_eq!(kinds, ["dlq", "ledger", "ledger", "shortfalls"]);
+    let sequences: Vec<i64> = rows[0]
+        .messages
+        .iter()
+        .filter(|message| message.channel.as_str() == "ledger")
+        .map(|message| {
+            serde_json::from_slice::<serde_json::Value>(&message.payload).unwrap()["sequence"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(sequences, [1, 2]);
+
+    // Both rows fit in a larger round, oldest first; removing them empties the outbox.
+    let rows = store.pending_outbox(100).await.unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(rows[0].id < rows[1].id);
+    assert_eq!(rows[1].messages.len(), 3);
+    let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
+    store.remove_published(&ids).await.unwrap();
+    assert_eq!(store.outbox_backlog().await.unwrap(), 0);
+}

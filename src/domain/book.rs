@@ -107,6 +107,8 @@ pub struct Consumption {
     pub alert_revision: i64,
     /// The event that last changed it: the alert's `caused_by`.
     pub last_cause: Option<EventId>,
+    /// True when the row is not stored yet (the store inserts it rather than updating it).
+    pub is_new: bool,
     pub dirty: bool,
 }
 
@@ -121,6 +123,7 @@ impl Consumption {
             reported_opened_at: None,
             alert_revision: 0,
             last_cause: None,
+            is_new: true,
             dirty: false,
         }
     }
@@ -137,6 +140,8 @@ pub struct ParticipantRecord {
     pub last_event_at: DateTime<Utc>,
     pub last_event_id: EventId,
     pub counted: bool,
+    /// True when the row is not stored yet (the store inserts it rather than updating it).
+    pub is_new: bool,
     pub dirty: bool,
 }
 
@@ -276,6 +281,10 @@ pub struct Book {
     pub newly_processed: Vec<EventId>,
     /// Organizations whose lots were already brought up to the batch's time.
     pub settled: HashSet<OrgId>,
+    /// Organizations whose open shortfalls the store did not load, because nothing in the
+    /// batch can credit their pools (no grant, no lot becoming valid). A refill needs every
+    /// open shortfall of the organization, so one here is a bug in the store's choice.
+    pub shortfalls_not_loaded: HashSet<OrgId>,
     /// Ledger entries of this batch, in sequence order per organization.
     pub ledger: Vec<LedgerEntry>,
     /// Shortfall changes of this batch, filled by `finish`.

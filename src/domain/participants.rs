@@ -38,13 +38,13 @@ impl Book {
         now: DateTime<Utc>,
     ) -> Verdict {
         let key = (workspace_id.clone(), participant_id.clone());
-        let counted_before = match self.participants.get(&key) {
+        let (counted_before, is_new) = match self.participants.get(&key) {
             Some(latest) if latest.last_event_id == command.event_id => return Verdict::Duplicate,
             Some(latest) if !is_newer(command.occurred_at, &command.event_id, latest) => {
                 return Verdict::Stale
             }
-            Some(latest) => latest.counted,
-            None => false,
+            Some(latest) => (latest.counted, latest.is_new),
+            None => (false, true),
         };
         let counted_after = counts(cancellation);
         self.participants.insert(
@@ -53,6 +53,7 @@ impl Book {
                 last_event_at: command.occurred_at,
                 last_event_id: command.event_id.clone(),
                 counted: counted_after,
+                is_new,
                 dirty: true,
             },
         );
@@ -96,6 +97,7 @@ mod tests {
             last_event_at: at(10),
             last_event_id: EventId::parse("m").unwrap(),
             counted: true,
+            is_new: false,
             dirty: false,
         };
         assert!(is_newer(at(11), &EventId::parse("a").unwrap(), &latest));

@@ -239,6 +239,10 @@ impl Book {
         if !product.is_seat() && !self.policy.modules_auto_assign {
             return;
         }
+        assert!(
+            !self.shortfalls_not_loaded.contains(org_id),
+            "a refill of {org_id:?} needs its open shortfalls, which were not loaded"
+        );
         let mut waiting: Vec<_> = self
             .consumption
             .iter()

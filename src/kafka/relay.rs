@@ -1,4 +1,4 @@
-//! The outbox relay: publishes committed outbox rows in order with an idempotent producer
+//! The outbox relay: publishes the messages of committed outbox rows in order with an idempotent producer
 //! and removes them once the broker acknowledged them. One relay publishes at a time
 //! across all instances (a PostgreSQL advisory lock), so an organization's ledger goes out
 //! in sequence order; a crash re-publishes the same rows with the same ids.
@@ -98,7 +98,7 @@ impl Relay {
     }
 
     /// One round: take the lock if free, publish up to a batch of rows in order, remove the
-    /// acknowledged prefix. Returns how many rows were removed.
+    /// rows acknowledged whole. Returns how many messages those rows held.
     async fn round(&mut self) -> anyhow::Result<usize> {
         if !self.hold_lock().await? {
             return Ok(0);
@@ -111,57 +111,72 @@ impl Relay {
             return Ok(0);
         }
         let topics = &self.settings.topics;
-        let deliveries: Vec<_> = rows
+        let deliveries: Vec<Vec<_>> = rows
             .iter()
             .map(|row| {
-                let topic = match row.channel {
-                    Channel::Ledger => &topics.ledger,
-                    Channel::Shortfalls => &topics.shortfalls,
-                    Channel::Dlq => &topics.dlq,
-                };
-                let mut record = FutureRecord::<str, [u8]>::to(topic).payload(&row.payload);
-                if let Some(key) = &row.key {
-                    record = record.key(key.as_str());
-                }
-                // The record handed back on a failed enqueue is not needed: drop it here.
-                self.producer
-                    .send_result(record)
-                    .map_err(|(error, _record)| error)
+                row.messages
+                    .iter()
+                    .map(|message| {
+                        let topic = match message.channel {
+                            Channel::Ledger => &topics.ledger,
+                            Channel::Shortfalls => &topics.shortfalls,
+                            Channel::Dlq => &topics.dlq,
+                        };
+                        let mut record =
+                            FutureRecord::<str, [u8]>::to(topic).payload(&message.payload);
+                        if let Some(key) = &message.key {
+                            record = record.key(key.as_str());
+                        }
+                        // The record handed back on a failed enqueue is not needed.
+                        self.producer
+                            .send_result(record)
+                            .map_err(|(error, _record)| error)
+                    })
+                    .collect()
             })
             .collect();
-        // Remove only the acknowledged prefix: a row after a failed one is sent again with
-        // it, so the order per organization holds (a consumer drops the repeat by its id).
+        // Remove only the rows acknowledged whole, up to the first failure: a row after a
+        // failed one is sent again with it, so the order per organization holds (a
+        // consumer drops the repeat by its id).
         let mut acknowledged = Vec::with_capacity(rows.len());
+        let mut published = 0;
         let mut failure = None;
-        for (row, delivery) in rows.iter().zip(deliveries) {
-            let outcome = match delivery {
-                Ok(future) => match future.await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err((error, _))) => Err(error.to_string()),
-                    Err(_) => Err("the delivery was cancelled".to_owned()),
-                },
-                Err(error) => Err(error.to_string()),
-            };
-            match outcome {
-                Ok(()) if failure.is_none() => {
-                    acknowledged.push(row.id);
-                    self.metrics
-                        .published
-                        .with_label_values(&[row.channel.as_str()])
-                        .inc();
+        for (row, row_deliveries) in rows.iter().zip(deliveries) {
+            let mut row_failed = false;
+            for (message, delivery) in row.messages.iter().zip(row_deliveries) {
+                let outcome = match delivery {
+                    Ok(future) => match future.await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err((error, _))) => Err(error.to_string()),
+                        Err(_) => Err("the delivery was cancelled".to_owned()),
+                    },
+                    Err(error) => Err(error.to_string()),
+                };
+                match outcome {
+                    Ok(()) if failure.is_none() => {
+                        self.metrics
+                            .published
+                            .with_label_values(&[message.channel.as_str()])
+                            .inc();
+                    }
+                    Ok(()) => {}
+                    Err(error) => {
+                        row_failed = true;
+                        self.metrics.publish_errors.inc();
+                        failure.get_or_insert(error);
+                    }
                 }
-                Ok(()) => {}
-                Err(error) => {
-                    self.metrics.publish_errors.inc();
-                    failure.get_or_insert(error);
-                }
+            }
+            if failure.is_none() && !row_failed {
+                acknowledged.push(row.id);
+                published += row.messages.len();
             }
         }
         if !acknowledged.is_empty() {
             self.store.remove_published(&acknowledged).await?;
         }
         match failure {
-            None => Ok(acknowledged.len()),
+            None => Ok(published),
             Some(error) => anyhow::bail!("the broker did not acknowledge a message: {error}"),
         }
     }

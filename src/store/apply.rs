@@ -95,6 +95,7 @@ impl Store {
             &mut transaction,
             commands.iter().map(|(_, command)| *command),
             policy,
+            now,
         )
         .await?;
 

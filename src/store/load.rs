@@ -7,19 +7,22 @@ use sqlx::PgConnection;
 
 use super::StoreError;
 use crate::domain::{
-    Book, Command, Consumption, EventId, Lot, LotStatus, OrgId, Organization, ParticipantId,
-    ParticipantRecord, Policy, Pool, Product, WorkspaceId,
+    Book, Command, CommandBody, Consumption, EventId, Lot, LotStatus, OrgId, Organization,
+    ParticipantId, ParticipantRecord, Policy, Pool, Product, WorkspaceId,
 };
 
-/// Loads what the commands need: their organizations (locked), pools, lots and open
-/// shortfalls; the workspaces, consumption and participants they name; which of their
-/// event ids were already applied.
+/// Loads what the commands need: their organizations (locked), pools and lots; the open
+/// shortfalls of the organizations whose pools the batch can credit at `now`; the
+/// workspaces, consumption and participants they name; which of their event ids were
+/// already applied.
 pub(super) async fn load_book<'a>(
     connection: &mut PgConnection,
     commands: impl Iterator<Item = &'a Command>,
     policy: Policy,
+    now: DateTime<Utc>,
 ) -> Result<Book, StoreError> {
     let mut orgs = BTreeSet::new();
+    let mut granting = BTreeSet::new();
     let mut workspaces = BTreeSet::new();
     let mut participants = BTreeSet::new();
     let mut deduplicated = Vec::new();
@@ -37,9 +40,30 @@ pub(super) async fn load_book<'a>(
         if command.needs_deduplication() {
             deduplicated.push(command.event_id.as_str().to_owned());
         }
+        if matches!(command.body, CommandBody::EntitlementGranted { .. }) {
+            granting.insert(command.org_id.clone());
+        }
     }
     let orgs: Vec<OrgId> = orgs.into_iter().collect();
-    let mut book = load_book_for_orgs(connection, &orgs, policy).await?;
+    let mut book = lock_and_load_pools(connection, &orgs, policy).await?;
+    // Only a pool that gains units fills waiting workspaces (rule 8): a grant in this
+    // batch, or a stored lot whose validity starts by `now`. Every other organization's
+    // open shortfalls stay in the database; reloading them for each batch made the cost
+    // of a batch grow with the shortfalls left open, which modules waiting for a person
+    // keep open for good.
+    let crediting: Vec<&str> = orgs
+        .iter()
+        .filter(|org_id| granting.contains(*org_id) || has_lot_due(&book, org_id, now))
+        .map(OrgId::as_str)
+        .collect();
+    book.shortfalls_not_loaded = orgs
+        .iter()
+        .filter(|org_id| !crediting.contains(&org_id.as_str()))
+        .cloned()
+        .collect();
+    if !crediting.is_empty() {
+        load_open_shortfalls(connection, &crediting, &mut book).await?;
+    }
     let workspaces: Vec<String> = workspaces.into_iter().collect();
 
     let owners: Vec<(String, String)> =
@@ -82,6 +106,7 @@ pub(super) async fn load_book<'a>(
                 last_event_at,
                 last_event_id: parse(EventId::parse(&last_event_id))?,
                 counted,
+                is_new: false,
                 dirty: false,
             },
         );
@@ -100,10 +125,43 @@ pub(super) async fn load_book<'a>(
     Ok(book)
 }
 
-/// Locks the organizations (creating their rows if new) in `org_id` order, so that two
-/// batches can never wait on each other in a cycle, and loads their pools, lots and open
-/// shortfalls.
+/// Locks the organizations (creating their rows if new) and loads their pools, lots and
+/// open shortfalls: what the clock needs to settle validity windows.
 pub(super) async fn load_book_for_orgs(
+    connection: &mut PgConnection,
+    orgs: &[OrgId],
+    policy: Policy,
+) -> Result<Book, StoreError> {
+    let mut book = lock_and_load_pools(connection, orgs, policy).await?;
+    let names: Vec<&str> = orgs.iter().map(OrgId::as_str).collect();
+    load_open_shortfalls(connection, &names, &mut book).await?;
+    Ok(book)
+}
+
+/// Whether a pending lot of `org_id` becomes valid by `now`, crediting its pool.
+fn has_lot_due(book: &Book, org_id: &OrgId, now: DateTime<Utc>) -> bool {
+    book.lots
+        .iter()
+        .filter(|((owner, _), _)| owner == org_id)
+        .flat_map(|(_, lots)| lots)
+        .any(|lot| lot.status == LotStatus::Pending && lot.valid_from <= now)
+}
+
+async fn load_open_shortfalls(
+    connection: &mut PgConnection,
+    orgs: &[&str],
+    book: &mut Book,
+) -> Result<(), StoreError> {
+    let rows: Vec<ConsumptionRow> = sqlx::query_as(CONSUMPTION_COLUMNS_OPEN_BY_ORG)
+        .bind(orgs)
+        .fetch_all(&mut *connection)
+        .await?;
+    insert_consumption(book, rows)
+}
+
+/// Locks the organizations (creating their rows if new) in `org_id` order, so that two
+/// batches can never wait on each other in a cycle, and loads their pools and lots.
+async fn lock_and_load_pools(
     connection: &mut PgConnection,
     orgs: &[OrgId],
     policy: Policy,
@@ -218,12 +276,6 @@ pub(super) async fn load_book_for_orgs(
                 dirty: false,
             });
     }
-
-    let rows: Vec<ConsumptionRow> = sqlx::query_as(CONSUMPTION_COLUMNS_OPEN_BY_ORG)
-        .bind(&names)
-        .fetch_all(&mut *connection)
-        .await?;
-    insert_consumption(&mut book, rows)?;
     Ok(book)
 }
 
@@ -282,6 +334,7 @@ fn insert_consumption(book: &mut Book, rows: Vec<ConsumptionRow>) -> Result<(), 
                     .map(EventId::parse)
                     .transpose()
                     .map_err(|error| StoreError::Corrupt(error.to_string()))?,
+                is_new: false,
                 dirty: false,
             },
         );

@@ -14,7 +14,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
 
 pub use apply::{BatchReport, Inbound};
-pub use outbox::{Channel, OutboxRow};
+pub use outbox::{Channel, OutboxMessage, OutboxRow};
 
 use crate::settings::DatabaseSettings;
 

@@ -1,5 +1,6 @@
 //! The outbox: messages committed in the same transaction as the state they describe,
-//! published by the relay and removed once the broker acknowledged them.
+//! one row per committed batch, published by the relay and removed once the broker
+//! acknowledged all its messages.
 
 use serde::Serialize;
 use sqlx::PgConnection;
@@ -34,11 +35,12 @@ impl Channel {
     }
 }
 
-/// A message about to be written to the outbox.
-pub(super) struct OutboxMessage {
-    channel: Channel,
-    key: Option<String>,
-    payload: Vec<u8>,
+/// One message of the outbox: where it goes, its key and its bytes.
+#[derive(Debug, Clone)]
+pub struct OutboxMessage {
+    pub channel: Channel,
+    pub key: Option<String>,
+    pub payload: Vec<u8>,
 }
 
 impl OutboxMessage {
@@ -51,15 +53,16 @@ impl OutboxMessage {
     }
 }
 
-/// A committed message waiting to be published.
+/// The messages of one committed batch (or clock round), waiting to be published in
+/// their order.
 #[derive(Debug, Clone)]
 pub struct OutboxRow {
     pub id: i64,
-    pub channel: Channel,
-    pub key: Option<String>,
-    pub payload: Vec<u8>,
+    pub messages: Vec<OutboxMessage>,
 }
 
+/// Writes a batch's messages as one row: the cost of the outbox is per batch, not per
+/// message.
 pub(super) async fn insert(
     connection: &mut PgConnection,
     messages: &[OutboxMessage],
@@ -67,18 +70,15 @@ pub(super) async fn insert(
     if messages.is_empty() {
         return Ok(());
     }
+    let count = i32::try_from(messages.len()).expect("a batch holds fewer than 2^31 messages");
     let channels: Vec<&str> = messages.iter().map(|m| m.channel.as_str()).collect();
     let keys: Vec<Option<&str>> = messages.iter().map(|m| m.key.as_deref()).collect();
     let payloads: Vec<&[u8]> = messages.iter().map(|m| m.payload.as_slice()).collect();
-    // WITH ORDINALITY keeps the ids in the order of the messages: ledger entries go out in
-    // sequence order.
     sqlx::query(
-        "INSERT INTO outbox (channel, message_key, payload)
-         SELECT channel, message_key, payload
-           FROM UNNEST($1::text[], $2::text[], $3::bytea[]) WITH ORDINALITY
-                AS m (channel, message_key, payload, position)
-          ORDER BY position",
+        "INSERT INTO outbox (messages, channels, message_keys, payloads)
+         VALUES ($1, $2::text[], $3::text[], $4::bytea[])",
     )
+    .bind(count)
     .bind(&channels)
     .bind(&keys)
     .bind(&payloads)
@@ -88,24 +88,48 @@ pub(super) async fn insert(
 }
 
 impl Store {
-    /// The oldest committed messages not yet published, in commit order per organization.
-    pub async fn pending_outbox(&self, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
-        let rows: Vec<(i64, String, Option<String>, Vec<u8>)> = sqlx::query_as(
-            "SELECT id, channel, message_key, payload FROM outbox ORDER BY id LIMIT $1",
+    /// The oldest committed rows not yet published, in commit order per organization: as
+    /// many whole rows as hold at most `limit_messages` messages, and at least one row.
+    pub async fn pending_outbox(&self, limit_messages: i64) -> Result<Vec<OutboxRow>, StoreError> {
+        // The row sizes are read first (without the payloads, which live out of line), so
+        // a round never reads more than it publishes.
+        type Row = (i64, Vec<String>, Vec<Option<String>>, Vec<Vec<u8>>);
+        let rows: Vec<Row> = sqlx::query_as(
+            "WITH head AS (
+                 SELECT id, sum(messages) OVER (ORDER BY id) - messages AS before
+                   FROM (SELECT id, messages FROM outbox ORDER BY id LIMIT $1) AS oldest
+             )
+             SELECT o.id, o.channels, o.message_keys, o.payloads
+               FROM outbox o JOIN head h ON h.id = o.id
+              WHERE h.before = 0 OR h.before + o.messages <= $1
+              ORDER BY o.id",
         )
-        .bind(limit)
+        .bind(limit_messages.max(1))
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
-            .map(|(id, channel, key, payload)| {
-                let channel = Channel::parse(&channel)
-                    .ok_or_else(|| StoreError::Corrupt(format!("outbox channel {channel:?}")))?;
-                Ok(OutboxRow {
-                    id,
-                    channel,
-                    key,
-                    payload,
-                })
+            .map(|(id, channels, keys, payloads)| {
+                if channels.len() != keys.len() || channels.len() != payloads.len() {
+                    return Err(StoreError::Corrupt(format!(
+                        "outbox row {id} has arrays of different lengths"
+                    )));
+                }
+                let messages = channels
+                    .into_iter()
+                    .zip(keys)
+                    .zip(payloads)
+                    .map(|((channel, key), payload)| {
+                        let channel = Channel::parse(&channel).ok_or_else(|| {
+                            StoreError::Corrupt(format!("outbox channel {channel:?}"))
+                        })?;
+                        Ok(OutboxMessage {
+                            channel,
+                            key,
+                            payload,
+                        })
+                    })
+                    .collect::<Result<_, StoreError>>()?;
+                Ok(OutboxRow { id, messages })
             })
             .collect()
     }
@@ -121,9 +145,10 @@ impl Store {
 
     /// Messages committed and not yet published, for the gauge.
     pub async fn outbox_backlog(&self) -> Result<i64, StoreError> {
-        let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM outbox")
-            .fetch_one(&self.pool)
-            .await?;
+        let (count,): (i64,) =
+            sqlx::query_as("SELECT coalesce(sum(messages), 0)::bigint FROM outbox")
+                .fetch_one(&self.pool)
+                .await?;
         Ok(count)
     }
 }

@@ -5,7 +5,7 @@ use sqlx::PgConnection;
 
 use super::StoreError;
 use crate::codec::entry_id;
-use crate::domain::Book;
+use crate::domain::{Book, Consumption, ParticipantId, ParticipantRecord, Product, WorkspaceId};
 
 pub(super) async fn write_book(
     connection: &mut PgConnection,
@@ -161,94 +161,145 @@ async fn write_lots(connection: &mut PgConnection, book: &Book) -> Result<(), St
     Ok(())
 }
 
+/// New consumption rows are inserted and stored ones updated, each set in one statement:
+/// the book knows which rows it loaded, so no row pays for `ON CONFLICT`'s extra index
+/// probe.
 async fn write_consumption(connection: &mut PgConnection, book: &Book) -> Result<(), StoreError> {
-    let dirty: Vec<_> = book
+    let (new, stored): (Vec<_>, Vec<_>) = book
         .consumption
         .iter()
         .filter(|(_, consumption)| consumption.dirty)
-        .collect();
-    if dirty.is_empty() {
+        .partition(|(_, consumption)| consumption.is_new);
+    write_consumption_rows(connection, &new, INSERT_CONSUMPTION).await?;
+    write_consumption_rows(connection, &stored, UPDATE_CONSUMPTION).await
+}
+
+/// The consumption rows of a batch as a relation, for both statements below.
+macro_rules! consumption_rows {
+    () => {
+        "UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::timestamptz[],
+            $7::bigint[], $8::timestamptz[], $9::bigint[], $10::text[])
+       AS c (workspace_id, product, org_id, required, allocated, shortfall_since,
+             reported_missing, reported_opened_at, alert_revision, last_cause)"
+    };
+}
+
+const INSERT_CONSUMPTION: &str = concat!(
+    "INSERT INTO consumption (workspace_id, product, org_id, required, allocated, shortfall_since,
+                              reported_missing, reported_opened_at, alert_revision, last_cause)
+     SELECT * FROM ",
+    consumption_rows!()
+);
+
+const UPDATE_CONSUMPTION: &str = concat!(
+    "UPDATE consumption o SET
+         required = c.required,
+         allocated = c.allocated,
+         shortfall_since = c.shortfall_since,
+         reported_missing = c.reported_missing,
+         reported_opened_at = c.reported_opened_at,
+         alert_revision = c.alert_revision,
+         last_cause = c.last_cause
+       FROM ",
+    consumption_rows!(),
+    " WHERE o.workspace_id = c.workspace_id AND o.product = c.product AND o.org_id = c.org_id"
+);
+
+async fn write_consumption_rows(
+    connection: &mut PgConnection,
+    rows: &[(&(WorkspaceId, Product), &Consumption)],
+    statement: &'static str,
+) -> Result<(), StoreError> {
+    if rows.is_empty() {
         return Ok(());
     }
-    let workspaces: Vec<&str> = dirty.iter().map(|((ws, _), _)| ws.as_str()).collect();
-    let products: Vec<&str> = dirty
+    let workspaces: Vec<&str> = rows.iter().map(|((ws, _), _)| ws.as_str()).collect();
+    let products: Vec<&str> = rows
         .iter()
         .map(|((_, product), _)| product.as_str())
         .collect();
-    let orgs: Vec<&str> = dirty.iter().map(|(_, c)| c.org_id.as_str()).collect();
-    let required: Vec<i64> = dirty.iter().map(|(_, c)| c.required).collect();
-    let allocated: Vec<i64> = dirty.iter().map(|(_, c)| c.allocated).collect();
-    let since: Vec<Option<DateTime<Utc>>> = dirty.iter().map(|(_, c)| c.shortfall_since).collect();
-    let reported: Vec<i64> = dirty.iter().map(|(_, c)| c.reported_missing).collect();
+    let orgs: Vec<&str> = rows.iter().map(|(_, c)| c.org_id.as_str()).collect();
+    let required: Vec<i64> = rows.iter().map(|(_, c)| c.required).collect();
+    let allocated: Vec<i64> = rows.iter().map(|(_, c)| c.allocated).collect();
+    let since: Vec<Option<DateTime<Utc>>> = rows.iter().map(|(_, c)| c.shortfall_since).collect();
+    let reported: Vec<i64> = rows.iter().map(|(_, c)| c.reported_missing).collect();
     let opened: Vec<Option<DateTime<Utc>>> =
-        dirty.iter().map(|(_, c)| c.reported_opened_at).collect();
-    let revisions: Vec<i64> = dirty.iter().map(|(_, c)| c.alert_revision).collect();
-    let causes: Vec<Option<&str>> = dirty
+        rows.iter().map(|(_, c)| c.reported_opened_at).collect();
+    let revisions: Vec<i64> = rows.iter().map(|(_, c)| c.alert_revision).collect();
+    let causes: Vec<Option<&str>> = rows
         .iter()
         .map(|(_, c)| c.last_cause.as_ref().map(|cause| cause.as_str()))
         .collect();
-    sqlx::query(
-        "INSERT INTO consumption (workspace_id, product, org_id, required, allocated, shortfall_since,
-                                  reported_missing, reported_opened_at, alert_revision, last_cause)
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
-                              $6::timestamptz[], $7::bigint[], $8::timestamptz[], $9::bigint[], $10::text[])
-         ON CONFLICT (workspace_id, product) DO UPDATE SET
-             required = EXCLUDED.required,
-             allocated = EXCLUDED.allocated,
-             shortfall_since = EXCLUDED.shortfall_since,
-             reported_missing = EXCLUDED.reported_missing,
-             reported_opened_at = EXCLUDED.reported_opened_at,
-             alert_revision = EXCLUDED.alert_revision,
-             last_cause = EXCLUDED.last_cause",
-    )
-    .bind(&workspaces)
-    .bind(&products)
-    .bind(&orgs)
-    .bind(&required)
-    .bind(&allocated)
-    .bind(&since)
-    .bind(&reported)
-    .bind(&opened)
-    .bind(&revisions)
-    .bind(&causes)
-    .execute(&mut *connection)
-    .await?;
+    let done = sqlx::query(statement)
+        .bind(&workspaces)
+        .bind(&products)
+        .bind(&orgs)
+        .bind(&required)
+        .bind(&allocated)
+        .bind(&since)
+        .bind(&reported)
+        .bind(&opened)
+        .bind(&revisions)
+        .bind(&causes)
+        .execute(&mut *connection)
+        .await?;
+    expect_rows("consumption", rows.len(), done.rows_affected())
+}
+
+/// A stored row the book loaded must still be there to update, under the organization
+/// lock; anything else means the tables changed behind the worker's back.
+fn expect_rows(table: &str, expected: usize, affected: u64) -> Result<(), StoreError> {
+    if affected != expected as u64 {
+        return Err(StoreError::Corrupt(format!(
+            "{affected} {table} rows were written where the batch changed {expected}"
+        )));
+    }
     Ok(())
 }
 
+/// New participants are inserted and known ones updated, each set in one statement.
 async fn write_participants(connection: &mut PgConnection, book: &Book) -> Result<(), StoreError> {
-    let dirty: Vec<_> = book
+    let (new, stored): (Vec<_>, Vec<_>) = book
         .participants
         .iter()
         .filter(|(_, record)| record.dirty)
-        .collect();
-    if dirty.is_empty() {
+        .partition(|(_, record)| record.is_new);
+    write_participant_rows(connection, &new, INSERT_PARTICIPANTS).await?;
+    write_participant_rows(connection, &stored, UPDATE_PARTICIPANTS).await
+}
+
+const INSERT_PARTICIPANTS: &str =
+    "INSERT INTO participants (workspace_id, participant_id, last_event_at, last_event_id, counted)
+     SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::bool[])";
+
+const UPDATE_PARTICIPANTS: &str = "UPDATE participants p SET
+         last_event_at = u.last_event_at, last_event_id = u.last_event_id, counted = u.counted
+       FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::bool[])
+         AS u (workspace_id, participant_id, last_event_at, last_event_id, counted)
+      WHERE p.workspace_id = u.workspace_id AND p.participant_id = u.participant_id";
+
+async fn write_participant_rows(
+    connection: &mut PgConnection,
+    rows: &[(&(WorkspaceId, ParticipantId), &ParticipantRecord)],
+    statement: &'static str,
+) -> Result<(), StoreError> {
+    if rows.is_empty() {
         return Ok(());
     }
-    let workspaces: Vec<&str> = dirty.iter().map(|((ws, _), _)| ws.as_str()).collect();
-    let participants: Vec<&str> = dirty.iter().map(|((_, p), _)| p.as_str()).collect();
-    let times: Vec<DateTime<Utc>> = dirty.iter().map(|(_, r)| r.last_event_at).collect();
-    let events: Vec<&str> = dirty
-        .iter()
-        .map(|(_, r)| r.last_event_id.as_str())
-        .collect();
-    let counted: Vec<bool> = dirty.iter().map(|(_, r)| r.counted).collect();
-    sqlx::query(
-        "INSERT INTO participants (workspace_id, participant_id, last_event_at, last_event_id, counted)
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::bool[])
-         ON CONFLICT (workspace_id, participant_id) DO UPDATE SET
-             last_event_at = EXCLUDED.last_event_at,
-             last_event_id = EXCLUDED.last_event_id,
-             counted = EXCLUDED.counted",
-    )
-    .bind(&workspaces)
-    .bind(&participants)
-    .bind(&times)
-    .bind(&events)
-    .bind(&counted)
-    .execute(&mut *connection)
-    .await?;
-    Ok(())
+    let workspaces: Vec<&str> = rows.iter().map(|((ws, _), _)| ws.as_str()).collect();
+    let participants: Vec<&str> = rows.iter().map(|((_, p), _)| p.as_str()).collect();
+    let times: Vec<DateTime<Utc>> = rows.iter().map(|(_, r)| r.last_event_at).collect();
+    let events: Vec<&str> = rows.iter().map(|(_, r)| r.last_event_id.as_str()).collect();
+    let counted: Vec<bool> = rows.iter().map(|(_, r)| r.counted).collect();
+    let done = sqlx::query(statement)
+        .bind(&workspaces)
+        .bind(&participants)
+        .bind(&times)
+        .bind(&events)
+        .bind(&counted)
+        .execute(&mut *connection)
+        .await?;
+    expect_rows("participants", rows.len(), done.rows_affected())
 }
 
 async fn write_processed(connection: &mut PgConnection, book: &Book) -> Result<(), StoreError> {

@@ -346,7 +346,7 @@ pub async fn applied(pool: &PgPool) -> i64 {
 }
 
 pub async fn outbox_backlog(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM outbox")
+    sqlx::query_scalar("SELECT coalesce(sum(messages), 0)::bigint FROM outbox")
         .fetch_one(pool)
         .await
         .unwrap_or(-1)
