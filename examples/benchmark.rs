@@ -69,8 +69,9 @@ struct Args {
     /// Seed of the stream's random generator: the same seed gives the same stream.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Partitions per topic.
-    #[arg(long, default_value_t = 3)]
+    /// Partitions per topic. Six, so that the worker's two lanes (and a second instance's)
+    /// each get a share of every topic; with three, one lane gets two of them.
+    #[arg(long, default_value_t = 6)]
     partitions: i32,
     /// Offered rate of the latency phase, in participant-added events per second.
     #[arg(long, default_value_t = 2000)]
@@ -807,7 +808,7 @@ async fn applied(pool: &PgPool) -> i64 {
 }
 
 async fn outbox_backlog(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM outbox")
+    sqlx::query_scalar("SELECT coalesce(sum(messages), 0)::bigint FROM outbox")
         .fetch_one(pool)
         .await
         .unwrap_or(-1)
@@ -2589,8 +2590,9 @@ impl Report {
         line(
             &mut out,
             format!(
-                "worker    binary, {} partitions per topic; batch.max_messages {}, batch.max_wait_ms {}, outbox.batch_size {}, outbox.poll_interval_ms {}; extra librdkafka properties: {}",
+                "worker    binary, {} partitions per topic; batch.lanes {}, batch.max_messages {}, batch.max_wait_ms {}, outbox.batch_size {}, outbox.poll_interval_ms {}; extra librdkafka properties: {}",
                 self.args.partitions,
+                defaults.batch.lanes,
                 self.args.batch_max_messages.unwrap_or(defaults.batch.max_messages),
                 self.args.batch_max_wait_ms.unwrap_or(defaults.batch.max_wait_ms),
                 defaults.outbox.batch_size,

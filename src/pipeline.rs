@@ -19,8 +19,6 @@ use crate::settings::{redact_url, Settings};
 use crate::store::{BatchReport, Inbound, Store, StoreError};
 use crate::telemetry::{self, Health, Metrics};
 
-/// Messages decoded ahead of the apply loop: bounds memory and applies back-pressure.
-const DECODED_QUEUE_CAPACITY: usize = 10_000;
 /// How often the gauges read the store.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -66,26 +64,40 @@ pub async fn run(
     tracing::info!(%address, "Serving /metrics and /healthz.");
     let server = tokio::spawn(server);
 
-    let (sender, receiver) = mpsc::channel(DECODED_QUEUE_CAPACITY);
-    let consumer = Arc::new(ConsumerThread::start(
-        &settings,
-        store.clone(),
-        sender,
-        metrics.clone(),
-        health.clone(),
-        cancel.clone(),
-    )?);
+    // Each lane is a member of the consumer group with its own consumer thread and apply
+    // loop, exactly as another instance would be: the group splits the partitions among
+    // them, and the offsets and organization locks in PostgreSQL keep them exact. Separate
+    // consumers keep a lane whose queue is full from holding back the others.
+    let mut consumers = Vec::with_capacity(settings.batch.lanes);
+    let mut lanes = Vec::with_capacity(settings.batch.lanes);
+    // Messages decoded ahead of each lane: bounds memory and applies back-pressure. A
+    // whole batch gathers here while the lane commits the one before.
+    let queue_capacity = settings.batch.max_messages;
+    for lane in 0..settings.batch.lanes {
+        let (sender, receiver) = mpsc::channel(queue_capacity);
+        let consumer = Arc::new(ConsumerThread::start(
+            lane,
+            &settings,
+            store.clone(),
+            sender,
+            metrics.clone(),
+            health.clone(),
+            cancel.clone(),
+        )?);
+        lanes.push(tokio::spawn(apply_loop(
+            receiver,
+            store.clone(),
+            policy,
+            settings.clone(),
+            metrics.clone(),
+            wake.clone(),
+            consumer.clone(),
+        )));
+        consumers.push(consumer);
+    }
     let relay = Relay::new(&settings, store.clone(), metrics.clone(), wake.clone())?;
     let relay = tokio::spawn(relay.run(relay_stop.clone()));
-    let apply = tokio::spawn(apply_loop(
-        receiver,
-        store.clone(),
-        policy,
-        settings.clone(),
-        metrics.clone(),
-        wake.clone(),
-        consumer.clone(),
-    ));
+    let apply = all_lanes(lanes, cancel.clone());
     let clock = tokio::spawn(clock_loop(
         store.clone(),
         policy,
@@ -107,7 +119,7 @@ pub async fn run(
         });
     }
 
-    let mut apply = apply;
+    let mut apply = std::pin::pin!(apply);
     let mut apply_ended = None;
     tokio::select! {
         _ = shutdown => tracing::info!("Shutdown requested; finishing the batch in hand."),
@@ -115,8 +127,8 @@ pub async fn run(
     }
     let stopping = async {
         cancel.cancel();
-        // The consumer thread stops polling and drops its sender; the apply loop commits
-        // what it holds and ends.
+        // The consumer thread stops polling and ends every lane; each lane commits what it
+        // holds and ends.
         let apply_result = match apply_ended {
             Some(result) => result,
             None => apply.await,
@@ -126,12 +138,13 @@ pub async fn run(
         let _ = gauges.await;
         relay_stop.cancel();
         let _ = relay.await;
-        let consumer = Arc::try_unwrap(consumer).ok();
-        if let Some(consumer) = consumer {
-            tokio::task::spawn_blocking(move || consumer.join()).await?;
+        for consumer in consumers {
+            if let Ok(consumer) = Arc::try_unwrap(consumer) {
+                tokio::task::spawn_blocking(move || consumer.join()).await?;
+            }
         }
         let _ = server.await;
-        apply_result?
+        apply_result
     };
     match tokio::time::timeout(
         Duration::from_millis(settings.shutdown.timeout_ms),
@@ -149,6 +162,25 @@ pub async fn run(
             settings.shutdown.timeout_ms
         ),
     }
+}
+
+/// Waits for every lane and returns the first failure. A lane that fails stops the
+/// consumer (through `cancel`), so the other lanes receive their end, commit what they
+/// hold and end too.
+async fn all_lanes(
+    lanes: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut lanes: futures::stream::FuturesUnordered<_> = lanes.into_iter().collect();
+    let mut first_failure = None;
+    while let Some(result) = futures::StreamExt::next(&mut lanes).await {
+        let result = result.map_err(anyhow::Error::from).and_then(|ended| ended);
+        if let Err(error) = result {
+            cancel.cancel();
+            first_failure.get_or_insert(error);
+        }
+    }
+    first_failure.map_or(Ok(()), Err)
 }
 
 /// Gathers messages into batches (by count or time, whichever first) and applies each in

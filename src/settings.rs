@@ -79,7 +79,14 @@ pub struct TopicSettings {
 pub struct BatchSettings {
     pub max_messages: usize,
     pub max_wait_ms: u64,
+    /// Apply lanes running side by side: each is a member of the consumer group with its
+    /// own consumer, batches and transactions.
+    pub lanes: usize,
 }
+
+/// The most apply lanes one instance runs: each holds a database connection, and past a
+/// few the cores, not the lanes, are the limit.
+pub const LANES_MAX: usize = 16;
 
 #[derive(Clone, Debug, Deserialize)]
 pub struct ClockSettings {
@@ -120,6 +127,7 @@ impl Settings {
             ("MODULES__AUTO_ASSIGN", self.modules.auto_assign.to_string()),
             ("BATCH__MAX_WAIT_MS", self.batch.max_wait_ms.to_string()),
             ("BATCH__MAX_MESSAGES", self.batch.max_messages.to_string()),
+            ("BATCH__LANES", self.batch.lanes.to_string()),
             (
                 "OUTBOX__POLL_INTERVAL_MS",
                 self.outbox.poll_interval_ms.to_string(),
@@ -193,8 +201,16 @@ impl Settings {
                 self.log.format
             ));
         }
-        if self.database.max_connections < 4 {
-            return invalid("database.max_connections must be at least 4".into());
+        if !(1..=LANES_MAX).contains(&self.batch.lanes) {
+            return invalid(format!("batch.lanes must be between 1 and {LANES_MAX}"));
+        }
+        // One connection per lane, plus the relay's lock, the relay, the clock and the
+        // gauges.
+        let needed = self.batch.lanes as u32 + 4;
+        if self.database.max_connections < needed {
+            return invalid(format!(
+                "database.max_connections must be at least batch.lanes + 4 = {needed}"
+            ));
         }
         let mut names = self.topics.all();
         let count = names.len();
@@ -307,6 +323,28 @@ impl fmt::Debug for Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lanes_are_bounded_and_need_their_connections() {
+        let mut settings = Settings::load(None).unwrap();
+        assert_eq!(settings.batch.lanes, 2);
+        settings.validate().unwrap();
+        settings.batch.lanes = 0;
+        assert!(
+            matches!(settings.validate(), Err(SettingsError::Invalid(message)) if message.contains("batch.lanes"))
+        );
+        settings.batch.lanes = LANES_MAX + 1;
+        assert!(settings.validate().is_err());
+        settings.batch.lanes = 5;
+        settings.database.max_connections = 8;
+        let error = settings.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("database.max_connections must be at least batch.lanes + 4 = 9"),
+            "{error}"
+        );
+        settings.database.max_connections = 9;
+        settings.validate().unwrap();
+    }
 
     #[test]
     fn the_defaults_are_the_contract_defaults() {

@@ -233,8 +233,13 @@ async fn the_outbox_publisher_failing_for_a_while_keeps_the_effects_and_publishe
     let mut setup = Setup::mock().await;
     setup.settings.batch.max_messages = FAULT_BATCH;
     let scenario = stream::scenario(25, knob("FAULT_SCALE", 4));
+    // The module grant that manual transfers need is applied first (the scenario's rule:
+    // a request that finds the pool empty is refused, so its order would matter).
     let setup_events: Vec<_> = scenario.setup.iter().collect();
     let before = stream::produce(&setup.settings, &setup_events, Keys::ByOrganization).await;
+    let first = setup.start_in_process().await;
+    setup.wait_until_done_or(before, String::new).await;
+    first.stop().await;
     let total = deliver(&setup, &scenario, before).await;
     // The inputs are in; from now on every produce request fails for a while.
     let errors = 300;
