@@ -1,6 +1,5 @@
-//! Every SQL statement the worker runs is a string literal (a `const` one, or a parameter
-//! typed `&'static str` that callers fill with such constants) with bound parameters: no
-//! statement is built from data. The one exception, `CREATE DATABASE`
+//! Every SQL statement the worker runs is a string literal (or a `const` one) with bound
+//! parameters: no statement is built from data. The one exception, `CREATE DATABASE`
 //! (identifiers cannot be bound), quotes its name from the configuration as an identifier.
 
 use std::path::Path;
@@ -35,13 +34,7 @@ fn every_statement_is_a_literal_with_bound_parameters() {
                     .chars()
                     .take_while(|c| c.is_ascii_uppercase() || *c == '_')
                     .collect();
-                let parameter: String = argument
-                    .chars()
-                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
-                    .collect();
                 let literal = argument.starts_with('"')
-                    || (!parameter.is_empty()
-                        && source.contains(&format!("{parameter}: &'static str")))
                     || argument.starts_with("r#\"")
                     || (!constant.is_empty()
                         && source.contains(&format!("const {constant}: &str =")));

@@ -1,6 +1,6 @@
-//! The consumer of one apply lane: a librdkafka consumer, a member of the group of its
-//! own, polled on its own thread. On assignment each
-//! partition resumes from the offset stored in PostgreSQL; on revocation the messages in
+//! The consumer of one apply lane: a librdkafka consumer, a member of the consumer
+//! group in its own right, polled on its own thread. On assignment each partition
+//! resumes from the offset stored in PostgreSQL; on revocation the messages in
 //! hand are committed before the partitions go. Decoding happens here, so the apply loop
 //! receives typed commands or rejections.
 
@@ -156,7 +156,7 @@ pub struct ConsumerThread {
 
 impl ConsumerThread {
     /// Subscribes to the five input topics as lane `lane` of this instance (a member of
-    /// the consumer group of its own) and starts polling on a new thread.
+    /// the consumer group in its own right) and starts polling on a new thread.
     pub fn start(
         lane: usize,
         settings: &Settings,

@@ -1,5 +1,5 @@
-//! The outbox relay: publishes the messages of committed outbox rows in order with an idempotent producer
-//! and removes them once the broker acknowledged them. One relay publishes at a time
+//! The outbox relay: publishes the messages of committed outbox rows in order with an
+//! idempotent producer and removes each row once the broker acknowledged all of it. One relay publishes at a time
 //! across all instances (a PostgreSQL advisory lock), so an organization's ledger goes out
 //! in sequence order; a crash re-publishes the same rows with the same ids.
 
@@ -142,7 +142,6 @@ impl Relay {
         let mut published = 0;
         let mut failure = None;
         for (row, row_deliveries) in rows.iter().zip(deliveries) {
-            let mut row_failed = false;
             for (message, delivery) in row.messages.iter().zip(row_deliveries) {
                 let outcome = match delivery {
                     Ok(future) => match future.await {
@@ -161,13 +160,13 @@ impl Relay {
                     }
                     Ok(()) => {}
                     Err(error) => {
-                        row_failed = true;
                         self.metrics.publish_errors.inc();
                         failure.get_or_insert(error);
                     }
                 }
             }
-            if failure.is_none() && !row_failed {
+            // A failure in this row or an earlier one keeps this row for the next round.
+            if failure.is_none() {
                 acknowledged.push(row.id);
                 published += row.messages.len();
             }

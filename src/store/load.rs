@@ -51,18 +51,13 @@ pub(super) async fn load_book<'a>(
     // open shortfalls stay in the database; reloading them for each batch made the cost
     // of a batch grow with the shortfalls left open, which modules waiting for a person
     // keep open for good.
-    let crediting: Vec<&str> = orgs
+    let (crediting, not_crediting): (Vec<&OrgId>, Vec<&OrgId>) = orgs
         .iter()
-        .filter(|org_id| granting.contains(*org_id) || has_lot_due(&book, org_id, now))
-        .map(OrgId::as_str)
-        .collect();
-    book.shortfalls_not_loaded = orgs
-        .iter()
-        .filter(|org_id| !crediting.contains(&org_id.as_str()))
-        .cloned()
-        .collect();
+        .partition(|org_id| granting.contains(*org_id) || has_lot_due(&book, org_id, now));
+    book.shortfalls_not_loaded = not_crediting.into_iter().cloned().collect();
     if !crediting.is_empty() {
-        load_open_shortfalls(connection, &crediting, &mut book).await?;
+        let names: Vec<&str> = crediting.into_iter().map(OrgId::as_str).collect();
+        load_open_shortfalls(connection, &names, &mut book).await?;
     }
     let workspaces: Vec<String> = workspaces.into_iter().collect();
 

@@ -170,8 +170,10 @@ async fn write_consumption(connection: &mut PgConnection, book: &Book) -> Result
         .iter()
         .filter(|(_, consumption)| consumption.dirty)
         .partition(|(_, consumption)| consumption.is_new);
-    write_consumption_rows(connection, &new, INSERT_CONSUMPTION).await?;
-    write_consumption_rows(connection, &stored, UPDATE_CONSUMPTION).await
+    let insert = bind_consumption(sqlx::query(INSERT_CONSUMPTION), &new);
+    execute_for_each(connection, insert, "consumption", new.len()).await?;
+    let update = bind_consumption(sqlx::query(UPDATE_CONSUMPTION), &stored);
+    execute_for_each(connection, update, "consumption", stored.len()).await
 }
 
 /// The consumption rows of a batch as a relation, for both statements below.
@@ -205,14 +207,13 @@ const UPDATE_CONSUMPTION: &str = concat!(
     " WHERE o.workspace_id = c.workspace_id AND o.product = c.product AND o.org_id = c.org_id"
 );
 
-async fn write_consumption_rows(
-    connection: &mut PgConnection,
-    rows: &[(&(WorkspaceId, Product), &Consumption)],
-    statement: &'static str,
-) -> Result<(), StoreError> {
-    if rows.is_empty() {
-        return Ok(());
-    }
+type Statement<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// Binds the columns of `consumption_rows!` to `statement`.
+fn bind_consumption<'q>(
+    statement: Statement<'q>,
+    rows: &[(&'q (WorkspaceId, Product), &'q Consumption)],
+) -> Statement<'q> {
     let workspaces: Vec<&str> = rows.iter().map(|((ws, _), _)| ws.as_str()).collect();
     let products: Vec<&str> = rows
         .iter()
@@ -230,25 +231,32 @@ async fn write_consumption_rows(
         .iter()
         .map(|(_, c)| c.last_cause.as_ref().map(|cause| cause.as_str()))
         .collect();
-    let done = sqlx::query(statement)
-        .bind(&workspaces)
-        .bind(&products)
-        .bind(&orgs)
-        .bind(&required)
-        .bind(&allocated)
-        .bind(&since)
-        .bind(&reported)
-        .bind(&opened)
-        .bind(&revisions)
-        .bind(&causes)
-        .execute(&mut *connection)
-        .await?;
-    expect_rows("consumption", rows.len(), done.rows_affected())
+    statement
+        .bind(workspaces)
+        .bind(products)
+        .bind(orgs)
+        .bind(required)
+        .bind(allocated)
+        .bind(since)
+        .bind(reported)
+        .bind(opened)
+        .bind(revisions)
+        .bind(causes)
 }
 
+/// Runs a statement that writes `expected` rows of `table` (nothing when there are none).
 /// A stored row the book loaded must still be there to update, under the organization
-/// lock; anything else means the tables changed behind the worker's back.
-fn expect_rows(table: &str, expected: usize, affected: u64) -> Result<(), StoreError> {
+/// lock; any other count means the tables changed behind the worker's back.
+async fn execute_for_each(
+    connection: &mut PgConnection,
+    statement: Statement<'_>,
+    table: &str,
+    expected: usize,
+) -> Result<(), StoreError> {
+    if expected == 0 {
+        return Ok(());
+    }
+    let affected = statement.execute(&mut *connection).await?.rows_affected();
     if affected != expected as u64 {
         return Err(StoreError::Corrupt(format!(
             "{affected} {table} rows were written where the batch changed {expected}"
@@ -264,8 +272,10 @@ async fn write_participants(connection: &mut PgConnection, book: &Book) -> Resul
         .iter()
         .filter(|(_, record)| record.dirty)
         .partition(|(_, record)| record.is_new);
-    write_participant_rows(connection, &new, INSERT_PARTICIPANTS).await?;
-    write_participant_rows(connection, &stored, UPDATE_PARTICIPANTS).await
+    let insert = bind_participants(sqlx::query(INSERT_PARTICIPANTS), &new);
+    execute_for_each(connection, insert, "participants", new.len()).await?;
+    let update = bind_participants(sqlx::query(UPDATE_PARTICIPANTS), &stored);
+    execute_for_each(connection, update, "participants", stored.len()).await
 }
 
 const INSERT_PARTICIPANTS: &str =
@@ -278,28 +288,22 @@ const UPDATE_PARTICIPANTS: &str = "UPDATE participants p SET
          AS u (workspace_id, participant_id, last_event_at, last_event_id, counted)
       WHERE p.workspace_id = u.workspace_id AND p.participant_id = u.participant_id";
 
-async fn write_participant_rows(
-    connection: &mut PgConnection,
-    rows: &[(&(WorkspaceId, ParticipantId), &ParticipantRecord)],
-    statement: &'static str,
-) -> Result<(), StoreError> {
-    if rows.is_empty() {
-        return Ok(());
-    }
+/// Binds the five participant columns of both statements above to `statement`.
+fn bind_participants<'q>(
+    statement: Statement<'q>,
+    rows: &[(&'q (WorkspaceId, ParticipantId), &'q ParticipantRecord)],
+) -> Statement<'q> {
     let workspaces: Vec<&str> = rows.iter().map(|((ws, _), _)| ws.as_str()).collect();
     let participants: Vec<&str> = rows.iter().map(|((_, p), _)| p.as_str()).collect();
     let times: Vec<DateTime<Utc>> = rows.iter().map(|(_, r)| r.last_event_at).collect();
     let events: Vec<&str> = rows.iter().map(|(_, r)| r.last_event_id.as_str()).collect();
     let counted: Vec<bool> = rows.iter().map(|(_, r)| r.counted).collect();
-    let done = sqlx::query(statement)
-        .bind(&workspaces)
-        .bind(&participants)
-        .bind(&times)
-        .bind(&events)
-        .bind(&counted)
-        .execute(&mut *connection)
-        .await?;
-    expect_rows("participants", rows.len(), done.rows_affected())
+    statement
+        .bind(workspaces)
+        .bind(participants)
+        .bind(times)
+        .bind(events)
+        .bind(counted)
 }
 
 async fn write_processed(connection: &mut PgConnection, book: &Book) -> Result<(), StoreError> {
