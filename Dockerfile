@@ -25,8 +25,10 @@ RUN apt-get update \
 WORKDIR /build
 
 # Only what the build needs. The crate embeds migrations/ and config/default.toml at compile
-# time, so they must be present here, not in the runtime image.
+# time, so they must be present here, not in the runtime image; .cargo/config.toml sets the
+# allocator's built-in defaults.
 COPY Cargo.toml Cargo.lock ./
+COPY .cargo ./.cargo
 COPY src ./src
 COPY migrations ./migrations
 COPY config ./config

@@ -40,6 +40,51 @@ pub struct Metrics {
     pub publish_errors: IntCounter,
     pub store_retries: IntCounterVec,
     pub clock_entries: IntCounter,
+    pub consumer_queued_bytes: IntGaugeVec,
+    memory: MemoryGauges,
+}
+
+/// Where the worker's memory is, read when `/metrics` is scraped.
+#[derive(Clone)]
+struct MemoryGauges {
+    resident: IntGauge,
+    heap_allocated: IntGauge,
+    heap_resident: IntGauge,
+}
+
+impl MemoryGauges {
+    fn refresh(&self) {
+        if let Some(bytes) = resident_bytes() {
+            self.resident.set(bytes);
+        }
+        if let Some((allocated, resident)) = heap_bytes() {
+            self.heap_allocated.set(allocated);
+            self.heap_resident.set(resident);
+        }
+    }
+}
+
+/// The process's resident memory (`VmRSS` of `/proc/self/status`), where Linux tells it.
+fn resident_bytes() -> Option<i64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    let kib: i64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// jemalloc's count of the bytes the program has allocated and of the pages it holds
+/// for them (the binary's allocator; zero where another allocator serves the program).
+#[cfg(not(target_env = "msvc"))]
+fn heap_bytes() -> Option<(i64, i64)> {
+    tikv_jemalloc_ctl::epoch::advance().ok()?;
+    let allocated = tikv_jemalloc_ctl::stats::allocated::read().ok()?;
+    let resident = tikv_jemalloc_ctl::stats::resident::read().ok()?;
+    Some((allocated as i64, resident as i64))
+}
+
+#[cfg(target_env = "msvc")]
+fn heap_bytes() -> Option<(i64, i64)> {
+    None
 }
 
 impl Metrics {
@@ -85,7 +130,34 @@ impl Metrics {
         registry
             .register(Box::new(consumer_lag.clone()))
             .expect("unique metric");
+        let consumer_queued_bytes = IntGaugeVec::new(
+            Opts::new(
+                "entitlements_consumer_queued_bytes",
+                "Bytes of messages librdkafka has fetched ahead of each lane, as it last reported.",
+            ),
+            &["lane"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(consumer_queued_bytes.clone()))
+            .expect("unique metric");
+        let memory = MemoryGauges {
+            resident: gauge(
+                "entitlements_memory_resident_bytes",
+                "Resident memory of the worker process.",
+            ),
+            heap_allocated: gauge(
+                "entitlements_memory_heap_allocated_bytes",
+                "Bytes allocated through the worker's allocator (jemalloc) and not yet freed.",
+            ),
+            heap_resident: gauge(
+                "entitlements_memory_heap_resident_bytes",
+                "Resident pages the worker's allocator (jemalloc) holds, free or not.",
+            ),
+        };
         Self {
+            consumer_queued_bytes,
+            memory,
             consumed: counter_vec(
                 "entitlements_messages_consumed_total",
                 "Input messages applied or rejected, per topic.",
@@ -204,6 +276,7 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
+        self.memory.refresh();
         let mut buffer = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buffer)

@@ -402,9 +402,20 @@ async fn a_trial_fills_the_waiting_workspace_when_it_starts_and_expires_on_time(
         "entitlements_open_shortfalls",
         "entitlements_outbox_backlog",
         "entitlements_published_total",
+        "entitlements_memory_heap_allocated_bytes",
+        "entitlements_memory_heap_resident_bytes",
     ] {
         assert!(metrics.contains(name), "{name} missing from\n{metrics}");
     }
+    let resident: f64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("entitlements_memory_resident_bytes "))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no resident memory in\n{metrics}"));
+    assert!(
+        resident > 1_048_576.0,
+        "a running worker holds more than 1 MiB: {resident}"
+    );
     let consumed_added = format!(
         "entitlements_messages_consumed_total{{topic=\"{}\"}} 3",
         topics.participant_added
