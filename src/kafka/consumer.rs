@@ -29,17 +29,29 @@ const REVOKE_WAIT: Duration = Duration::from_secs(30);
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
 /// librdkafka settings the worker changes from librdkafka's defaults, unless the operator
 /// sets them in `kafka.properties`.
-const CONSUMER_DEFAULTS: [(&str, &str); 2] = [
+const CONSUMER_DEFAULTS: [(&str, &str); 3] = [
     // How long the broker may hold a fetch while it has less than `fetch.min.bytes`.
     // librdkafka's 500 ms showed up whole in the input -> alert latency against brokers
     // that hold the fetch for its full time; 10 ms costs an idle consumer about 100 small
     // fetches a second per broker.
     ("fetch.wait.max.ms", "10"),
     // Messages fetched ahead of the apply lane. librdkafka's 64 MiB was most of the
-    // worker's memory while it caught up on a backlog; 8 MiB still holds about 45,000
+    // worker's memory while it caught up on a backlog; 4 MiB still holds about 23,000
     // messages of 180 bytes, several batches ahead.
-    ("queued.max.messages.kbytes", "8192"),
+    ("queued.max.messages.kbytes", "4096"),
+    // The most one fetch response may hold (librdkafka: 50 MiB). A response stays in
+    // memory until its last message is read, on top of the queue above; 8 MiB kept the
+    // same throughput as 50 in the benchmark with 28 MiB less resident memory
+    // (docs/performance.md), 2 MiB starved the lanes.
+    ("fetch.max.bytes", "8388608"),
 ];
+/// How often a lane heartbeats to the group coordinator. Members learn of a rebalance at
+/// their next heartbeat, and an instance's lanes join the group one after another, so
+/// librdkafka's 3 s made every start go through rounds of 3 s each; a third of the
+/// session timeout at most, as librdkafka requires it to be below.
+pub fn heartbeat_interval_ms(session_timeout_ms: u64) -> u64 {
+    (session_timeout_ms / 3).clamp(1, 1000)
+}
 
 /// What the consumer thread hands to the apply loop.
 pub enum Envelope {
@@ -51,6 +63,7 @@ pub enum Envelope {
 }
 
 pub struct WorkerContext {
+    lane: usize,
     store: Store,
     runtime: Handle,
     sender: mpsc::Sender<Envelope>,
@@ -64,8 +77,12 @@ pub struct WorkerContext {
 
 impl ClientContext for WorkerContext {
     fn stats(&self, statistics: Statistics) {
+        // Every partition's fetch queue forwards to the consumer's one queue, and each
+        // reports that queue's size: the largest is the lane's.
+        let mut queued_bytes = 0;
         for (topic, stats) in &statistics.topics {
             for (partition, partition_stats) in &stats.partitions {
+                queued_bytes = queued_bytes.max(partition_stats.fetchq_size);
                 if *partition >= 0 && partition_stats.consumer_lag >= 0 {
                     self.metrics
                         .consumer_lag
@@ -74,6 +91,10 @@ impl ClientContext for WorkerContext {
                 }
             }
         }
+        self.metrics
+            .consumer_queued_bytes
+            .with_label_values(&[&self.lane.to_string()])
+            .set(queued_bytes as i64);
     }
 }
 
@@ -168,6 +189,7 @@ impl ConsumerThread {
     ) -> anyhow::Result<Self> {
         let closing = Arc::new(AtomicBool::new(false));
         let context = WorkerContext {
+            lane,
             store,
             runtime: Handle::current(),
             sender: sender.clone(),
@@ -185,6 +207,16 @@ impl ConsumerThread {
             if !settings.kafka.properties.contains_key(key) {
                 config.set(key, value);
             }
+        }
+        if !settings
+            .kafka
+            .properties
+            .contains_key("heartbeat.interval.ms")
+        {
+            config.set(
+                "heartbeat.interval.ms",
+                heartbeat_interval_ms(settings.kafka.session_timeout_ms).to_string(),
+            );
         }
         if !settings.kafka.properties.contains_key("client.id") {
             config.set("client.id", format!("entitlement-worker-lane-{lane}"));

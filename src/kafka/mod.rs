@@ -43,4 +43,17 @@ mod tests {
         assert_eq!(config.get("ssl.ca.location"), Some("/etc/ssl/certs/ca.pem"));
         assert_eq!(config.get("bootstrap.servers"), Some("127.0.0.1:9092"));
     }
+
+    #[test]
+    fn lanes_heartbeat_often_and_always_below_the_session_timeout() {
+        use super::consumer::heartbeat_interval_ms;
+        assert_eq!(heartbeat_interval_ms(10_000), 1_000);
+        assert_eq!(heartbeat_interval_ms(6_000), 1_000);
+        assert_eq!(heartbeat_interval_ms(1_500), 500);
+        for session in [3_u64, 4, 1_000, 2_999, 45_000] {
+            let heartbeat = heartbeat_interval_ms(session);
+            assert!((1..=1_000).contains(&heartbeat), "{session}: {heartbeat}");
+            assert!(heartbeat < session, "{session}: {heartbeat}");
+        }
+    }
 }
