@@ -79,6 +79,15 @@ struct Args {
     /// Duration of the latency phase; 0 skips it.
     #[arg(long, default_value_t = 30)]
     latency_seconds: u64,
+    /// The broker of the latency phase: the main broker (memory storage, whose fetch cost
+    /// grows with the batches stored), or a second tansu storing in SQLite (whose fetch
+    /// reads by offset, but whose produce path is slower).
+    #[arg(long, value_enum, default_value_t = Storage::Memory)]
+    latency_storage: Storage,
+    /// `linger.ms` of the latency phase's producer: how long it gathers messages into one
+    /// produce request (librdkafka's default is 5). Its wait counts in every latency.
+    #[arg(long, default_value_t = 5)]
+    latency_linger_ms: u64,
     /// Participants already stored before an end-to-end run, one run per size,
     /// comma-separated (e.g. 10000,1000000,10000000); "none" skips the state-growth runs.
     #[arg(long, default_value = "10000,1000000")]
@@ -209,7 +218,7 @@ async fn bench(
         phases.push((name.to_owned(), phase.elapsed().as_secs_f64()));
         phase = Instant::now();
     };
-    let tansu = Tansu::start(args.tansu.clone())?;
+    let tansu = Tansu::start(args.tansu.clone(), Storage::Memory)?;
     println!(
         "tansu listens on {} (memory storage, directory {})",
         tansu.brokers,
@@ -546,6 +555,9 @@ impl Bench<'_> {
                     applied: count,
                     outbox: backlog.unwrap_or(-1),
                     rss_kib: proc_status_kib(pid, "VmRSS").unwrap_or(0),
+                    heap_allocated: metrics.heap_allocated,
+                    heap_resident: metrics.heap_resident,
+                    consumer_queued: metrics.consumer_queued,
                     batches: metrics.batches,
                     commit_seconds: metrics.commit_seconds_sum,
                 });
@@ -591,10 +603,49 @@ impl Bench<'_> {
     }
 
     /// Input -> alert latency at a steady offered rate, with the worker caught up on the
-    /// main run's database.
+    /// main run's database; in the same run, the broker's own round trip (input produced
+    /// -> the same input read back by a plain reader) for the same inputs.
     async fn latency(&self, main: &Settings, main_total: i64) -> anyhow::Result<LatencyResult> {
         let mut settings = main.clone();
         settings.kafka.group_id = format!("{}-latency", main.kafka.group_id);
+        // On a broker of its own the phase has topics of its own; the main database keeps
+        // its state and its offsets of the main topics, and starts the new ones at 0.
+        let own_broker = match self.args.latency_storage {
+            Storage::Memory => None,
+            storage => Some(Tansu::start(self.args.tansu.clone(), storage)?),
+        };
+        let (brokers, tansu_pid) = match &own_broker {
+            Some(tansu) => (tansu.brokers.clone(), tansu.child.id()),
+            None => (self.brokers.clone(), self.tansu_pid),
+        };
+        if own_broker.is_some() {
+            settings.kafka.brokers = brokers.clone();
+            let topics = &mut settings.topics;
+            for name in [
+                &mut topics.participant_added,
+                &mut topics.participant_cancelled,
+                &mut topics.module_enabled,
+                &mut topics.entitlement_granted,
+                &mut topics.transfer_requested,
+                &mut topics.shortfalls,
+                &mut topics.ledger,
+                &mut topics.dlq,
+            ] {
+                *name = format!("{name}-latency");
+            }
+            entitlement_worker::kafka::admin::create_topics(
+                &settings.kafka,
+                &settings.topics,
+                self.args.partitions,
+            )
+            .await
+            .context("creating the latency phase's topics")?;
+        }
+        println!(
+            "latency: broker {brokers} ({} storage)",
+            self.args.latency_storage.name()
+        );
+        let input_topic = settings.topics.participant_added.clone();
         let pool = monitor_pool(&settings.database.url).await?;
         let mut worker = self.start_worker(&settings, "latency")?;
         let pid = worker.child.id();
@@ -616,56 +667,61 @@ impl Bench<'_> {
                     &format!("lat-ws-{w:05}"),
                     "wp-0",
                 );
-                (self.inputs.participant_added.clone(), org, payload)
+                (input_topic.clone(), org, payload)
             })
             .collect();
         {
-            let brokers = self.brokers.clone();
+            let brokers = brokers.clone();
             tokio::task::spawn_blocking(move || produce_simple(&brokers, &warmup)).await??;
         }
         wait_until(&pool, &worker, main_total + workspaces as i64, wait).await?;
 
-        // The reader reads the shortfall topic from its beginning (tansu's memory storage
-        // reports wrong watermarks, so "the end" cannot be asked for) and is caught up
-        // before anything is produced; alerts not caused by a "lat-" event are skipped.
+        // The reader reads the shortfall topic and the input topic from their beginning
+        // (tansu's memory storage reports wrong watermarks, so "the end" cannot be asked
+        // for) and is caught up before anything is produced; only "lat-" inputs and the
+        // alerts they caused are kept.
         let stop = Arc::new(AtomicBool::new(false));
         let reader_count = Arc::new(AtomicU64::new(0));
         let reader = {
             let consumer: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &self.brokers)
+                .set("bootstrap.servers", &brokers)
                 .set("group.id", format!("bench-{}-alerts", self.run_id))
                 .set("enable.auto.commit", "false")
                 .set("fetch.wait.max.ms", "10")
                 .create()?;
-            let topic = settings.topics.shortfalls.clone();
+            let alert_topic = settings.topics.shortfalls.clone();
             let mut assignment = TopicPartitionList::new();
             for partition in 0..self.args.partitions {
-                assignment.add_partition_offset(&topic, partition, Offset::Beginning)?;
+                assignment.add_partition_offset(&alert_topic, partition, Offset::Beginning)?;
+                assignment.add_partition_offset(&input_topic, partition, Offset::Beginning)?;
             }
             consumer.assign(&assignment)?;
             let stop = stop.clone();
             let count = reader_count.clone();
+            let input_topic = input_topic.clone();
             std::thread::spawn(move || {
-                let mut read = Vec::new();
+                let mut alerts = Vec::new();
+                let mut inputs = Vec::new();
                 while !stop.load(Ordering::SeqCst) {
                     let Some(Ok(message)) = consumer.poll(Duration::from_millis(20)) else {
                         continue;
                     };
                     let at = Instant::now();
                     count.fetch_add(1, Ordering::SeqCst);
-                    let cause = message
+                    let is_input = message.topic() == input_topic;
+                    let field = if is_input { "event_id" } else { "caused_by" };
+                    let index = message
                         .payload()
                         .and_then(|payload| serde_json::from_slice::<Value>(payload).ok())
-                        .and_then(|alert| alert["caused_by"].as_str().map(str::to_owned));
-                    if let Some(index) = cause
-                        .as_deref()
-                        .and_then(|cause| cause.strip_prefix("lat-"))
-                        .and_then(|index| index.parse::<usize>().ok())
-                    {
-                        read.push((index, at));
+                        .and_then(|value| value[field].as_str().map(str::to_owned))
+                        .and_then(|id| id.strip_prefix("lat-")?.parse::<usize>().ok());
+                    match (index, is_input) {
+                        (Some(index), true) => inputs.push((index, at)),
+                        (Some(index), false) => alerts.push((index, at)),
+                        (None, _) => {}
                     }
                 }
-                read
+                (alerts, inputs)
             })
         };
         // Caught up: nothing new read for 2 s.
@@ -679,20 +735,21 @@ impl Bench<'_> {
                 break;
             }
         }
-        let alerts_before = reader_count.load(Ordering::SeqCst);
-        println!("latency: the alert reader is caught up ({alerts_before} earlier alerts skipped)");
+        let read_before = reader_count.load(Ordering::SeqCst);
+        println!("latency: the reader is caught up ({read_before} earlier messages skipped)");
 
         let checkpoints_start = checkpoints(&pool).await;
         let meter_stop = Arc::new(AtomicBool::new(false));
         let meter = meter_in_background(
-            CpuMeter::new(pid, self.tansu_pid, self.clock_ticks),
+            CpuMeter::new(pid, tansu_pid, self.clock_ticks),
             meter_stop.clone(),
         );
         let paced = {
-            let brokers = self.brokers.clone();
-            let topic = self.inputs.participant_added.clone();
+            let brokers = brokers.clone();
+            let topic = input_topic.clone();
+            let linger = self.args.latency_linger_ms;
             tokio::task::spawn_blocking(move || {
-                produce_paced(&brokers, &topic, rate, count, workspaces)
+                produce_paced(&brokers, &topic, rate, count, workspaces, linger)
             })
             .await??
         };
@@ -707,10 +764,10 @@ impl Bench<'_> {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         stop.store(true, Ordering::SeqCst);
-        let read = reader
+        let (alerts, inputs) = reader
             .join()
             .map_err(|_| anyhow::anyhow!("the reader panicked"))?;
-        let alerts_read = reader_count.load(Ordering::SeqCst) - alerts_before;
+        let alerts_read = alerts.len() as u64;
         let peak_rss_kib = proc_status_kib(pid, "VmHWM").unwrap_or(0);
         let metrics = http_get(&worker.metrics_address, "/metrics")
             .map(|(_, body)| body)
@@ -718,24 +775,78 @@ impl Bench<'_> {
         let (exit, _) = worker.terminate(Duration::from_secs(60));
         let log = scan_log(&worker.log);
         pool.close().await;
+        drop(own_broker);
 
-        let mut seen = vec![false; count];
-        let mut latencies: Vec<f64> = Vec::with_capacity(count);
-        // Per second of sending: the latencies of the inputs sent in that second.
-        let mut by_second: Vec<Vec<f64>> = vec![Vec::new(); self.args.latency_seconds as usize + 1];
+        let seconds = self.args.latency_seconds as usize;
+        let sent: Vec<Option<Instant>> = paced.sent.iter().copied().map(Some).collect();
+        let mut read_back: Vec<Option<Instant>> = vec![None; count];
+        for (index, at) in &inputs {
+            if let Some(slot @ None) = read_back.get_mut(*index) {
+                *slot = Some(*at);
+            }
+        }
+        Ok(LatencyResult {
+            storage: self.args.latency_storage,
+            offered_rate: rate,
+            produced: count as u64,
+            produce_seconds: paced.seconds,
+            warmup_workspaces: workspaces as u64,
+            alerts_read,
+            alert: Distribution::of(&alerts, &sent, &paced, seconds),
+            broker: Distribution::of(&inputs, &sent, &paced, seconds),
+            added: Distribution::of(&alerts, &read_back, &paced, seconds),
+            checkpoints,
+            drained_seconds: drained,
+            peak_rss_kib,
+            cpu,
+            metrics: MetricsSummary::parse(&metrics),
+            exit,
+            log,
+        })
+    }
+}
+
+/// Latencies from the sending of each paced input to the first time something naming it
+/// was read.
+struct Distribution {
+    matched: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+    mean_ms: f64,
+    /// p50 and max of the inputs sent in each second.
+    per_second: Vec<(f64, f64)>,
+}
+
+impl Distribution {
+    /// The time from `from[index]` to the first read of `index`, over the inputs that have
+    /// both, with per-second figures by the second each input was sent in.
+    fn of(
+        read: &[(usize, Instant)],
+        from: &[Option<Instant>],
+        paced: &Paced,
+        seconds: usize,
+    ) -> Self {
+        let mut seen = vec![false; from.len()];
+        let mut latencies: Vec<f64> = Vec::with_capacity(from.len());
+        let mut by_second: Vec<Vec<f64>> = vec![Vec::new(); seconds + 1];
         for (index, at) in read {
-            if index < count && !seen[index] {
-                seen[index] = true;
-                let latency = at.duration_since(paced.sent[index]).as_secs_f64() * 1000.0;
+            let Some(Some(start)) = from.get(*index) else {
+                continue;
+            };
+            if !seen[*index] {
+                seen[*index] = true;
+                let latency = at.saturating_duration_since(*start).as_secs_f64() * 1000.0;
                 latencies.push(latency);
-                let second = paced.sent[index].duration_since(paced.started).as_secs() as usize;
+                let second = paced.sent[*index].duration_since(paced.started).as_secs() as usize;
                 if let Some(bucket) = by_second.get_mut(second) {
                     bucket.push(latency);
                 }
             }
         }
         latencies.sort_by(f64::total_cmp);
-        let per_second: Vec<(f64, f64)> = by_second
+        let per_second = by_second
             .iter_mut()
             .filter(|bucket| !bucket.is_empty())
             .map(|bucket| {
@@ -743,26 +854,38 @@ impl Bench<'_> {
                 (percentile(bucket, 0.5), percentile(bucket, 1.0))
             })
             .collect();
-        Ok(LatencyResult {
-            offered_rate: rate,
-            produced: count as u64,
-            produce_seconds: paced.seconds,
-            warmup_workspaces: workspaces as u64,
+        Self {
             matched: latencies.len() as u64,
-            alerts_read,
-            per_second,
-            checkpoints,
             p50_ms: percentile(&latencies, 0.50),
             p99_ms: percentile(&latencies, 0.99),
             p999_ms: percentile(&latencies, 0.999),
             max_ms: latencies.last().copied().unwrap_or(f64::NAN),
             mean_ms: latencies.iter().sum::<f64>() / latencies.len().max(1) as f64,
-            drained_seconds: drained,
-            peak_rss_kib,
-            cpu,
-            metrics: MetricsSummary::parse(&metrics),
-            exit,
-            log,
+            per_second,
+        }
+    }
+
+    fn figures(&self) -> String {
+        format!(
+            "p50 {:.1} ms   p99 {:.1} ms   p99.9 {:.1} ms   max {:.1} ms   mean {:.1} ms",
+            self.p50_ms, self.p99_ms, self.p999_ms, self.max_ms, self.mean_ms
+        )
+    }
+
+    fn per_second_line(&self) -> String {
+        self.per_second
+            .iter()
+            .map(|(p50, max)| format!("{p50:.0}/{max:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "matched": self.matched,
+            "p50_ms": self.p50_ms, "p99_ms": self.p99_ms, "p999_ms": self.p999_ms,
+            "max_ms": self.max_ms, "mean_ms": self.mean_ms,
+            "per_second_of_sending": self.per_second.iter().map(|(p50, max)| json!({"p50_ms": p50, "max_ms": max})).collect::<Vec<_>>(),
         })
     }
 }
@@ -1327,8 +1450,9 @@ fn produce_paced(
     rate: u64,
     count: usize,
     workspaces: usize,
+    linger_ms: u64,
 ) -> anyhow::Result<Paced> {
-    let producer = producer(brokers, "1")?;
+    let producer = producer(brokers, &linger_ms.to_string())?;
     let mut sent = Vec::with_capacity(count);
     let started = Instant::now();
     for index in 0..count {
@@ -1672,6 +1796,32 @@ fn redact(url: &str) -> String {
 // Processes: tansu and the worker
 // ---------------------------------------------------------------------------------------
 
+/// Where a tansu broker keeps its messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Storage {
+    /// `memory://`: the fastest; a fetch lists every batch stored in the partition, so
+    /// its cost grows with the batches stored.
+    Memory,
+    /// `sqlite://`: a file; a fetch reads by offset.
+    Sqlite,
+}
+
+impl Storage {
+    fn url(self) -> &'static str {
+        match self {
+            Storage::Memory => "memory://tansu/",
+            Storage::Sqlite => "sqlite://tansu.db",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Storage::Memory => "memory",
+            Storage::Sqlite => "sqlite",
+        }
+    }
+}
+
 struct Tansu {
     child: Child,
     brokers: String,
@@ -1700,7 +1850,9 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 impl Tansu {
-    fn start(binary: Option<PathBuf>) -> anyhow::Result<Self> {
+    /// Starts a broker of its own on a free port, storing in memory or in an SQLite file
+    /// of its directory.
+    fn start(binary: Option<PathBuf>, storage: Storage) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("bench-tansu-").tempdir()?;
         let port = free_port()?;
         let url = format!("tcp://127.0.0.1:{port}");
@@ -1708,7 +1860,7 @@ impl Tansu {
         let child = Command::new(tansu_binary(binary))
             .current_dir(dir.path())
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://tansu/"])
+            .args(["--storage-engine", storage.url()])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -2189,6 +2341,11 @@ struct Sample {
     applied: i64,
     outbox: i64,
     rss_kib: u64,
+    /// Of the resident memory: what the worker's allocator holds, and the bytes
+    /// librdkafka has fetched ahead of the lanes (from the worker's `/metrics`).
+    heap_allocated: f64,
+    heap_resident: f64,
+    consumer_queued: f64,
     /// The worker's batches committed so far, and the seconds they took.
     batches: f64,
     commit_seconds: f64,
@@ -2212,6 +2369,9 @@ struct MetricsSummary {
     redelivered: f64,
     /// "reason=count" for each dead-letter reason.
     rejected_by_reason: String,
+    heap_allocated: f64,
+    heap_resident: f64,
+    consumer_queued: f64,
 }
 
 fn metric_sum(text: &str, name: &str) -> f64 {
@@ -2242,6 +2402,9 @@ impl MetricsSummary {
             duplicates: metric_sum(text, "entitlements_duplicate_events_total"),
             consumed: metric_sum(text, "entitlements_messages_consumed_total"),
             redelivered: metric_sum(text, "entitlements_redelivered_messages_total"),
+            heap_allocated: metric_sum(text, "entitlements_memory_heap_allocated_bytes"),
+            heap_resident: metric_sum(text, "entitlements_memory_heap_resident_bytes"),
+            consumer_queued: metric_sum(text, "entitlements_consumer_queued_bytes"),
             rejected_by_reason: text
                 .lines()
                 .filter_map(|line| {
@@ -2421,7 +2584,11 @@ impl RunResult {
             "longest_stall_seconds": self.longest_stall(),
             "timeline": self.timeline.iter().map(|sample| json!({
                 "t": sample.seconds, "applied": sample.applied, "outbox": sample.outbox,
-                "rss_mib": sample.rss_kib as f64 / 1024.0, "batches": sample.batches,
+                "rss_mib": sample.rss_kib as f64 / 1024.0,
+                "heap_allocated_mib": sample.heap_allocated / 1048576.0,
+                "heap_resident_mib": sample.heap_resident / 1048576.0,
+                "consumer_queued_mib": sample.consumer_queued / 1048576.0,
+                "batches": sample.batches,
                 "commit_seconds": sample.commit_seconds})).collect::<Vec<_>>(),
             "cpu": self.cpu.json(),
             "worker_metrics": self.metrics.json(),
@@ -2437,21 +2604,21 @@ impl RunResult {
 }
 
 struct LatencyResult {
+    storage: Storage,
     /// Checkpoints the server made while the inputs were sent and drained.
     checkpoints: i64,
-    /// p50 and max of the inputs sent in each second.
-    per_second: Vec<(f64, f64)>,
     offered_rate: u64,
     produced: u64,
     produce_seconds: f64,
     warmup_workspaces: u64,
-    matched: u64,
     alerts_read: u64,
-    p50_ms: f64,
-    p99_ms: f64,
-    p999_ms: f64,
-    max_ms: f64,
-    mean_ms: f64,
+    /// Input produced -> its alert read from the shortfall topic.
+    alert: Distribution,
+    /// Input produced -> the input itself read back: the broker's own round trip.
+    broker: Distribution,
+    /// Input read back -> its alert read: what the worker adds to the broker's round trip
+    /// (its fetch, batch, commit and publication, and the alert's own trip).
+    added: Distribution,
     drained_seconds: f64,
     peak_rss_kib: u64,
     cpu: CpuShare,
@@ -2463,8 +2630,9 @@ struct LatencyResult {
 impl LatencyResult {
     fn one_line(&self) -> String {
         format!(
-            "latency at {} ev/s: p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms; {} of {} matched",
-            self.offered_rate, self.p50_ms, self.p99_ms, self.p999_ms, self.max_ms, self.matched, self.produced
+            "latency at {} ev/s: p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms; {} of {} matched; broker round trip p50 {:.1} ms, p99 {:.1} ms",
+            self.offered_rate, self.alert.p50_ms, self.alert.p99_ms, self.alert.p999_ms, self.alert.max_ms,
+            self.alert.matched, self.produced, self.broker.p50_ms, self.broker.p99_ms
         )
     }
 }
@@ -2699,15 +2867,39 @@ impl Report {
                     .join(" ")
             ),
         );
+        let per_second_mib = |value: &dyn Fn(&Sample) -> f64| {
+            m.timeline
+                .iter()
+                .map(|sample| format!("{:.0}", value(sample) / 1048576.0))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
         line(
             &mut out,
             format!(
                 "  resident memory per second (MiB): {}",
-                m.timeline
-                    .iter()
-                    .map(|sample| format!("{:.0}", sample.rss_kib as f64 / 1024.0))
-                    .collect::<Vec<_>>()
-                    .join(" ")
+                per_second_mib(&|sample| sample.rss_kib as f64 * 1024.0)
+            ),
+        );
+        line(
+            &mut out,
+            format!(
+                "    of which jemalloc holds (MiB): {}",
+                per_second_mib(&|sample| sample.heap_resident)
+            ),
+        );
+        line(
+            &mut out,
+            format!(
+                "    allocated through jemalloc (MiB): {}",
+                per_second_mib(&|sample| sample.heap_allocated)
+            ),
+        );
+        line(
+            &mut out,
+            format!(
+                "    fetched ahead by librdkafka (MiB): {}",
+                per_second_mib(&|sample| sample.consumer_queued)
             ),
         );
         line(
@@ -2760,30 +2952,50 @@ impl Report {
         if let Some(l) = &self.latency {
             line(&mut out, String::new());
             line(&mut out, format!(
-                "latency input -> alert ({} ev/s offered for {:.1} s into {} workspaces of {} organizations without a pool; worker caught up on the main database)",
-                l.offered_rate, l.produce_seconds, fmt_int(l.warmup_workspaces), LATENCY_ORGS
+                "latency input -> alert ({} ev/s offered for {:.1} s into {} workspaces of {} organizations without a pool, producer linger.ms {}; worker caught up on the main database; broker: {})",
+                l.offered_rate, l.produce_seconds, fmt_int(l.warmup_workspaces), LATENCY_ORGS, self.args.latency_linger_ms,
+                match l.storage {
+                    Storage::Memory => "the main tansu, memory storage, holding the stream",
+                    Storage::Sqlite => "a second tansu of its own, sqlite storage",
+                }
             ));
             line(
                 &mut out,
-                format!(
-                    "  p50 {:.1} ms   p99 {:.1} ms   p99.9 {:.1} ms   max {:.1} ms   mean {:.1} ms",
-                    l.p50_ms, l.p99_ms, l.p999_ms, l.max_ms, l.mean_ms
-                ),
+                format!("  worker (input -> alert)          {}", l.alert.figures()),
+            );
+            line(
+                &mut out,
+                format!("  broker (input -> input read back) {}", l.broker.figures()),
+            );
+            line(
+                &mut out,
+                format!("  added (input read back -> alert)  {}", l.added.figures()),
             );
             line(&mut out, format!(
-                "  {} of {} inputs matched to their alert ({} alerts read); {} batches, mean {:.0} messages, mean commit {:.1} ms; peak RSS {}; {} checkpoints; exit {:?}",
-                fmt_int(l.matched), fmt_int(l.produced), fmt_int(l.alerts_read), fmt_int(l.metrics.batches as u64),
-                l.metrics.mean_batch(), l.metrics.mean_commit_ms(), mib(l.peak_rss_kib), l.checkpoints, l.exit
+                "  {} of {} inputs matched to their alert ({} alerts read), {} read back; {} batches, mean {:.0} messages, mean commit {:.1} ms; peak RSS {}; {} checkpoints; exit {:?}",
+                fmt_int(l.alert.matched), fmt_int(l.produced), fmt_int(l.alerts_read), fmt_int(l.broker.matched),
+                fmt_int(l.metrics.batches as u64), l.metrics.mean_batch(), l.metrics.mean_commit_ms(),
+                mib(l.peak_rss_kib), l.checkpoints, l.exit
             ));
             line(
                 &mut out,
                 format!(
-                    "  per second of sending, p50/max (ms): {}",
-                    l.per_second
-                        .iter()
-                        .map(|(p50, max)| format!("{p50:.0}/{max:.0}"))
-                        .collect::<Vec<_>>()
-                        .join(" ")
+                    "  per second of sending, worker p50/max (ms): {}",
+                    l.alert.per_second_line()
+                ),
+            );
+            line(
+                &mut out,
+                format!(
+                    "  per second of sending, broker p50/max (ms): {}",
+                    l.broker.per_second_line()
+                ),
+            );
+            line(
+                &mut out,
+                format!(
+                    "  per second of sending, added p50/max (ms): {}",
+                    l.added.per_second_line()
                 ),
             );
             line(&mut out, format!("  {}", l.cpu.line()));
@@ -2884,8 +3096,8 @@ impl Report {
                 format!(
                     "  p99 input->alert < 100 ms at {} ev/s       {:>12.1} ms         {}",
                     l.offered_rate,
-                    l.p99_ms,
-                    verdict(l.p99_ms < 100.0 && l.matched > 0)
+                    l.alert.p99_ms,
+                    verdict(l.alert.p99_ms < 100.0 && l.alert.matched > 0)
                 ),
             ),
             None => line(
@@ -2948,7 +3160,7 @@ impl Report {
             "arguments": {
                 "events": self.args.events, "orgs": self.args.orgs, "seed": self.args.seed,
                 "partitions": self.args.partitions, "latency_rate": self.args.latency_rate,
-                "latency_seconds": self.args.latency_seconds, "stored": self.args.stored,
+                "latency_seconds": self.args.latency_seconds, "latency_storage": self.args.latency_storage.name(), "latency_linger_ms": self.args.latency_linger_ms, "stored": self.args.stored,
                 "batch_max_messages": self.args.batch_max_messages, "batch_max_wait_ms": self.args.batch_max_wait_ms,
                 "worker_kafka_properties": self.args.worker_kafka_properties,
                 "worker_env": self.args.worker_env,
@@ -2974,9 +3186,9 @@ impl Report {
             "ratio_to_slower_limit": self.main_run.rate() / slower,
             "latency": self.latency.as_ref().map(|l| json!({
                 "offered_rate": l.offered_rate, "produced": l.produced, "produce_seconds": l.produce_seconds,
-                "workspaces": l.warmup_workspaces, "matched": l.matched, "alerts_read": l.alerts_read,
-                "per_second_of_sending": l.per_second.iter().map(|(p50, max)| json!({"p50_ms": p50, "max_ms": max})).collect::<Vec<_>>(),
-                "p50_ms": l.p50_ms, "p99_ms": l.p99_ms, "p999_ms": l.p999_ms, "max_ms": l.max_ms, "mean_ms": l.mean_ms,
+                "broker_storage": l.storage.name(),
+                "workspaces": l.warmup_workspaces, "alerts_read": l.alerts_read,
+                "input_to_alert": l.alert.json(), "broker_round_trip": l.broker.json(), "added_by_worker": l.added.json(),
                 "drained_after_seconds": l.drained_seconds, "checkpoints": l.checkpoints, "peak_rss_mib": l.peak_rss_kib as f64 / 1024.0,
                 "cpu": l.cpu.json(), "worker_metrics": l.metrics.json(), "exit_code": l.exit,
                 "log": {"warnings": l.log.warnings, "errors": l.log.errors},
