@@ -10,8 +10,10 @@ use entitlement_worker::{ops, pipeline, telemetry};
 /// jemalloc instead of the C library's allocator: the worker's threads (tokio's, the
 /// consumer's, librdkafka's callbacks) free what others allocated, which glibc's
 /// per-thread arenas turned into tens of MiB of resident memory that never came back
-/// (docs/performance.md), and it allocates and frees faster.
-#[cfg(not(target_env = "msvc"))]
+/// (docs/performance.md), and it allocates and frees faster. It replaces `malloc` for the
+/// whole process (librdkafka's buffers included), and its built-in settings
+/// (`.cargo/config.toml`; `MALLOC_CONF` overrides them) hand freed pages back after 1 s.
+#[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

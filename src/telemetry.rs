@@ -74,7 +74,7 @@ fn resident_bytes() -> Option<i64> {
 
 /// jemalloc's count of the bytes the program has allocated and of the pages it holds
 /// for them (the binary's allocator; zero where another allocator serves the program).
-#[cfg(not(target_env = "msvc"))]
+#[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
 fn heap_bytes() -> Option<(i64, i64)> {
     tikv_jemalloc_ctl::epoch::advance().ok()?;
     let allocated = tikv_jemalloc_ctl::stats::allocated::read().ok()?;
@@ -82,7 +82,7 @@ fn heap_bytes() -> Option<(i64, i64)> {
     Some((allocated as i64, resident as i64))
 }
 
-#[cfg(target_env = "msvc")]
+#[cfg(not(all(feature = "jemalloc", not(target_env = "msvc"))))]
 fn heap_bytes() -> Option<(i64, i64)> {
     None
 }
