@@ -620,19 +620,7 @@ impl Bench<'_> {
         };
         if own_broker.is_some() {
             settings.kafka.brokers = brokers.clone();
-            let topics = &mut settings.topics;
-            for name in [
-                &mut topics.participant_added,
-                &mut topics.participant_cancelled,
-                &mut topics.module_enabled,
-                &mut topics.entitlement_granted,
-                &mut topics.transfer_requested,
-                &mut topics.shortfalls,
-                &mut topics.ledger,
-                &mut topics.dlq,
-            ] {
-                *name = format!("{name}-latency");
-            }
+            settings.topics.add_suffix("latency");
             entitlement_worker::kafka::admin::create_topics(
                 &settings.kafka,
                 &settings.topics,

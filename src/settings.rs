@@ -246,6 +246,24 @@ impl TopicSettings {
         .into_iter()
     }
 
+    /// Appends `-suffix` to all eight names: topics of their own for a test or a
+    /// benchmark phase on a shared broker.
+    pub fn add_suffix(&mut self, suffix: &str) {
+        for name in [
+            &mut self.participant_added,
+            &mut self.participant_cancelled,
+            &mut self.module_enabled,
+            &mut self.entitlement_granted,
+            &mut self.transfer_requested,
+            &mut self.shortfalls,
+            &mut self.ledger,
+            &mut self.dlq,
+        ] {
+            name.push('-');
+            name.push_str(suffix);
+        }
+    }
+
     /// All eight topic names: the five inputs, then shortfalls, ledger and dead letters.
     pub fn all(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.inputs().map(|(_, name)| name).collect();
@@ -323,6 +341,19 @@ impl fmt::Debug for Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_suffix_gives_all_eight_topics_names_of_their_own() {
+        let defaults = Settings::load(None).unwrap().topics;
+        let mut topics = defaults.clone();
+        topics.add_suffix("run-7");
+        let (before, after) = (defaults.all(), topics.all());
+        assert_eq!(after.len(), 8);
+        for (old, new) in before.iter().zip(&after) {
+            assert_eq!(*new, format!("{old}-run-7"));
+        }
+        assert_eq!(topics.kind_of(after[0]), defaults.kind_of(before[0]));
+    }
 
     #[test]
     fn lanes_are_bounded_and_need_their_connections() {

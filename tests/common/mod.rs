@@ -35,19 +35,7 @@ pub fn settings(brokers: &str) -> Settings {
     settings.clock.interval_ms = 200;
     settings.outbox.poll_interval_ms = 50;
     let suffix = unique("t");
-    let topics = &mut settings.topics;
-    for name in [
-        &mut topics.participant_added,
-        &mut topics.participant_cancelled,
-        &mut topics.module_enabled,
-        &mut topics.entitlement_granted,
-        &mut topics.transfer_requested,
-        &mut topics.shortfalls,
-        &mut topics.ledger,
-        &mut topics.dlq,
-    ] {
-        *name = format!("{name}-{suffix}");
-    }
+    settings.topics.add_suffix(&suffix);
     settings
 }
 
