@@ -407,15 +407,28 @@ async fn a_trial_fills_the_waiting_workspace_when_it_starts_and_expires_on_time(
     ] {
         assert!(metrics.contains(name), "{name} missing from\n{metrics}");
     }
-    let resident: f64 = metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("entitlements_memory_resident_bytes "))
-        .and_then(|value| value.parse().ok())
-        .unwrap_or_else(|| panic!("no resident memory in\n{metrics}"));
+    let gauge = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+    };
+    let resident = gauge("entitlements_memory_resident_bytes");
     assert!(
         resident > 1_048_576.0,
         "a running worker holds more than 1 MiB: {resident}"
     );
+    // jemalloc serves every allocation of the process when the feature is on.
+    if cfg!(feature = "jemalloc") {
+        let allocated = gauge("entitlements_memory_heap_allocated_bytes");
+        let held = gauge("entitlements_memory_heap_resident_bytes");
+        assert!(allocated > 0.0, "jemalloc counted no live bytes");
+        assert!(
+            held >= allocated,
+            "jemalloc holds {held} bytes for {allocated} live"
+        );
+    }
     let consumed_added = format!(
         "entitlements_messages_consumed_total{{topic=\"{}\"}} 3",
         topics.participant_added

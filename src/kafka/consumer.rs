@@ -27,28 +27,41 @@ use crate::telemetry::{Health, Metrics};
 const REVOKE_WAIT: Duration = Duration::from_secs(30);
 /// How long one poll blocks: also how quickly the thread notices shutdown.
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
-/// librdkafka settings the worker changes from librdkafka's defaults, unless the operator
-/// sets them in `kafka.properties`.
-const CONSUMER_DEFAULTS: [(&str, &str); 3] = [
-    // How long the broker may hold a fetch while it has less than `fetch.min.bytes`.
-    // librdkafka's 500 ms showed up whole in the input -> alert latency against brokers
-    // that hold the fetch for its full time; 10 ms costs an idle consumer about 100 small
-    // fetches a second per broker.
-    ("fetch.wait.max.ms", "10"),
-    // Messages fetched ahead of the apply lane. librdkafka's 64 MiB was most of the
-    // worker's memory while it caught up on a backlog; 4 MiB still holds about 23,000
-    // messages of 180 bytes, several batches ahead.
-    ("queued.max.messages.kbytes", "4096"),
-    // The most one fetch response may hold (librdkafka: 50 MiB). A response stays in
-    // memory until its last message is read, on top of the queue above; 8 MiB kept the
-    // same throughput as 50 in the benchmark with 28 MiB less resident memory
-    // (docs/performance.md), 2 MiB starved the lanes.
-    ("fetch.max.bytes", "8388608"),
-];
-/// How often a lane heartbeats to the group coordinator. Members learn of a rebalance at
-/// their next heartbeat, and an instance's lanes join the group one after another, so
-/// librdkafka's 3 s made every start go through rounds of 3 s each; a third of the
-/// session timeout at most, as librdkafka requires it to be below.
+/// librdkafka settings the worker changes from librdkafka's defaults for lane `lane`;
+/// each gives way to the same key in the operator's `kafka.properties`.
+pub fn consumer_defaults(settings: &Settings, lane: usize) -> Vec<(&'static str, String)> {
+    let defaults = [
+        // How long the broker may hold a fetch while it has less than `fetch.min.bytes`.
+        // librdkafka's 500 ms showed up whole in the input -> alert latency against
+        // brokers that hold the fetch for its full time; 10 ms costs an idle consumer
+        // about 100 small fetches a second per broker.
+        ("fetch.wait.max.ms", "10".to_owned()),
+        // Messages fetched ahead of the apply lane. librdkafka's 64 MiB was most of the
+        // worker's memory while it caught up on a backlog; 4 MiB still holds about 23,000
+        // messages of 180 bytes, several batches ahead.
+        ("queued.max.messages.kbytes", "4096".to_owned()),
+        // The most one fetch response may hold (librdkafka: 50 MiB). A response stays in
+        // memory until its last message is read, on top of the queue above; 8 MiB kept
+        // the same throughput as 50 in the benchmark with 28 MiB less resident memory
+        // (docs/performance.md), 2 MiB starved the lanes.
+        ("fetch.max.bytes", "8388608".to_owned()),
+        // Members learn of a rebalance at their next heartbeat, and an instance's lanes
+        // join the group one after another, so librdkafka's 3 s made every start go
+        // through rounds of 3 s each.
+        (
+            "heartbeat.interval.ms",
+            heartbeat_interval_ms(settings.kafka.session_timeout_ms).to_string(),
+        ),
+        ("client.id", format!("entitlement-worker-lane-{lane}")),
+    ];
+    defaults
+        .into_iter()
+        .filter(|(key, _)| !settings.kafka.properties.contains_key(*key))
+        .collect()
+}
+
+/// How often a lane heartbeats to the group coordinator: every second, and a third of
+/// the session timeout at most, as librdkafka requires it to be below.
 pub fn heartbeat_interval_ms(session_timeout_ms: u64) -> u64 {
     (session_timeout_ms / 3).clamp(1, 1000)
 }
@@ -203,23 +216,8 @@ impl ConsumerThread {
             closing: closing.clone(),
         };
         let mut config = super::client_config(&settings.kafka);
-        for (key, value) in CONSUMER_DEFAULTS {
-            if !settings.kafka.properties.contains_key(key) {
-                config.set(key, value);
-            }
-        }
-        if !settings
-            .kafka
-            .properties
-            .contains_key("heartbeat.interval.ms")
-        {
-            config.set(
-                "heartbeat.interval.ms",
-                heartbeat_interval_ms(settings.kafka.session_timeout_ms).to_string(),
-            );
-        }
-        if !settings.kafka.properties.contains_key("client.id") {
-            config.set("client.id", format!("entitlement-worker-lane-{lane}"));
+        for (key, value) in consumer_defaults(settings, lane) {
+            config.set(key, value);
         }
         let consumer: BaseConsumer<WorkerContext> = config
             .set("group.id", &settings.kafka.group_id)

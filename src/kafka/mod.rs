@@ -56,4 +56,31 @@ mod tests {
             assert!(heartbeat < session, "{session}: {heartbeat}");
         }
     }
+
+    #[test]
+    fn the_consumer_defaults_give_way_to_the_operators_properties() {
+        use super::consumer::consumer_defaults;
+        let mut settings = Settings::load(None).unwrap();
+        settings.kafka.session_timeout_ms = 1_500;
+        let defaults = consumer_defaults(&settings, 3);
+        let value = |key: &str| {
+            defaults
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, value)| value.clone())
+        };
+        assert_eq!(value("heartbeat.interval.ms").as_deref(), Some("500"));
+        assert_eq!(
+            value("client.id").as_deref(),
+            Some("entitlement-worker-lane-3")
+        );
+        assert_eq!(value("queued.max.messages.kbytes").as_deref(), Some("4096"));
+
+        for key in ["heartbeat.interval.ms", "client.id", "fetch.max.bytes"] {
+            settings.kafka.properties.insert(key.into(), "1".into());
+        }
+        let defaults = consumer_defaults(&settings, 3);
+        let keys: Vec<&str> = defaults.iter().map(|(key, _)| *key).collect();
+        assert_eq!(keys, ["fetch.wait.max.ms", "queued.max.messages.kbytes"]);
+    }
 }
