@@ -10,13 +10,13 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio_util::sync::CancellationToken;
 
 use crate::settings::LogSettings;
-use crate::store::BatchReport;
+use crate::store::{BatchReport, Stage};
 
 /// Every metric the worker exports. Labels are low-cardinality: topics, reasons, kinds.
 #[derive(Clone)]
@@ -30,6 +30,7 @@ pub struct Metrics {
     pub batches: IntCounter,
     pub batch_size: HistogramVec,
     pub commit_latency: HistogramVec,
+    pub batch_stage_seconds: CounterVec,
     pub seats_transferred: IntCounter,
     pub ledger_entries: IntCounterVec,
     pub alerts: IntCounter,
@@ -198,6 +199,23 @@ impl Metrics {
                     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
                 ],
             ),
+            batch_stage_seconds: {
+                let metric = CounterVec::new(
+                    Opts::new(
+                        "entitlements_batch_stage_seconds_total",
+                        "Time committed batches spent in each stage of their transaction: lock, load, core, write, commit.",
+                    ),
+                    &["stage"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(metric.clone()))
+                    .expect("unique metric");
+                for stage in Stage::ALL {
+                    metric.with_label_values(&[stage.as_str()]);
+                }
+                metric
+            },
             seats_transferred: counter(
                 "entitlements_seats_transferred_total",
                 "Seats moved from pools to workspaces, automatic and manual.",
@@ -251,6 +269,11 @@ impl Metrics {
         self.commit_latency
             .with_label_values(&[] as &[&str])
             .observe(seconds);
+        for (stage, time) in &report.stages {
+            self.batch_stage_seconds
+                .with_label_values(&[stage.as_str()])
+                .inc_by(time.as_secs_f64());
+        }
         for (topic, count) in &report.consumed {
             self.consumed.with_label_values(&[topic]).inc_by(*count);
         }

@@ -397,6 +397,7 @@ async fn a_trial_fills_the_waiting_workspace_when_it_starts_and_expires_on_time(
         "entitlements_batches_committed_total",
         "entitlements_batch_size_bucket",
         "entitlements_commit_latency_seconds_bucket",
+        "entitlements_batch_stage_seconds_total{stage=\"load\"}",
         "entitlements_seats_transferred_total 2",
         "entitlements_clock_ledger_entries_total",
         "entitlements_open_shortfalls",
@@ -414,6 +415,12 @@ async fn a_trial_fills_the_waiting_workspace_when_it_starts_and_expires_on_time(
             .and_then(|value| value.parse().ok())
             .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
     };
+    for stage in ["lock", "load", "core", "write", "commit"] {
+        let seconds = gauge(&format!(
+            "entitlements_batch_stage_seconds_total{{stage=\"{stage}\"}}"
+        ));
+        assert!(seconds > 0.0, "committed batches spent no time in {stage}");
+    }
     let resident = gauge("entitlements_memory_resident_bytes");
     assert!(
         resident > 1_048_576.0,

@@ -3,6 +3,7 @@
 //! offsets, commit.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
@@ -37,6 +38,64 @@ pub struct BatchReport {
     pub alerts: u64,
     /// The next offset per partition after this batch.
     pub next_offsets: Vec<(String, i32, i64)>,
+    /// Where the transaction that committed spent its time, stage by stage.
+    pub stages: Vec<(Stage, Duration)>,
+}
+
+/// The stages of a batch's transaction, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Opening the transaction and locking the partitions' stored offsets.
+    Lock,
+    /// Locking the organizations and loading the state the batch names.
+    Load,
+    /// The domain core, and the dead letters, ledger messages and alerts it produces.
+    Core,
+    /// Writing state, ledger, outbox and offsets.
+    Write,
+    /// The commit.
+    Commit,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 5] = [
+        Stage::Lock,
+        Stage::Load,
+        Stage::Core,
+        Stage::Write,
+        Stage::Commit,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Lock => "lock",
+            Stage::Load => "load",
+            Stage::Core => "core",
+            Stage::Write => "write",
+            Stage::Commit => "commit",
+        }
+    }
+}
+
+/// Measures consecutive stages: each lap ends one and starts the next.
+struct Laps {
+    last: Instant,
+    laps: Vec<(Stage, Duration)>,
+}
+
+impl Laps {
+    fn start() -> Self {
+        Self {
+            last: Instant::now(),
+            laps: Vec::with_capacity(Stage::ALL.len()),
+        }
+    }
+
+    fn lap(&mut self, stage: Stage) {
+        let now = Instant::now();
+        self.laps.push((stage, now - self.last));
+        self.last = now;
+    }
 }
 
 impl BatchReport {
@@ -72,6 +131,7 @@ impl Store {
         policy: Policy,
         now: DateTime<Utc>,
     ) -> Result<BatchReport, StoreError> {
+        let mut laps = Laps::start();
         let mut transaction = self.pool.begin().await?;
         let mut report = BatchReport::default();
 
@@ -85,6 +145,7 @@ impl Store {
             .filter(|message| message.offset >= stored[&(message.topic.clone(), message.partition)])
             .collect();
         report.already_applied = (batch.len() - fresh.len()) as u64;
+        laps.lap(Stage::Lock);
 
         let commands: Vec<(usize, &Command)> = fresh
             .iter()
@@ -98,6 +159,7 @@ impl Store {
             now,
         )
         .await?;
+        laps.lap(Stage::Load);
 
         let mut verdicts: HashMap<usize, Verdict> = HashMap::new();
         for (index, command) in &commands {
@@ -147,12 +209,16 @@ impl Store {
         }
         report.count_effects(&book);
         outbox.extend(effects_to_publish(&book));
+        laps.lap(Stage::Core);
 
         super::write::write_book(&mut transaction, &book).await?;
         super::outbox::insert(&mut transaction, &outbox).await?;
         report.next_offsets = next_offsets(&positions, &stored, &fresh);
         store_offsets(&mut transaction, &report.next_offsets).await?;
+        laps.lap(Stage::Write);
         transaction.commit().await?;
+        laps.lap(Stage::Commit);
+        report.stages = laps.laps;
         Ok(report)
     }
 

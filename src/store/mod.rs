@@ -13,7 +13,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
 
-pub use apply::{BatchReport, Inbound};
+pub use apply::{BatchReport, Inbound, Stage};
 pub use outbox::{Channel, OutboxMessage, OutboxRow};
 
 use crate::settings::DatabaseSettings;
