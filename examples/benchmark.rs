@@ -34,13 +34,17 @@ use anyhow::{bail, Context as _};
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::Parser;
 use entitlement_worker::settings::{Settings, TopicSettings};
+use entitlement_worker::store::Stage;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Message};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{
+    BaseProducer, BaseRecord, DefaultProducerContext, Producer, ProducerContext,
+};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
 use serde_json::{json, Value};
@@ -79,11 +83,13 @@ struct Args {
     /// Duration of the latency phase; 0 skips it.
     #[arg(long, default_value_t = 30)]
     latency_seconds: u64,
-    /// The broker of the latency phase: the main broker (memory storage, whose fetch cost
-    /// grows with the batches stored), or a second tansu storing in SQLite (whose fetch
-    /// reads by offset, but whose produce path is slower).
-    #[arg(long, value_enum, default_value_t = Storage::Memory)]
-    latency_storage: Storage,
+    /// The broker of the latency phase: librdkafka's mock cluster in this process (the
+    /// default: the one broker here whose own round trip stays flat at 2,000 messages/s
+    /// over 30 s), the main tansu (memory storage, whose fetch cost grows with the
+    /// batches stored), or a second tansu storing in SQLite (whose produce path cannot
+    /// take 2,000 requests a second).
+    #[arg(long, value_enum, default_value_t = LatencyStorage::Mock)]
+    latency_storage: LatencyStorage,
     /// `linger.ms` of the latency phase's producer: how long it gathers messages into one
     /// produce request (librdkafka's default is 5). Its wait counts in every latency.
     #[arg(long, default_value_t = 5)]
@@ -611,23 +617,38 @@ impl Bench<'_> {
         // On a broker of its own the phase has topics of its own; the main database keeps
         // its state and its offsets of the main topics, and starts the new ones at 0.
         let own_broker = match self.args.latency_storage {
-            Storage::Memory => None,
-            storage => Some(Tansu::start(self.args.tansu.clone(), storage)?),
+            LatencyStorage::Memory => None,
+            LatencyStorage::Sqlite => Some(OwnBroker::Tansu(Tansu::start(
+                self.args.tansu.clone(),
+                Storage::Sqlite,
+            )?)),
+            LatencyStorage::Mock => Some(OwnBroker::Mock(MockCluster::new(1)?)),
         };
+        // The mock cluster runs in this process: its time counts as the harness's.
         let (brokers, tansu_pid) = match &own_broker {
-            Some(tansu) => (tansu.brokers.clone(), tansu.child.id()),
+            Some(OwnBroker::Tansu(tansu)) => (tansu.brokers.clone(), tansu.child.id()),
+            Some(OwnBroker::Mock(cluster)) => (cluster.bootstrap_servers(), 0),
             None => (self.brokers.clone(), self.tansu_pid),
         };
-        if own_broker.is_some() {
+        if let Some(broker) = &own_broker {
             settings.kafka.brokers = brokers.clone();
             settings.topics.add_suffix("latency");
-            entitlement_worker::kafka::admin::create_topics(
-                &settings.kafka,
-                &settings.topics,
-                self.args.partitions,
-            )
-            .await
-            .context("creating the latency phase's topics")?;
+            match broker {
+                OwnBroker::Tansu(_) => entitlement_worker::kafka::admin::create_topics(
+                    &settings.kafka,
+                    &settings.topics,
+                    self.args.partitions,
+                )
+                .await
+                .context("creating the latency phase's topics")?,
+                OwnBroker::Mock(cluster) => {
+                    for topic in settings.topics.all() {
+                        cluster
+                            .create_topic(topic, self.args.partitions, 1)
+                            .context("creating the latency phase's topics")?;
+                    }
+                }
+            }
         }
         println!(
             "latency: broker {brokers} ({} storage)",
@@ -1784,8 +1805,45 @@ fn redact(url: &str) -> String {
 // Processes: tansu and the worker
 // ---------------------------------------------------------------------------------------
 
-/// Where a tansu broker keeps its messages.
+/// The broker of the latency phase (`--latency-storage`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LatencyStorage {
+    /// The main tansu, memory storage, holding the stream.
+    Memory,
+    /// A second tansu of its own, SQLite storage.
+    Sqlite,
+    /// librdkafka's mock cluster, in the harness's process.
+    Mock,
+}
+
+impl LatencyStorage {
+    fn name(self) -> &'static str {
+        match self {
+            LatencyStorage::Memory => "memory",
+            LatencyStorage::Sqlite => "sqlite",
+            LatencyStorage::Mock => "mock",
+        }
+    }
+
+    fn description(self) -> &'static str {
+        match self {
+            LatencyStorage::Memory => "the main tansu, memory storage, holding the stream",
+            LatencyStorage::Sqlite => "a second tansu of its own, sqlite storage",
+            LatencyStorage::Mock => {
+                "librdkafka's mock cluster of its own, in the harness's process (its CPU counts as the harness's)"
+            }
+        }
+    }
+}
+
+/// A broker the latency phase starts for itself, stopped when dropped.
+enum OwnBroker {
+    Tansu(Tansu),
+    Mock(MockCluster<'static, DefaultProducerContext>),
+}
+
+/// Where a tansu broker keeps its messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Storage {
     /// `memory://`: the fastest; a fetch lists every batch stored in the partition, so
     /// its cost grows with the batches stored.
@@ -1799,13 +1857,6 @@ impl Storage {
         match self {
             Storage::Memory => "memory://tansu/",
             Storage::Sqlite => "sqlite://tansu.db",
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Storage::Memory => "memory",
-            Storage::Sqlite => "sqlite",
         }
     }
 }
@@ -2075,6 +2126,28 @@ struct CpuMeter {
     last: HashMap<u32, (String, u64)>,
     /// Ticks per party: "worker", "tansu", "postgres", "harness", or a command name.
     totals: HashMap<String, u64>,
+    /// PostgreSQL's ticks by process role ([`postgres_role`]).
+    postgres_roles: HashMap<&'static str, u64>,
+}
+
+/// What a PostgreSQL process does, from the title it sets (`/proc/<pid>/cmdline`).
+fn postgres_role(pid: u32) -> &'static str {
+    let title = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_default();
+    if title.contains("autovacuum") {
+        "autovacuum"
+    } else if ["walwriter", "checkpointer", "background writer"]
+        .iter()
+        .any(|role| title.contains(role))
+    {
+        "WAL writer, checkpointer, background writer"
+    } else if title.contains('(') {
+        // A client backend's title holds its peer: "user db 127.0.0.1(port) state".
+        "backends"
+    } else {
+        "other"
+    }
 }
 
 fn machine_busy_ticks() -> u64 {
@@ -2119,6 +2192,7 @@ impl CpuMeter {
             busy_start: machine_busy_ticks(),
             last: all_processes(),
             totals: HashMap::new(),
+            postgres_roles: HashMap::new(),
         }
     }
 
@@ -2149,7 +2223,11 @@ impl CpuMeter {
                 _ => 0,
             };
             let party = self.party(*pid, name);
-            *self.totals.entry(party).or_default() += ticks.saturating_sub(before);
+            let spent = ticks.saturating_sub(before);
+            if party == "postgres" && spent > 0 {
+                *self.postgres_roles.entry(postgres_role(*pid)).or_default() += spent;
+            }
+            *self.totals.entry(party).or_default() += spent;
         }
         self.last = now;
     }
@@ -2172,12 +2250,19 @@ impl CpuMeter {
             .filter(|(_, cores)| *cores >= 0.005)
             .collect();
         others.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let mut postgres_roles: Vec<(String, f64)> = self
+            .postgres_roles
+            .iter()
+            .map(|(role, ticks)| (role.to_string(), cores(*ticks)))
+            .collect();
+        postgres_roles.sort_by(|a, b| b.1.total_cmp(&a.1));
         let machine = cores(machine_busy_ticks().saturating_sub(self.busy_start));
         CpuShare {
             seconds,
             worker,
             tansu,
             postgres,
+            postgres_roles,
             harness,
             others,
             machine,
@@ -2193,6 +2278,8 @@ struct CpuShare {
     worker: f64,
     tansu: f64,
     postgres: f64,
+    /// PostgreSQL's share by process role, largest first.
+    postgres_roles: Vec<(String, f64)>,
     harness: f64,
     others: Vec<(String, f64)>,
     machine: f64,
@@ -2211,10 +2298,16 @@ impl CpuShare {
             .take(3)
             .map(|(name, cores)| format!("{name} {cores:.2}"))
             .collect();
+        let roles: Vec<String> = self
+            .postgres_roles
+            .iter()
+            .map(|(role, cores)| format!("{role} {cores:.2}"))
+            .collect();
         format!(
-            "cores: worker {:.2}, postgres {:.2}, tansu {:.2}, harness {:.2}, other processes {:.2}{}; machine {:.2} of {}",
+            "cores: worker {:.2}, postgres {:.2} ({}), tansu {:.2}, harness {:.2}, other processes {:.2}{}; machine {:.2} of {}",
             self.worker,
             self.postgres,
+            roles.join(", "),
             self.tansu,
             self.harness,
             self.other(),
@@ -2232,6 +2325,7 @@ impl CpuShare {
         json!({"seconds": self.seconds, "cores": {"worker": self.worker, "postgres": self.postgres,
                "tansu": self.tansu, "harness": self.harness, "other_processes": self.other(),
                "machine": self.machine},
+               "postgres_roles": self.postgres_roles.iter().map(|(role, cores)| json!({"role": role, "cores": cores})).collect::<Vec<_>>(),
                "other_processes": self.others.iter().map(|(name, cores)| json!({"name": name, "cores": cores})).collect::<Vec<_>>()})
     }
 }
@@ -2360,6 +2454,8 @@ struct MetricsSummary {
     heap_allocated: f64,
     heap_resident: f64,
     consumer_queued: f64,
+    /// Seconds the committed batches spent in each stage of their transaction.
+    stage_seconds: Vec<(&'static str, f64)>,
 }
 
 fn metric_sum(text: &str, name: &str) -> f64 {
@@ -2393,6 +2489,16 @@ impl MetricsSummary {
             heap_allocated: metric_sum(text, "entitlements_memory_heap_allocated_bytes"),
             heap_resident: metric_sum(text, "entitlements_memory_heap_resident_bytes"),
             consumer_queued: metric_sum(text, "entitlements_consumer_queued_bytes"),
+            stage_seconds: Stage::ALL
+                .iter()
+                .map(|stage| {
+                    let name = format!(
+                        "entitlements_batch_stage_seconds_total{{stage=\"{}\"}}",
+                        stage.as_str()
+                    );
+                    (stage.as_str(), metric_sum(text, &name))
+                })
+                .collect(),
             rejected_by_reason: text
                 .lines()
                 .filter_map(|line| {
@@ -2415,6 +2521,21 @@ impl MetricsSummary {
         1000.0 * self.commit_seconds_sum / self.commit_count.max(1.0)
     }
 
+    /// "lock 0.3 s (1%), load ..." over every committed batch.
+    fn stages_line(&self) -> String {
+        let total: f64 = self.stage_seconds.iter().map(|(_, seconds)| seconds).sum();
+        self.stage_seconds
+            .iter()
+            .map(|(stage, seconds)| {
+                format!(
+                    "{stage} {seconds:.1} s ({:.0}%)",
+                    100.0 * seconds / total.max(f64::MIN_POSITIVE)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     fn json(&self) -> Value {
         json!({"batches": self.batches, "mean_batch_size": self.mean_batch(),
                "mean_commit_ms": self.mean_commit_ms(), "commit_seconds_total": self.commit_seconds_sum,
@@ -2422,7 +2543,8 @@ impl MetricsSummary {
                "publish_errors": self.publish_errors, "published": self.published,
                "ledger_entries": self.ledger_entries, "alerts": self.alerts,
                "stale": self.stale, "duplicates": self.duplicates, "consumed": self.consumed,
-               "redelivered": self.redelivered, "rejected_by_reason": self.rejected_by_reason})
+               "redelivered": self.redelivered, "rejected_by_reason": self.rejected_by_reason,
+               "stage_seconds": self.stage_seconds.iter().map(|(stage, seconds)| (stage.to_string(), json!(seconds))).collect::<serde_json::Map<_, _>>()})
     }
 }
 
@@ -2592,7 +2714,7 @@ impl RunResult {
 }
 
 struct LatencyResult {
-    storage: Storage,
+    storage: LatencyStorage,
     /// Checkpoints the server made while the inputs were sent and drained.
     checkpoints: i64,
     offered_rate: u64,
@@ -2821,6 +2943,13 @@ impl Report {
             fmt_int(m.metrics.redelivered as u64),
             if m.metrics.rejected_by_reason.is_empty() { "none" } else { &m.metrics.rejected_by_reason }
         ));
+        line(
+            &mut out,
+            format!(
+                "  batches' time by stage, all lanes: {}",
+                m.metrics.stages_line()
+            ),
+        );
         line(&mut out, format!("  {}", m.cpu.line()));
         line(
             &mut out,
@@ -2942,10 +3071,7 @@ impl Report {
             line(&mut out, format!(
                 "latency input -> alert ({} ev/s offered for {:.1} s into {} workspaces of {} organizations without a pool, producer linger.ms {}; worker caught up on the main database; broker: {})",
                 l.offered_rate, l.produce_seconds, fmt_int(l.warmup_workspaces), LATENCY_ORGS, self.args.latency_linger_ms,
-                match l.storage {
-                    Storage::Memory => "the main tansu, memory storage, holding the stream",
-                    Storage::Sqlite => "a second tansu of its own, sqlite storage",
-                }
+                l.storage.description()
             ));
             line(
                 &mut out,
