@@ -197,7 +197,10 @@ async fn apply_loop(
     let max_messages = settings.batch.max_messages;
     let max_wait = Duration::from_millis(settings.batch.max_wait_ms);
     let mut batch: Vec<Inbound> = Vec::with_capacity(max_messages);
+    let idle = metrics.lane_wait_seconds.with_label_values(&["idle"]);
+    let gather = metrics.lane_wait_seconds.with_label_values(&["gather"]);
     loop {
+        let waiting = Instant::now();
         let first = match receiver.recv().await {
             None | Some(Envelope::End) => break,
             Some(Envelope::Barrier(done)) => {
@@ -206,6 +209,8 @@ async fn apply_loop(
             }
             Some(Envelope::Message(message)) => message,
         };
+        idle.inc_by(waiting.elapsed().as_secs_f64());
+        let gathering = Instant::now();
         batch.push(*first);
         let deadline = tokio::time::Instant::now() + max_wait;
         let mut barrier = None;
@@ -224,6 +229,7 @@ async fn apply_loop(
                 Err(_) => break,
             }
         }
+        gather.inc_by(gathering.elapsed().as_secs_f64());
         let report = commit_batch(&store, &batch, policy, &metrics).await?;
         consumer.commit_hint(&report.next_offsets);
         wake.notify_one();

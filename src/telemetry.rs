@@ -31,6 +31,7 @@ pub struct Metrics {
     pub batch_size: HistogramVec,
     pub commit_latency: HistogramVec,
     pub batch_stage_seconds: CounterVec,
+    pub lane_wait_seconds: CounterVec,
     pub seats_transferred: IntCounter,
     pub ledger_entries: IntCounterVec,
     pub alerts: IntCounter,
@@ -213,6 +214,23 @@ impl Metrics {
                     .expect("unique metric");
                 for stage in Stage::ALL {
                     metric.with_label_values(&[stage.as_str()]);
+                }
+                metric
+            },
+            lane_wait_seconds: {
+                let metric = CounterVec::new(
+                    Opts::new(
+                        "entitlements_lane_wait_seconds_total",
+                        "Time the apply lanes spent waiting for messages: idle (nothing queued) or gather (filling a batch that has begun).",
+                    ),
+                    &["phase"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(metric.clone()))
+                    .expect("unique metric");
+                for phase in ["idle", "gather"] {
+                    metric.with_label_values(&[phase]);
                 }
                 metric
             },

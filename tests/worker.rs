@@ -398,6 +398,7 @@ async fn a_trial_fills_the_waiting_workspace_when_it_starts_and_expires_on_time(
         "entitlements_batch_size_bucket",
         "entitlements_commit_latency_seconds_bucket",
         "entitlements_batch_stage_seconds_total{stage=\"load\"}",
+        "entitlements_lane_wait_seconds_total{phase=\"idle\"}",
         "entitlements_seats_transferred_total 2",
         "entitlements_clock_ledger_entries_total",
         "entitlements_open_shortfalls",
@@ -420,6 +421,12 @@ async fn a_trial_fills_the_waiting_workspace_when_it_starts_and_expires_on_time(
             "entitlements_batch_stage_seconds_total{{stage=\"{stage}\"}}"
         ));
         assert!(seconds > 0.0, "committed batches spent no time in {stage}");
+    }
+    for phase in ["idle", "gather"] {
+        let seconds = gauge(&format!(
+            "entitlements_lane_wait_seconds_total{{phase=\"{phase}\"}}"
+        ));
+        assert!(seconds > 0.0, "the lanes never waited in {phase}");
     }
     let resident = gauge("entitlements_memory_resident_bytes");
     assert!(
