@@ -2458,8 +2458,6 @@ struct MetricsSummary {
     stage_seconds: Vec<(&'static str, f64)>,
     /// Seconds the lanes waited for messages: idle, gather.
     wait_seconds: Vec<(&'static str, f64)>,
-    /// Offsets the broker skipped: messages of an assigned partition never delivered.
-    skipped: f64,
 }
 
 fn metric_sum(text: &str, name: &str) -> f64 {
@@ -2503,7 +2501,6 @@ impl MetricsSummary {
                     (stage.as_str(), metric_sum(text, &name))
                 })
                 .collect(),
-            skipped: metric_sum(text, "entitlements_consumer_skipped_offsets_total"),
             wait_seconds: ["idle", "gather"]
                 .into_iter()
                 .map(|phase| {
@@ -2566,7 +2563,6 @@ impl MetricsSummary {
                "stale": self.stale, "duplicates": self.duplicates, "consumed": self.consumed,
                "redelivered": self.redelivered, "rejected_by_reason": self.rejected_by_reason,
                "stage_seconds": self.stage_seconds.iter().map(|(stage, seconds)| (stage.to_string(), json!(seconds))).collect::<serde_json::Map<_, _>>(),
-               "skipped_by_broker": self.skipped,
                "lane_wait_seconds": self.wait_seconds.iter().map(|(phase, seconds)| (phase.to_string(), json!(seconds))).collect::<serde_json::Map<_, _>>()})
     }
 }
@@ -2961,9 +2957,9 @@ impl Report {
             fmt_int(m.metrics.ledger_entries as u64), fmt_int(m.metrics.alerts as u64), fmt_int(m.metrics.published as u64), fmt_int(m.metrics.rejected as u64)
         ));
         line(&mut out, format!(
-            "  worker counted {} messages consumed ({} stale, {} duplicates, {} redelivered, {} skipped by the broker); dead letters: {}",
+            "  worker counted {} messages consumed ({} stale, {} duplicates, {} redelivered); dead letters: {}",
             fmt_int(m.metrics.consumed as u64), fmt_int(m.metrics.stale as u64), fmt_int(m.metrics.duplicates as u64),
-            fmt_int(m.metrics.redelivered as u64), fmt_int(m.metrics.skipped as u64),
+            fmt_int(m.metrics.redelivered as u64),
             if m.metrics.rejected_by_reason.is_empty() { "none" } else { &m.metrics.rejected_by_reason }
         ));
         line(
@@ -3189,13 +3185,11 @@ impl Report {
             line(
                 &mut out,
                 format!(
-                    "  stored {}: {}; log {} warnings, {} errors; {} messages consumed, {} skipped by the broker; applied/s (k): {}; RSS/s (MiB): {}",
+                    "  stored {}: {}; log {} warnings, {} errors; applied/s (k): {}; RSS/s (MiB): {}",
                     fmt_int(run.stored),
                     run.cpu.line(),
                     run.log.warnings,
                     run.log.errors,
-                    fmt_int(run.metrics.consumed as u64),
-                    fmt_int(run.metrics.skipped as u64),
                     run.per_second()
                         .iter()
                         .map(|rate| format!("{:.0}", *rate as f64 / 1000.0))
