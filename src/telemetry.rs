@@ -43,7 +43,6 @@ pub struct Metrics {
     pub store_retries: IntCounterVec,
     pub clock_entries: IntCounter,
     pub consumer_queued_bytes: IntGaugeVec,
-    pub consumer_skipped_offsets: IntCounterVec,
     memory: MemoryGauges,
 }
 
@@ -218,11 +217,6 @@ impl Metrics {
                 }
                 metric
             },
-            consumer_skipped_offsets: counter_vec(
-                "entitlements_consumer_skipped_offsets_total",
-                "Offsets the broker skipped: messages of an assigned partition that were never received (compaction and transaction markers skip offsets too).",
-                &["topic"],
-            ),
             lane_wait_seconds: {
                 let metric = CounterVec::new(
                     Opts::new(

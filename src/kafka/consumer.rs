@@ -4,9 +4,8 @@
 //! hand are committed before the partitions go. Decoding happens here, so the apply loop
 //! receives typed commands or rejections.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
@@ -87,43 +86,6 @@ pub struct WorkerContext {
     health: Health,
     /// Set once shutdown began: the apply loop has stopped, no barrier can be answered.
     closing: Arc<AtomicBool>,
-    /// The offset expected next from each assigned partition, by topic: where the lane
-    /// resumed it, then one past the last message received.
-    expected: Mutex<HashMap<String, HashMap<i32, i64>>>,
-}
-
-impl WorkerContext {
-    /// Notes `offset` of `topic`/`partition` as received and returns how many offsets the
-    /// broker skipped before it.
-    fn received(&self, topic: &str, partition: i32, offset: i64) -> i64 {
-        let mut expected = self
-            .expected
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        note_received(&mut expected, topic, partition, offset)
-    }
-}
-
-/// Records `offset` as received in `expected` (the offset expected next per topic and
-/// partition) and returns how many offsets before it were never received: 0 when it is
-/// the one expected, an earlier one, or the first of a partition nothing was expected of.
-fn note_received(
-    expected: &mut HashMap<String, HashMap<i32, i64>>,
-    topic: &str,
-    partition: i32,
-    offset: i64,
-) -> i64 {
-    let next = match expected.get_mut(topic) {
-        Some(partitions) => partitions.entry(partition).or_insert(offset),
-        None => expected
-            .entry(topic.to_owned())
-            .or_default()
-            .entry(partition)
-            .or_insert(offset),
-    };
-    let skipped = (offset - *next).max(0);
-    *next = offset + 1;
-    skipped
 }
 
 impl ClientContext for WorkerContext {
@@ -157,20 +119,12 @@ impl ConsumerContext for WorkerContext {
                 "Partitions are being revoked; committing the batch in hand first."
             );
             // These partitions' lag is another instance's to report from now on.
-            let mut expected = self
-                .expected
-                .lock()
-                .unwrap_or_else(|poison| poison.into_inner());
             for element in partitions.elements() {
                 let _ = self
                     .metrics
                     .consumer_lag
                     .remove_label_values(&[element.topic(), &element.partition().to_string()]);
-                if let Some(partitions) = expected.get_mut(element.topic()) {
-                    partitions.remove(&element.partition());
-                }
             }
-            drop(expected);
             if self.closing.load(Ordering::SeqCst) {
                 return;
             }
@@ -208,24 +162,14 @@ impl ConsumerContext for WorkerContext {
             }
         };
         let mut positions = TopicPartitionList::new();
-        let mut expected = self
-            .expected
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
         for (topic, partition) in &wanted {
             let offset = stored
                 .get(&(topic.clone(), *partition))
                 .map_or(self.auto_offset_reset, |next| Offset::Offset(*next));
-            let partitions = expected.entry(topic.clone()).or_default();
-            match offset {
-                Offset::Offset(next) => partitions.insert(*partition, next),
-                _ => partitions.remove(partition),
-            };
             if let Err(error) = positions.add_partition_offset(topic, *partition, offset) {
                 tracing::error!(%error, topic, partition, "Could not set a start offset.");
             }
         }
-        drop(expected);
         self.health.set(true);
         match consumer.assign(&positions) {
             Ok(()) => tracing::info!(
@@ -257,7 +201,6 @@ impl ConsumerThread {
         cancel: CancellationToken,
     ) -> anyhow::Result<Self> {
         let closing = Arc::new(AtomicBool::new(false));
-        let metrics_for_thread = metrics.clone();
         let context = WorkerContext {
             lane,
             store,
@@ -271,7 +214,6 @@ impl ConsumerThread {
             metrics,
             health: health.clone(),
             closing: closing.clone(),
-            expected: Mutex::default(),
         };
         let mut config = super::client_config(&settings.kafka);
         for (key, value) in consumer_defaults(settings, lane) {
@@ -297,7 +239,6 @@ impl ConsumerThread {
         let topics = settings.topics.clone();
         let polled = consumer.clone();
         let thread_closing = closing.clone();
-        let skipped_offsets = metrics_for_thread.consumer_skipped_offsets.clone();
         let thread = std::thread::Builder::new()
             .name(format!("kafka-consumer-{lane}"))
             .spawn(move || {
@@ -315,26 +256,6 @@ impl ConsumerThread {
                     let Some(kind) = topics.kind_of(message.topic()) else {
                         continue;
                     };
-                    let skipped = polled.context().received(
-                        message.topic(),
-                        message.partition(),
-                        message.offset(),
-                    );
-                    if skipped > 0 {
-                        // Compaction and transaction markers skip offsets too; a skip
-                        // where the lane resumed means the broker did not serve the
-                        // position asked for.
-                        skipped_offsets
-                            .with_label_values(&[message.topic()])
-                            .inc_by(skipped as u64);
-                        tracing::warn!(
-                            topic = message.topic(),
-                            partition = message.partition(),
-                            offset = message.offset(),
-                            skipped,
-                            "The broker skipped offsets of this partition: messages before this one were never received."
-                        );
-                    }
                     let payload = message.payload();
                     let inbound = Inbound {
                         topic: message.topic().to_owned(),
@@ -383,28 +304,5 @@ impl ConsumerThread {
             tracing::error!("The consumer thread panicked.");
         }
         self.consumer.unsubscribe();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::note_received;
-    use std::collections::HashMap;
-
-    #[test]
-    fn offsets_the_broker_skipped_are_counted_from_where_the_lane_resumed() {
-        let mut expected = HashMap::new();
-        // Nothing expected yet: the first message sets the position.
-        assert_eq!(note_received(&mut expected, "added", 0, 40), 0);
-        assert_eq!(note_received(&mut expected, "added", 0, 41), 0);
-        // Resumed at 100 (the offset stored in PostgreSQL), served from 303.
-        expected.get_mut("added").unwrap().insert(1, 100);
-        assert_eq!(note_received(&mut expected, "added", 1, 303), 203);
-        assert_eq!(note_received(&mut expected, "added", 1, 304), 0);
-        // A message delivered again (an earlier offset) skips nothing.
-        assert_eq!(note_received(&mut expected, "added", 1, 200), 0);
-        // Partitions and topics are apart.
-        assert_eq!(note_received(&mut expected, "added", 0, 45), 3);
-        assert_eq!(note_received(&mut expected, "cancelled", 0, 7), 0);
     }
 }
