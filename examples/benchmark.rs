@@ -35,6 +35,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use clap::Parser;
 use entitlement_worker::settings::{Settings, TopicSettings};
 use entitlement_worker::store::Stage;
+use entitlement_worker::telemetry::LANE_WAIT_PHASES;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::config::ClientConfig;
@@ -2471,6 +2472,24 @@ fn metric_sum(text: &str, name: &str) -> f64 {
         + 0.0
 }
 
+/// The value of `name{label="value"}` for each of `values`.
+fn labelled_sums(
+    text: &str,
+    name: &str,
+    label: &str,
+    values: &[&'static str],
+) -> Vec<(&'static str, f64)> {
+    values
+        .iter()
+        .map(|value| {
+            (
+                *value,
+                metric_sum(text, &format!("{name}{{{label}=\"{value}\"}}")),
+            )
+        })
+        .collect()
+}
+
 impl MetricsSummary {
     fn parse(text: &str) -> Self {
         Self {
@@ -2491,23 +2510,18 @@ impl MetricsSummary {
             heap_allocated: metric_sum(text, "entitlements_memory_heap_allocated_bytes"),
             heap_resident: metric_sum(text, "entitlements_memory_heap_resident_bytes"),
             consumer_queued: metric_sum(text, "entitlements_consumer_queued_bytes"),
-            stage_seconds: Stage::ALL
-                .iter()
-                .map(|stage| {
-                    let name = format!(
-                        "entitlements_batch_stage_seconds_total{{stage=\"{}\"}}",
-                        stage.as_str()
-                    );
-                    (stage.as_str(), metric_sum(text, &name))
-                })
-                .collect(),
-            wait_seconds: ["idle", "gather"]
-                .into_iter()
-                .map(|phase| {
-                    let name = format!("entitlements_lane_wait_seconds_total{{phase=\"{phase}\"}}");
-                    (phase, metric_sum(text, &name))
-                })
-                .collect(),
+            stage_seconds: labelled_sums(
+                text,
+                "entitlements_batch_stage_seconds_total",
+                "stage",
+                &Stage::ALL.map(Stage::as_str),
+            ),
+            wait_seconds: labelled_sums(
+                text,
+                "entitlements_lane_wait_seconds_total",
+                "phase",
+                &LANE_WAIT_PHASES,
+            ),
             rejected_by_reason: text
                 .lines()
                 .filter_map(|line| {

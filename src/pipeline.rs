@@ -197,11 +197,14 @@ async fn apply_loop(
     let max_messages = settings.batch.max_messages;
     let max_wait = Duration::from_millis(settings.batch.max_wait_ms);
     let mut batch: Vec<Inbound> = Vec::with_capacity(max_messages);
-    let idle = metrics.lane_wait_seconds.with_label_values(&["idle"]);
-    let gather = metrics.lane_wait_seconds.with_label_values(&["gather"]);
+    let [idle, gather] = telemetry::LANE_WAIT_PHASES
+        .map(|phase| metrics.lane_wait_seconds.with_label_values(&[phase]));
     loop {
         let waiting = Instant::now();
-        let first = match receiver.recv().await {
+        let envelope = receiver.recv().await;
+        // Time before a barrier or the end counts as idle too.
+        idle.inc_by(waiting.elapsed().as_secs_f64());
+        let first = match envelope {
             None | Some(Envelope::End) => break,
             Some(Envelope::Barrier(done)) => {
                 let _ = done.send(());
@@ -209,7 +212,6 @@ async fn apply_loop(
             }
             Some(Envelope::Message(message)) => message,
         };
-        idle.inc_by(waiting.elapsed().as_secs_f64());
         let gathering = Instant::now();
         batch.push(*first);
         let deadline = tokio::time::Instant::now() + max_wait;

@@ -18,6 +18,10 @@ use tokio_util::sync::CancellationToken;
 use crate::settings::LogSettings;
 use crate::store::{BatchReport, Stage};
 
+/// The `phase` labels of `entitlements_lane_wait_seconds_total`: waiting with nothing
+/// queued, and filling a batch that has begun.
+pub const LANE_WAIT_PHASES: [&str; 2] = ["idle", "gather"];
+
 /// Every metric the worker exports. Labels are low-cardinality: topics, reasons, kinds.
 #[derive(Clone)]
 pub struct Metrics {
@@ -113,6 +117,17 @@ impl Metrics {
                 .expect("unique metric");
             metric
         };
+        // Seconds per label value, every value exported from the start (at 0).
+        let seconds_vec = |name: &str, help: &str, label: &str, values: &[&str]| {
+            let metric = CounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            for value in values {
+                metric.with_label_values(&[*value]);
+            }
+            metric
+        };
         let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
             let metric = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &[])
                 .expect("valid metric");
@@ -200,40 +215,18 @@ impl Metrics {
                     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
                 ],
             ),
-            batch_stage_seconds: {
-                let metric = CounterVec::new(
-                    Opts::new(
-                        "entitlements_batch_stage_seconds_total",
-                        "Time committed batches spent in each stage of their transaction: lock, load, core, write, commit.",
-                    ),
-                    &["stage"],
-                )
-                .expect("valid metric");
-                registry
-                    .register(Box::new(metric.clone()))
-                    .expect("unique metric");
-                for stage in Stage::ALL {
-                    metric.with_label_values(&[stage.as_str()]);
-                }
-                metric
-            },
-            lane_wait_seconds: {
-                let metric = CounterVec::new(
-                    Opts::new(
-                        "entitlements_lane_wait_seconds_total",
-                        "Time the apply lanes spent waiting for messages: idle (nothing queued) or gather (filling a batch that has begun).",
-                    ),
-                    &["phase"],
-                )
-                .expect("valid metric");
-                registry
-                    .register(Box::new(metric.clone()))
-                    .expect("unique metric");
-                for phase in ["idle", "gather"] {
-                    metric.with_label_values(&[phase]);
-                }
-                metric
-            },
+            batch_stage_seconds: seconds_vec(
+                "entitlements_batch_stage_seconds_total",
+                "Time committed batches spent in each stage of their transaction: lock, load, core, write, commit.",
+                "stage",
+                &Stage::ALL.map(Stage::as_str),
+            ),
+            lane_wait_seconds: seconds_vec(
+                "entitlements_lane_wait_seconds_total",
+                "Time the apply lanes spent waiting for messages: idle (nothing queued) or gather (filling a batch that has begun).",
+                "phase",
+                &LANE_WAIT_PHASES,
+            ),
             seats_transferred: counter(
                 "entitlements_seats_transferred_total",
                 "Seats moved from pools to workspaces, automatic and manual.",
