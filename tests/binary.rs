@@ -26,7 +26,7 @@ async fn a_worker_killed_mid_stream_and_restarted_ends_as_if_it_never_crashed() 
     for _ in 0..2 {
         let mut worker = setup.start_worker();
         let progress = setup.wait_for_progress(threshold, &worker).await;
-        worker.kill();
+        setup.crash(&mut worker).await;
         let at_kill = stream::applied(&setup.database).await;
         assert!(
             (at_kill as usize) < total,

@@ -56,7 +56,7 @@ async fn sigkill_at_random_points_many_times_loses_and_doubles_nothing() {
         setup.wait_for_progress(threshold, &worker).await;
         // Into the next batch, wherever it is: reading, deciding, writing or committing.
         tokio::time::sleep(Duration::from_millis(rand::rng().random_range(0..100))).await;
-        worker.kill();
+        setup.crash(&mut worker).await;
         let at_kill = stream::applied(&setup.database).await;
         assert!(
             (at_kill as usize) < total,

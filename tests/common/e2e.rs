@@ -111,6 +111,21 @@ impl Setup {
         WorkerProcess::start(&self.settings, &self.broker.log_dir())
     }
 
+    /// Kills the worker with SIGKILL, then lets its group session expire before anything
+    /// else happens. tansu 0.6.0 never hands on the partitions of a member whose session
+    /// expires while the group is formed and another member heartbeats: the heartbeat
+    /// path (`missed_heartbeat` in tansu-broker's `coordinator/group/administrator.rs`)
+    /// drops the member but keeps the group formed with the old assignment, so a worker
+    /// restarted at once could hold 10 of the 15 partitions for good. Apache Kafka
+    /// rebalances then. A member that joins after every dead session has expired makes
+    /// tansu re-form the group, so the next worker starts after the session timeout: a
+    /// timeout of the broker's own, with nothing to observe before it passes.
+    pub async fn crash(&self, worker: &mut WorkerProcess) {
+        worker.kill();
+        let session = Duration::from_millis(self.settings.kafka.session_timeout_ms);
+        tokio::time::sleep(session + Duration::from_secs(1)).await;
+    }
+
     /// Starts the worker in this process.
     pub async fn start_in_process(&self) -> InProcess {
         let stop = CancellationToken::new();
