@@ -37,14 +37,19 @@ pub fn consumer_defaults(settings: &Settings, lane: usize) -> Vec<(&'static str,
         // about 100 small fetches a second per broker.
         ("fetch.wait.max.ms", "10".to_owned()),
         // Messages fetched ahead of the apply lane. librdkafka's 64 MiB was most of the
-        // worker's memory while it caught up on a backlog; 4 MiB still holds about 23,000
-        // messages of 180 bytes, several batches ahead.
-        ("queued.max.messages.kbytes", "4096".to_owned()),
+        // worker's memory while it caught up on a backlog; 2 MiB still holds about 11,000
+        // messages of 180 bytes, two batches ahead, as long as the fetch after it comes
+        // soon (below).
+        ("queued.max.messages.kbytes", "2048".to_owned()),
+        // How long librdkafka waits before fetching again for a partition whose queue
+        // was full. Its 1 s left the lanes waiting for messages for a third of a catch-up
+        // (`entitlements_lane_wait_seconds_total{phase="idle"}`): the queue drains in a
+        // fraction of that. 20 ms took the benchmark from 50,000-55,000 to about 70,000
+        // events/s (docs/performance.md).
+        ("fetch.queue.backoff.ms", "20".to_owned()),
         // The most one fetch response may hold (librdkafka: 50 MiB). A response stays in
-        // memory until its last message is read, on top of the queue above; 8 MiB kept
-        // the same throughput as 50 in the benchmark with 28 MiB less resident memory
-        // (docs/performance.md), 2 MiB starved the lanes.
-        ("fetch.max.bytes", "8388608".to_owned()),
+        // memory until its last message is read, on top of the queue above.
+        ("fetch.max.bytes", "4194304".to_owned()),
         // Members learn of a rebalance at their next heartbeat, and an instance's lanes
         // join the group one after another, so librdkafka's 3 s made every start go
         // through rounds of 3 s each.

@@ -74,13 +74,21 @@ mod tests {
             value("client.id").as_deref(),
             Some("entitlement-worker-lane-3")
         );
-        assert_eq!(value("queued.max.messages.kbytes").as_deref(), Some("4096"));
+        assert_eq!(value("queued.max.messages.kbytes").as_deref(), Some("2048"));
+        assert_eq!(value("fetch.queue.backoff.ms").as_deref(), Some("20"));
 
         for key in ["heartbeat.interval.ms", "client.id", "fetch.max.bytes"] {
             settings.kafka.properties.insert(key.into(), "1".into());
         }
         let defaults = consumer_defaults(&settings, 3);
         let keys: Vec<&str> = defaults.iter().map(|(key, _)| *key).collect();
-        assert_eq!(keys, ["fetch.wait.max.ms", "queued.max.messages.kbytes"]);
+        assert_eq!(
+            keys,
+            [
+                "fetch.wait.max.ms",
+                "queued.max.messages.kbytes",
+                "fetch.queue.backoff.ms"
+            ]
+        );
     }
 }
