@@ -12,7 +12,8 @@ use entitlement_worker::{ops, pipeline, telemetry};
 /// per-thread arenas turned into tens of MiB of resident memory that never came back
 /// (docs/performance.md), and it allocates and frees faster. It replaces `malloc` for the
 /// whole process (librdkafka's buffers included), and its built-in settings
-/// (`.cargo/config.toml`; `MALLOC_CONF` overrides them) hand freed pages back after 1 s.
+/// (`.cargo/config.toml`; `MALLOC_CONF` overrides them) hand freed pages back after 1 s
+/// and keep one arena for all threads.
 #[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
