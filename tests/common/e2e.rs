@@ -122,6 +122,11 @@ impl Setup {
     /// timeout of the broker's own, with nothing to observe before it passes.
     pub async fn crash(&self, worker: &mut WorkerProcess) {
         worker.kill();
+        self.wait_out_session().await;
+    }
+
+    /// Waits until the group sessions of members that stopped now have expired.
+    pub async fn wait_out_session(&self) {
         let session = Duration::from_millis(self.settings.kafka.session_timeout_ms);
         tokio::time::sleep(session + Duration::from_secs(1)).await;
     }
