@@ -2490,6 +2490,15 @@ fn labelled_sums(
         .collect()
 }
 
+/// `{"label": seconds, ...}` for the JSON.
+fn seconds_by_label(pairs: &[(&'static str, f64)]) -> Value {
+    pairs
+        .iter()
+        .map(|(label, seconds)| (label.to_string(), json!(seconds)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
 impl MetricsSummary {
     fn parse(text: &str) -> Self {
         Self {
@@ -2576,8 +2585,8 @@ impl MetricsSummary {
                "ledger_entries": self.ledger_entries, "alerts": self.alerts,
                "stale": self.stale, "duplicates": self.duplicates, "consumed": self.consumed,
                "redelivered": self.redelivered, "rejected_by_reason": self.rejected_by_reason,
-               "stage_seconds": self.stage_seconds.iter().map(|(stage, seconds)| (stage.to_string(), json!(seconds))).collect::<serde_json::Map<_, _>>(),
-               "lane_wait_seconds": self.wait_seconds.iter().map(|(phase, seconds)| (phase.to_string(), json!(seconds))).collect::<serde_json::Map<_, _>>()})
+               "stage_seconds": seconds_by_label(&self.stage_seconds),
+               "lane_wait_seconds": seconds_by_label(&self.wait_seconds)})
     }
 }
 

@@ -402,3 +402,22 @@ pub fn init_logging(settings: &LogSettings) {
     // A second initialisation (tests start several workers) keeps the first subscriber.
     let _ = result;
 }
+
+#[cfg(all(test, feature = "jemalloc", not(target_env = "msvc")))]
+mod tests {
+    /// The allocator settings `.cargo/config.toml` builds in are the ones in effect: one
+    /// arena and a background thread that returns freed pages (docs/performance.md).
+    #[test]
+    fn the_built_in_allocator_settings_are_in_effect() {
+        let arenas = tikv_jemalloc_ctl::opt::narenas::read().expect("opt.narenas");
+        let background =
+            tikv_jemalloc_ctl::opt::background_thread::read().expect("opt.background_thread");
+        assert_eq!(
+            (arenas, background),
+            (1, true),
+            "jemalloc runs with other settings than the built-in ones \
+             (JEMALLOC_SYS_WITH_MALLOC_CONF at build time, or MALLOC_CONF now: {:?})",
+            std::env::var("MALLOC_CONF").ok()
+        );
+    }
+}
