@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Fuzzes every input decoder (the cargo-fuzz targets in fuzz/) for a bounded time.
+# Fuzzes every input decoder, and the store behind them (the cargo-fuzz targets in fuzz/),
+# for a bounded time. The store target needs PostgreSQL (scripts/ensure-postgres.sh;
+# FUZZ_DATABASE_SERVER names another server).
 #
 #   scripts/fuzz.sh [SECONDS]     SECONDS per target, default 30
 #

@@ -8,5 +8,6 @@ scripts/ensure-tansu.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test --all-targets 2>&1 | tee target/test-output.txt
-# Every input decoder under the fuzzer, briefly (run longer by hand: scripts/fuzz.sh 600).
+# Every input decoder, and the store behind them, under the fuzzer, briefly (run longer by
+# hand: scripts/fuzz.sh 600).
 scripts/fuzz.sh "${FUZZ_SECONDS:-15}"

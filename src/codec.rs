@@ -2,8 +2,9 @@
 //! reason), and the output messages to JSON. Mirrored by `schemas/`.
 
 use base64::Engine as _;
-use chrono::{DateTime, Datelike, Utc};
+use chrono::{DateTime, Datelike, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::domain::shortfalls::{alert_id, ID_NAMESPACE};
@@ -19,6 +20,19 @@ const FREE_TEXT_LENGTH_MAX: usize = 256;
 /// Times before this year or after 9999 are refused: they are typing mistakes, not events.
 const YEAR_MIN: i32 = 1970;
 const YEAR_MAX: i32 = 9999;
+/// Digits of a second that times keep: PostgreSQL's `timestamptz` keeps microseconds, so
+/// a time is cut to them here, before any rule compares two times (a grant whose window is
+/// shorter than a microsecond, or two events of a participant in the same microsecond,
+/// must be decided the same way in the core as in the database).
+const SUBSECOND_DIGITS: u16 = 6;
+/// The most of a rejected input its dead letter copies: the input limit itself, so every
+/// input the worker could have accepted is kept whole; beyond it the copy is cut and the
+/// letter carries the original size and digest. Escaped as JSON, 64 KiB of control
+/// characters take at most 6 times that, well under the producer's 1 MB message limit.
+pub const DEAD_LETTER_PAYLOAD_BYTES_MAX: usize = MESSAGE_BYTES_MAX;
+/// The longest `detail` a dead letter carries, in characters: a parser's message can quote
+/// a field of the input, which may be most of 64 KiB.
+const DETAIL_LENGTH_MAX: usize = 1024;
 
 /// The five input topics, by what they carry rather than by their configured names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -30,6 +44,17 @@ pub enum InputKind {
     TransferRequested,
 }
 
+impl InputKind {
+    /// Every input topic's kind.
+    pub const ALL: [InputKind; 5] = [
+        InputKind::ParticipantAdded,
+        InputKind::ParticipantCancelled,
+        InputKind::ModuleEnabled,
+        InputKind::EntitlementGranted,
+        InputKind::TransferRequested,
+    ];
+}
+
 /// Why an input message was rejected before it reached the core.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
@@ -39,14 +64,17 @@ pub struct Rejection {
     pub detail: String,
     /// The `event_id`, when the message got far enough to have one.
     pub event_id: Option<String>,
+    /// The `org_id`, when the message names one that can key its dead letter.
+    pub org_id: Option<String>,
 }
 
 impl Rejection {
-    fn new(reason: &'static str, detail: impl Into<String>) -> Self {
+    pub fn new(reason: &'static str, detail: impl Into<String>) -> Self {
         Self {
             reason,
             detail: detail.into(),
             event_id: None,
+            org_id: None,
         }
     }
 }
@@ -82,8 +110,23 @@ struct RawActor {
 
 const SOURCE_KINDS: [&str; 5] = ["plan", "add_on", "subscription", "trial", "manual"];
 
-/// Decodes one input message. Every way it can fail yields a rejection with its reason.
+/// Decodes one input message with no bound on how far ahead `occurred_at` may be: for
+/// inputs that were accepted before (the tests, the operators' checks of what they send).
+/// The consumer uses [`decode_received`].
 pub fn decode(kind: InputKind, payload: Option<&[u8]>) -> Result<Command, Rejection> {
+    decode_received(kind, payload, None)
+}
+
+/// Decodes one input message as received now: an `occurred_at` later than
+/// `occurred_at_max` (the worker's clock plus the tolerated skew) is refused as
+/// `clock_skew`, since an event from the future would win every later one of its
+/// participant (rule 2) until that time. Every way decoding can fail yields a rejection
+/// with its reason; what it accepts, the store can keep and publish.
+pub fn decode_received(
+    kind: InputKind,
+    payload: Option<&[u8]>,
+    occurred_at_max: Option<DateTime<Utc>>,
+) -> Result<Command, Rejection> {
     let bytes = payload.unwrap_or_default();
     if bytes.len() > MESSAGE_BYTES_MAX {
         return Err(Rejection::new(
@@ -107,11 +150,44 @@ pub fn decode(kind: InputKind, payload: Option<&[u8]>) -> Result<Command, Reject
         .get("event_id")
         .and_then(|id| id.as_str())
         .map(str::to_owned);
-    decode_value(kind, value).map_err(|detail| Rejection {
+    // The dead letter is keyed by the organization, like every output, when the message
+    // names one that is a valid identifier.
+    let org_id = value
+        .get("org_id")
+        .and_then(|id| id.as_str())
+        .filter(|id| OrgId::parse(id).is_ok())
+        .map(str::to_owned);
+    let schema_violation = |detail: String| Rejection {
         reason: "schema_violation",
-        detail,
-        event_id,
-    })
+        detail: bounded_detail(detail),
+        event_id: event_id.clone(),
+        org_id: org_id.clone(),
+    };
+    let command = decode_value(kind, value).map_err(schema_violation)?;
+    if let Some(latest) = occurred_at_max {
+        if command.occurred_at > latest {
+            return Err(Rejection {
+                reason: "clock_skew",
+                detail: format!(
+                    "Field `occurred_at` ({}) is later than the worker's clock allows ({latest}: \
+                     its time plus `input.clock_skew_max_seconds`); an event from the future \
+                     would outrank every later event until then.",
+                    command.occurred_at.to_rfc3339()
+                ),
+                event_id,
+                org_id,
+            });
+        }
+    }
+    Ok(command)
+}
+
+/// Cuts a detail sentence to [`DETAIL_LENGTH_MAX`] characters.
+fn bounded_detail(detail: String) -> String {
+    match detail.char_indices().nth(DETAIL_LENGTH_MAX) {
+        None => detail,
+        Some((cut, _)) => format!("{}... (cut)", &detail[..cut]),
+    }
 }
 
 fn decode_value(kind: InputKind, value: serde_json::Value) -> Result<Command, String> {
@@ -207,6 +283,7 @@ fn decode_value(kind: InputKind, value: serde_json::Value) -> Result<Command, St
             if actor.role.is_empty() || actor.role.chars().count() > 64 {
                 return Err("Field `requested_by.role` must be 1 to 64 characters.".into());
             }
+            storable_text("requested_by.role", &actor.role)?;
             CommandBody::TransferRequested {
                 workspace_id,
                 product,
@@ -254,6 +331,17 @@ fn free_text(field: &str, value: &str) -> Result<(), String> {
             "Field `{field}` must be 1 to {FREE_TEXT_LENGTH_MAX} characters."
         ));
     }
+    storable_text(field, value)
+}
+
+/// PostgreSQL's text refuses the NUL character: a field that holds one could never be
+/// stored, so it is refused here, with the rest of the message.
+fn storable_text(field: &str, value: &str) -> Result<(), String> {
+    if value.contains('\0') {
+        return Err(format!(
+            "Field `{field}` contains the NUL character (U+0000), which text cannot hold."
+        ));
+    }
     Ok(())
 }
 
@@ -266,7 +354,7 @@ fn timestamp(field: &str, value: &str) -> Result<DateTime<Utc>, String> {
             "Field `{field}` ({value:?}) is outside the years {YEAR_MIN} to {YEAR_MAX}."
         ));
     }
-    Ok(parsed)
+    Ok(parsed.trunc_subsecs(SUBSECOND_DIGITS))
 }
 
 fn optional_timestamp(field: &str, value: Option<&str>) -> Result<Option<DateTime<Utc>>, String> {
@@ -360,8 +448,18 @@ pub struct DeadLetterMessage {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
+    /// The organization the message names, when it names a valid one; also the key.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub org_id: Option<String>,
+    /// The original bytes, whole up to [`DEAD_LETTER_PAYLOAD_BYTES_MAX`], then cut.
     pub payload: String,
     pub payload_encoding: String,
+    /// The size of the original bytes, whether or not `payload` holds them all.
+    pub payload_bytes: usize,
+    /// Whether `payload` holds only the first [`DEAD_LETTER_PAYLOAD_BYTES_MAX`] bytes.
+    pub payload_truncated: bool,
+    /// SHA-256 of the original bytes, in hexadecimal: names the input when it was cut.
+    pub payload_sha256: String,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub event_id: Option<String>,
     pub rejected_at: DateTime<Utc>,
@@ -379,10 +477,20 @@ impl DeadLetterMessage {
         rejected_at: DateTime<Utc>,
     ) -> Self {
         let bytes = payload.unwrap_or_default();
-        let (payload, payload_encoding) = match std::str::from_utf8(bytes) {
-            Ok(text) => (text.to_owned(), "utf8"),
-            Err(_) => (
-                base64::engine::general_purpose::STANDARD.encode(bytes),
+        let kept = &bytes[..bytes.len().min(DEAD_LETTER_PAYLOAD_BYTES_MAX)];
+        // A cut in the middle of a character leaves a few bytes that are not UTF-8: the
+        // text up to the last whole character is kept rather than all of it in base64.
+        let text = match std::str::from_utf8(kept) {
+            Ok(text) => Some(text),
+            Err(error) if kept.len() < bytes.len() && error.error_len().is_none() => {
+                std::str::from_utf8(&kept[..error.valid_up_to()]).ok()
+            }
+            Err(_) => None,
+        };
+        let (payload, payload_encoding) = match text {
+            Some(text) => (text.to_owned(), "utf8"),
+            None => (
+                base64::engine::general_purpose::STANDARD.encode(kept),
                 "base64",
             ),
         };
@@ -396,12 +504,53 @@ impl DeadLetterMessage {
             topic: topic.to_owned(),
             partition,
             offset,
+            org_id: rejection.org_id.clone(),
             payload,
             payload_encoding: payload_encoding.to_owned(),
+            payload_bytes: bytes.len(),
+            payload_truncated: kept.len() < bytes.len(),
+            payload_sha256: hex(&Sha256::digest(bytes)),
             event_id: rejection.event_id.clone(),
             rejected_at,
         }
     }
+}
+
+/// The most of a rejected input a dead letter keeps once the broker refused the whole
+/// letter as too large (its limit can be set below the producer's).
+const SHORTENED_PAYLOAD_LENGTH_MAX: usize = 4096;
+
+/// A shorter copy of the dead letter `letter` (its JSON), keeping at most
+/// [`SHORTENED_PAYLOAD_LENGTH_MAX`] characters of the input and saying so; `None` when it
+/// is not a dead letter or is already that short.
+pub fn shorten_dead_letter(letter: &[u8]) -> Option<Vec<u8>> {
+    let mut letter: DeadLetterMessage = serde_json::from_slice(letter).ok()?;
+    let (cut, _) = letter
+        .payload
+        .char_indices()
+        .nth(SHORTENED_PAYLOAD_LENGTH_MAX)?;
+    letter.payload.truncate(cut);
+    if letter.payload_encoding == "base64" {
+        // Whole groups of four characters stay decodable.
+        letter.payload.truncate(cut - cut % 4);
+    }
+    letter.payload_truncated = true;
+    letter.detail = bounded_detail(format!(
+        "{} (The copy of the input was cut to {SHORTENED_PAYLOAD_LENGTH_MAX} characters: the \
+         broker refused the whole letter as too large.)",
+        letter.detail
+    ));
+    serde_json::to_vec(&letter).ok()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut text, byte| {
+            let _ = write!(text, "{byte:02x}");
+            text
+        })
 }
 
 #[cfg(test)]

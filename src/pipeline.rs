@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::Policy;
-use crate::kafka::consumer::{ConsumerThread, Envelope};
+use crate::kafka::consumer::{ConsumerThread, Envelope, LaneQueue};
 use crate::kafka::relay::Relay;
 use crate::settings::{redact_url, Settings};
 use crate::store::{BatchReport, Inbound, Store, StoreError};
@@ -45,7 +45,7 @@ pub async fn run(
     );
     let store = Store::connect(&settings.database).await?;
     let metrics = Metrics::new();
-    let health = Health::default();
+    let health = Health::new(Duration::from_secs(settings.metrics.stall_after_seconds));
     let cancel = CancellationToken::new();
     let relay_stop = CancellationToken::new();
     let background_stop = CancellationToken::new();
@@ -75,16 +75,23 @@ pub async fn run(
     let queue_capacity = settings.batch.max_messages;
     for lane in 0..settings.batch.lanes {
         let (sender, receiver) = mpsc::channel(queue_capacity);
+        // The bytes decoded ahead of the lane, on top of its batch in hand.
+        let queued_bytes = Arc::new(tokio::sync::Semaphore::new(settings.batch.max_bytes));
         let consumer = Arc::new(ConsumerThread::start(
             lane,
             &settings,
             store.clone(),
-            sender,
+            LaneQueue {
+                sender,
+                bytes: queued_bytes,
+            },
             metrics.clone(),
             health.clone(),
             cancel.clone(),
         )?);
         lanes.push(tokio::spawn(apply_loop(
+            lane,
+            health.clone(),
             receiver,
             store.clone(),
             policy,
@@ -95,7 +102,13 @@ pub async fn run(
         )));
         consumers.push(consumer);
     }
-    let relay = Relay::new(&settings, store.clone(), metrics.clone(), wake.clone())?;
+    let relay = Relay::new(
+        &settings,
+        store.clone(),
+        metrics.clone(),
+        health.clone(),
+        wake.clone(),
+    )?;
     let relay = tokio::spawn(relay.run(relay_stop.clone()));
     let apply = all_lanes(lanes, cancel.clone());
     let clock = tokio::spawn(clock_loop(
@@ -121,10 +134,28 @@ pub async fn run(
 
     let mut apply = std::pin::pin!(apply);
     let mut apply_ended = None;
+    // A background task ends only when told to: one that ends before (a panic) stops the
+    // worker, so that its supervisor restarts it rather than leaving it half working.
+    let mut clock = clock;
+    let mut gauges = gauges;
+    let mut relay = relay;
+    let mut background_failure = None;
     tokio::select! {
         _ = shutdown => tracing::info!("Shutdown requested; finishing the batch in hand."),
         result = &mut apply => apply_ended = Some(result),
+        ended = &mut clock => background_failure = Some(("clock", ended)),
+        ended = &mut gauges => background_failure = Some(("gauges", ended)),
+        ended = &mut relay => background_failure = Some(("outbox relay", ended)),
     }
+    let ended_task = background_failure.as_ref().map(|(task, _)| *task);
+    let background_failure = background_failure.map(|(task, ended)| {
+        let why = match ended {
+            Err(error) if error.is_panic() => "panicked",
+            _ => "ended",
+        };
+        tracing::error!(task, "The {task} task {why}; the worker stops.");
+        anyhow::anyhow!("the {task} task {why} while the worker was running")
+    });
     let stopping = async {
         cancel.cancel();
         // The consumer thread stops polling and ends every lane; each lane commits what it
@@ -134,17 +165,27 @@ pub async fn run(
             None => apply.await,
         };
         background_stop.cancel();
-        let _ = clock.await;
-        let _ = gauges.await;
+        // A task that already ended is not awaited twice.
+        if ended_task != Some("clock") {
+            let _ = (&mut clock).await;
+        }
+        if ended_task != Some("gauges") {
+            let _ = (&mut gauges).await;
+        }
         relay_stop.cancel();
-        let _ = relay.await;
+        if ended_task != Some("outbox relay") {
+            let _ = (&mut relay).await;
+        }
         for consumer in consumers {
             if let Ok(consumer) = Arc::try_unwrap(consumer) {
                 tokio::task::spawn_blocking(move || consumer.join()).await?;
             }
         }
         let _ = server.await;
-        apply_result
+        match background_failure {
+            Some(failure) => apply_result.and(Err(failure)),
+            None => apply_result,
+        }
     };
     match tokio::time::timeout(
         Duration::from_millis(settings.shutdown.timeout_ms),
@@ -185,7 +226,10 @@ async fn all_lanes(
 
 /// Gathers messages into batches (by count or time, whichever first) and applies each in
 /// one transaction, retrying transient failures with capped backoff.
+#[allow(clippy::too_many_arguments)]
 async fn apply_loop(
+    lane: usize,
+    health: Health,
     mut receiver: mpsc::Receiver<Envelope>,
     store: Store,
     policy: Policy,
@@ -195,6 +239,7 @@ async fn apply_loop(
     consumer: Arc<ConsumerThread>,
 ) -> anyhow::Result<()> {
     let max_messages = settings.batch.max_messages;
+    let max_bytes = settings.batch.max_bytes;
     let max_wait = Duration::from_millis(settings.batch.max_wait_ms);
     let mut batch: Vec<Inbound> = Vec::with_capacity(max_messages);
     let [idle, gather] = telemetry::LANE_WAIT_PHASES
@@ -210,16 +255,22 @@ async fn apply_loop(
                 let _ = done.send(());
                 continue;
             }
-            Some(Envelope::Message(message)) => message,
+            // The permit goes back as the message joins the batch: the queue may then
+            // refill while the batch commits.
+            Some(Envelope::Message(message, _permit)) => message,
         };
         let gathering = Instant::now();
+        let mut bytes = first.size();
         batch.push(*first);
         let deadline = tokio::time::Instant::now() + max_wait;
         let mut barrier = None;
         let mut ended = false;
-        while batch.len() < max_messages {
+        while batch.len() < max_messages && bytes < max_bytes {
             match tokio::time::timeout_at(deadline, receiver.recv()).await {
-                Ok(Some(Envelope::Message(message))) => batch.push(*message),
+                Ok(Some(Envelope::Message(message, _permit))) => {
+                    bytes += message.size();
+                    batch.push(*message);
+                }
                 Ok(Some(Envelope::Barrier(done))) => {
                     barrier = Some(done);
                     break;
@@ -232,8 +283,15 @@ async fn apply_loop(
             }
         }
         gather.inc_by(gathering.elapsed().as_secs_f64());
-        let report = commit_batch(&store, &batch, policy, &metrics).await?;
-        consumer.commit_hint(&report.next_offsets);
+        let part = format!("lane {lane}");
+        health.begin(
+            &part,
+            format!("a batch of {} messages is not committed yet", batch.len()),
+        );
+        for report in commit_batch(&store, &batch, policy, &metrics, &health, &part).await? {
+            consumer.commit_hint(&report.next_offsets);
+        }
+        health.done(&part);
         wake.notify_one();
         batch.clear();
         if let Some(done) = barrier {
@@ -246,33 +304,104 @@ async fn apply_loop(
     Ok(())
 }
 
-async fn commit_batch(
+/// Applies a batch, retrying transient failures. A failure that can be one message's
+/// doing (the database refused a value, or a constraint refused a change) splits the batch
+/// in two halves applied in turn, down to the one message that fails on its own, which is
+/// then dead-lettered as `unstorable`: one bad message never stops the worker nor stalls
+/// its partition (rule 10). Returns the report of every transaction that committed, in
+/// order.
+pub async fn commit_batch(
     store: &Store,
     batch: &[Inbound],
     policy: Policy,
     metrics: &Metrics,
-) -> anyhow::Result<BatchReport> {
-    let started = Instant::now();
-    let report = (|| async { store.apply_batch(batch, policy, Utc::now()).await })
+    health: &Health,
+    lane_part: &str,
+) -> anyhow::Result<Vec<BatchReport>> {
+    let mut reports = Vec::new();
+    let mut pending: Vec<std::borrow::Cow<'_, [Inbound]>> = vec![batch.into()];
+    while let Some(part) = pending.pop() {
+        let started = Instant::now();
+        match apply_retrying(store, &part, policy, metrics, health, lane_part).await {
+            Ok(report) => {
+                metrics.observe_batch(&report, part.len(), started.elapsed().as_secs_f64());
+                tracing::debug!(
+                    messages = part.len(),
+                    ledger_entries = report.ledger_total(),
+                    alerts = report.alerts,
+                    "Committed a batch."
+                );
+                reports.push(report);
+            }
+            Err(error) if error.may_be_one_message() && part.len() > 1 => {
+                metrics.store_isolations.inc();
+                tracing::warn!(
+                    error = %error,
+                    messages = part.len(),
+                    "The database refused the batch; applying it in halves to find the message at fault."
+                );
+                let (first, second) = part.split_at(part.len() / 2);
+                // Last in, first out: the first half is applied first, so the offsets of
+                // a partition only move forward.
+                pending.push(second.to_vec().into());
+                pending.push(first.to_vec().into());
+            }
+            Err(error) if error.may_be_one_message() && part[0].decoded.is_ok() => {
+                let message = &part[0];
+                tracing::error!(
+                    error = %error,
+                    topic = %message.topic,
+                    partition = message.partition,
+                    offset = message.offset,
+                    "The database refused this message on its own; it goes to the dead-letter topic as unstorable."
+                );
+                let mut letter = message.clone();
+                letter.decoded = Err(unstorable(message, &error));
+                pending.push(vec![letter].into());
+            }
+            Err(error) => {
+                tracing::error!(error = %error, "The batch broke an invariant; the worker stops.");
+                return Err(error.into());
+            }
+        }
+    }
+    Ok(reports)
+}
+
+/// The rejection of a message the decoder accepted and the database refused.
+fn unstorable(message: &Inbound, error: &StoreError) -> crate::codec::Rejection {
+    let command = message.decoded.as_ref().ok();
+    crate::codec::Rejection {
+        reason: "unstorable",
+        detail: format!("The database refused this message: {error}."),
+        event_id: command.map(|command| command.event_id.to_string()),
+        org_id: command.map(|command| command.org_id.to_string()),
+    }
+}
+
+async fn apply_retrying(
+    store: &Store,
+    batch: &[Inbound],
+    policy: Policy,
+    metrics: &Metrics,
+    health: &Health,
+    part: &str,
+) -> Result<BatchReport, StoreError> {
+    (|| async { store.apply_batch(batch, policy, Utc::now()).await })
         .retry(retry_policy())
         .when(StoreError::is_transient)
         .notify(|error, pause| {
             metrics.store_retries.with_label_values(&["apply_batch"]).inc();
+            health.begin(
+                part,
+                format!(
+                    "a batch of {} messages could not be committed ({error}); retrying",
+                    batch.len()
+                ),
+            );
             tracing::warn!(error = %error, retry_in_ms = pause.as_millis() as u64, "The batch could not be committed; retrying.");
         })
         .await
-        .map_err(|error| {
-            tracing::error!(error = %error, "The batch broke an invariant; the worker stops.");
-            error
-        })?;
-    metrics.observe_batch(&report, batch.len(), started.elapsed().as_secs_f64());
-    tracing::debug!(
-        messages = batch.len(),
-        ledger_entries = report.ledger_entries.values().sum::<u64>(),
-        alerts = report.alerts,
-        "Committed a batch."
-    );
-    Ok(report)
 }
 
 /// Capped exponential backoff, retried for as long as it takes: without the database the

@@ -26,6 +26,7 @@ pub struct Settings {
     pub metrics: MetricsSettings,
     pub modules: ModuleSettings,
     pub topics: TopicSettings,
+    pub input: InputSettings,
     pub batch: BatchSettings,
     pub clock: ClockSettings,
     pub outbox: OutboxSettings,
@@ -56,6 +57,9 @@ pub struct DatabaseSettings {
 #[derive(Clone, Debug, Deserialize)]
 pub struct MetricsSettings {
     pub listen: String,
+    /// `/healthz` answers 503 once a lane has held a batch it could not commit, or the
+    /// relay messages the broker did not acknowledge, for longer than this.
+    pub stall_after_seconds: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -76,8 +80,28 @@ pub struct TopicSettings {
 }
 
 #[derive(Clone, Debug, Deserialize)]
+pub struct InputSettings {
+    /// How far ahead of the worker's clock an input's `occurred_at` may be; later ones are
+    /// rejected as `clock_skew`.
+    pub clock_skew_max_seconds: u32,
+}
+
+impl InputSettings {
+    /// The latest `occurred_at` accepted from a message received now.
+    pub fn occurred_at_max(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> chrono::DateTime<chrono::Utc> {
+        now + chrono::Duration::seconds(i64::from(self.clock_skew_max_seconds))
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
 pub struct BatchSettings {
     pub max_messages: usize,
+    /// A batch closes at this many bytes of input, and the queue ahead of a lane holds at
+    /// most this many: a lane holds at most twice this, whatever the messages' sizes.
+    pub max_bytes: usize,
     pub max_wait_ms: u64,
     /// Apply lanes running side by side: each is a member of the consumer group with its
     /// own consumer, batches and transactions.
@@ -124,9 +148,18 @@ impl Settings {
             ),
             ("DATABASE__URL", self.database.url.clone()),
             ("METRICS__LISTEN", self.metrics.listen.clone()),
+            (
+                "METRICS__STALL_AFTER_SECONDS",
+                self.metrics.stall_after_seconds.to_string(),
+            ),
             ("MODULES__AUTO_ASSIGN", self.modules.auto_assign.to_string()),
+            (
+                "INPUT__CLOCK_SKEW_MAX_SECONDS",
+                self.input.clock_skew_max_seconds.to_string(),
+            ),
             ("BATCH__MAX_WAIT_MS", self.batch.max_wait_ms.to_string()),
             ("BATCH__MAX_MESSAGES", self.batch.max_messages.to_string()),
+            ("BATCH__MAX_BYTES", self.batch.max_bytes.to_string()),
             ("BATCH__LANES", self.batch.lanes.to_string()),
             (
                 "OUTBOX__POLL_INTERVAL_MS",
@@ -191,6 +224,12 @@ impl Settings {
         }
         if !(1..=100_000).contains(&self.batch.max_messages) {
             return invalid("batch.max_messages must be between 1 and 100000".into());
+        }
+        // The smallest still holds one message of the broker's default size limit.
+        if !(1 << 20..=1 << 30).contains(&self.batch.max_bytes) {
+            return invalid(
+                "batch.max_bytes must be between 1048576 (1 MiB) and 1073741824 (1 GiB)".into(),
+            );
         }
         if !(1..=100_000).contains(&self.outbox.batch_size) {
             return invalid("outbox.batch_size must be between 1 and 100000".into());
@@ -282,18 +321,37 @@ impl TopicSettings {
     }
 }
 
-/// Replaces the password of a connection URL with `***`.
+/// Replaces the password of a connection URL with `***`: in the user part, and in a
+/// `password` (or `sslpassword`) parameter of the query string, which libpq accepts too.
 pub fn redact_url(url: &str) -> String {
-    match url.split_once("://") {
+    let (address, query) = match url.split_once('?') {
+        Some((address, query)) => (address, Some(query)),
+        None => (url, None),
+    };
+    let mut redacted = match address.split_once("://") {
         Some((scheme, rest)) => match rest.rsplit_once('@') {
             Some((credentials, host)) => {
                 let user = credentials.split(':').next().unwrap_or_default();
                 format!("{scheme}://{user}:***@{host}")
             }
-            None => url.to_owned(),
+            None => address.to_owned(),
         },
-        None => "***".to_owned(),
+        None => return "***".to_owned(),
+    };
+    if let Some(query) = query {
+        let parameters: Vec<String> = query
+            .split('&')
+            .map(|parameter| match parameter.split_once('=') {
+                Some((name, _)) if name.to_ascii_lowercase().ends_with("password") => {
+                    format!("{name}=***")
+                }
+                _ => parameter.to_owned(),
+            })
+            .collect();
+        redacted.push('?');
+        redacted.push_str(&parameters.join("&"));
     }
+    redacted
 }
 
 impl fmt::Debug for KafkaSettings {
@@ -329,6 +387,7 @@ impl fmt::Debug for Settings {
             .field("metrics", &self.metrics)
             .field("modules", &self.modules)
             .field("topics", &self.topics)
+            .field("input", &self.input)
             .field("batch", &self.batch)
             .field("clock", &self.clock)
             .field("outbox", &self.outbox)
@@ -404,6 +463,14 @@ mod tests {
         assert_eq!(
             redact_url("postgres://u:s3cr3t@h/db"),
             "postgres://u:***@h/db"
+        );
+        assert_eq!(
+            redact_url("postgres://h/db?user=u&password=s3cr3t&sslmode=require&sslpassword=k3y"),
+            "postgres://h/db?user=u&password=***&sslmode=require&sslpassword=***"
+        );
+        assert_eq!(
+            redact_url("postgres://u:s3cr3t@h/db?application_name=x"),
+            "postgres://u:***@h/db?application_name=x"
         );
     }
 }

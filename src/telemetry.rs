@@ -1,9 +1,11 @@
 //! Metrics, health and logs: one registry, one HTTP endpoint (`/metrics`, `/healthz`), and
 //! the tracing subscriber.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
@@ -45,6 +47,8 @@ pub struct Metrics {
     pub published: IntCounterVec,
     pub publish_errors: IntCounter,
     pub store_retries: IntCounterVec,
+    /// Batches the database refused that were split to find the message at fault.
+    pub store_isolations: IntCounter,
     pub clock_entries: IntCounter,
     pub consumer_queued_bytes: IntGaugeVec,
     memory: MemoryGauges,
@@ -263,6 +267,10 @@ impl Metrics {
                 "Database operations retried after a transient failure, per operation.",
                 &["operation"],
             ),
+            store_isolations: counter(
+                "entitlements_batch_splits_total",
+                "Batches the database refused that were split in halves to find the message at fault (dead-lettered as unstorable).",
+            ),
             clock_entries: counter(
                 "entitlements_clock_ledger_entries_total",
                 "Ledger entries written by the clock (units becoming valid or expiring).",
@@ -325,17 +333,77 @@ impl Default for Metrics {
     }
 }
 
-/// Whether the worker is consuming: `/healthz` answers 200 only then.
-#[derive(Clone, Default)]
-pub struct Health(Arc<AtomicBool>);
+/// What `/healthz` answers: 200 while the worker is consuming and no part of it has been
+/// stuck for longer than `stall_after` (a lane holding a batch it cannot commit, the
+/// relay holding messages the broker does not acknowledge), 503 with the reason otherwise.
+#[derive(Clone)]
+pub struct Health(Arc<HealthState>);
+
+struct HealthState {
+    consuming: AtomicBool,
+    stall_after: Duration,
+    /// Work begun and not yet done, by part ("lane 0", "relay"): since when, and what.
+    busy: Mutex<BTreeMap<String, (Instant, String)>>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self::new(Duration::from_secs(60))
+    }
+}
 
 impl Health {
+    pub fn new(stall_after: Duration) -> Self {
+        Self(Arc::new(HealthState {
+            consuming: AtomicBool::new(false),
+            stall_after,
+            busy: Mutex::new(BTreeMap::new()),
+        }))
+    }
+
     pub fn set(&self, consuming: bool) {
-        self.0.store(consuming, Ordering::Relaxed);
+        self.0.consuming.store(consuming, Ordering::Relaxed);
     }
 
     pub fn is_consuming(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.0.consuming.load(Ordering::Relaxed)
+    }
+
+    /// `part` began work described by `what`; the start is kept if it was already busy,
+    /// so a retried batch counts from its first try.
+    pub fn begin(&self, part: &str, what: impl Into<String>) {
+        let mut busy = self.0.busy.lock().expect("health lock");
+        let what = what.into();
+        busy.entry(part.to_owned())
+            .and_modify(|(_, described)| *described = what.clone())
+            .or_insert_with(|| (Instant::now(), what));
+    }
+
+    /// `part` finished its work: it made progress.
+    pub fn done(&self, part: &str) {
+        self.0.busy.lock().expect("health lock").remove(part);
+    }
+
+    /// `None` while healthy, else why not, as sentences.
+    pub fn problem(&self) -> Option<String> {
+        if !self.is_consuming() {
+            return Some(
+                "The worker is not consuming: no partitions are assigned yet, or it is stopping."
+                    .into(),
+            );
+        }
+        let busy = self.0.busy.lock().expect("health lock");
+        let stuck: Vec<String> = busy
+            .iter()
+            .filter(|(_, (since, _))| since.elapsed() > self.0.stall_after)
+            .map(|(part, (since, what))| {
+                format!(
+                    "{part} has made no progress for {} s: {what}",
+                    since.elapsed().as_secs()
+                )
+            })
+            .collect();
+        (!stuck.is_empty()).then(|| stuck.join("\n"))
     }
 }
 
@@ -367,10 +435,10 @@ pub async fn serve(
             get(move || {
                 let health = health.clone();
                 async move {
-                    if health.is_consuming() {
-                        (StatusCode::OK, "consuming\n").into_response()
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not consuming\n").into_response()
+                    match health.problem() {
+                        None => (StatusCode::OK, "consuming\n".to_owned()).into_response(),
+                        Some(problem) => (StatusCode::SERVICE_UNAVAILABLE, format!("{problem}\n"))
+                            .into_response(),
                     }
                 }
             }),
@@ -405,6 +473,40 @@ pub fn init_logging(settings: &LogSettings) {
 
 #[cfg(all(test, feature = "jemalloc", not(target_env = "msvc")))]
 mod tests {
+    use super::Health;
+    use std::time::Duration;
+
+    #[test]
+    fn health_turns_unhealthy_when_work_stays_unfinished_and_says_what() {
+        let health = Health::new(Duration::from_millis(30));
+        assert!(health.problem().unwrap().contains("not consuming"));
+        health.set(true);
+        assert_eq!(health.problem(), None);
+        health.begin("lane 1", "a batch of 7 messages is not committed yet");
+        assert_eq!(health.problem(), None, "not yet past the threshold");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let problem = loop {
+            if let Some(problem) = health.problem() {
+                break problem;
+            }
+            assert!(std::time::Instant::now() < deadline, "never unhealthy");
+            std::thread::yield_now();
+        };
+        assert!(
+            problem.starts_with("lane 1 has made no progress for"),
+            "{problem}"
+        );
+        assert!(problem.contains("a batch of 7 messages"), "{problem}");
+        // A retry describes itself anew but keeps the first start.
+        health.begin("lane 1", "retrying after an error");
+        assert!(health
+            .problem()
+            .unwrap()
+            .contains("retrying after an error"));
+        health.done("lane 1");
+        assert_eq!(health.problem(), None);
+    }
+
     /// The allocator settings `.cargo/config.toml` builds in are the ones in effect: one
     /// arena and a background thread that returns freed pages (docs/performance.md).
     #[test]

@@ -353,6 +353,14 @@ async fn poison_and_hostile_input_goes_to_the_dead_letter_topic_and_changes_noth
         (topic(EntitlementGranted), Some(granted("x12", "expires_at", json!("2025-01-01T00:00:00Z"))), Some("schema_violation")),
         (topic(EntitlementGranted), Some(granted("x13", "source", json!({"kind": "gift", "reference": "r"}))), Some("schema_violation")),
         (topic(ModuleEnabled), Some(json!({"event_id": "x14", "occurred_at": at, "org_id": "acme", "workspace_id": "summit", "module": "seat"}).to_string().into_bytes()), Some("schema_violation")),
+        // What the decoder once passed and PostgreSQL refused or mis-ordered (rule 10):
+        // text with NUL, a window shorter than a microsecond, an event from 2999; the
+        // first message here (not JSON) also has a NUL byte in its Kafka key.
+        (topic(ParticipantAdded), Some(participant("x15", "participant_id", json!("p\u{0}1"))), Some("schema_violation")),
+        (topic(EntitlementGranted), Some(granted("x16", "source", json!({"kind": "plan", "reference": "pro\u{0}"}))), Some("schema_violation")),
+        (topic(EntitlementGranted), Some(json!({"event_id": "x17", "occurred_at": at, "org_id": "acme", "product": "seat", "quantity": 1, "valid_from": "2026-06-01T00:00:00.000000100Z", "expires_at": "2026-06-01T00:00:00.000000900Z"}).to_string().into_bytes()), Some("schema_violation")),
+        (topic(ParticipantCancelled), Some(json!({"event_id": "x18", "occurred_at": "2999-01-01T00:00:00Z", "org_id": "acme", "workspace_id": "summit", "participant_id": "p1", "activated": false}).to_string().into_bytes()), Some("clock_skew")),
+        (topic(TransferRequested), Some(json!({"event_id": "x19", "occurred_at": at, "org_id": "acme", "workspace_id": "summit", "product": "seat", "quantity": 1, "requested_by": {"user_id": "mia", "role": "entitlement_manager\u{0}"}}).to_string().into_bytes()), Some("schema_violation")),
         // Good events, with identifiers crafted as SQL: stored as the strings they are.
         (topic(EntitlementGranted), Some(json!({"event_id": "g-evil", "occurred_at": at, "org_id": evil_org, "product": "seat", "quantity": 2}).to_string().into_bytes()), None),
         (topic(ParticipantAdded), Some(json!({"event_id": "a-evil", "occurred_at": at, "org_id": evil_org, "workspace_id": evil_workspace, "participant_id": evil_participant}).to_string().into_bytes()), None),
@@ -370,8 +378,9 @@ async fn poison_and_hostile_input_goes_to_the_dead_letter_topic_and_changes_noth
         .create()
         .expect("a producer");
     let mut expected = std::collections::BTreeMap::new();
-    for (topic, payload, reason) in &cases {
-        let mut record = FutureRecord::<str, [u8]>::to(topic).key("acme");
+    for (index, (topic, payload, reason)) in cases.iter().enumerate() {
+        let key = if index == 0 { "ac\0me" } else { "acme" };
+        let mut record = FutureRecord::<str, [u8]>::to(topic).key(key);
         if let Some(payload) = payload {
             record = record.payload(payload);
         }
@@ -427,10 +436,11 @@ async fn poison_and_hostile_input_goes_to_the_dead_letter_topic_and_changes_noth
     };
     assert_eq!(letter_of("invalid_encoding")["payload_encoding"], "base64");
     assert_eq!(letter_of("invalid_encoding")["payload"], "//4A");
-    assert_eq!(
-        letter_of("too_large")["payload"].as_str().unwrap().len(),
-        64 * 1024 + 1
-    );
+    // An oversized input is kept up to the input limit, with its size and digest.
+    let too_large = letter_of("too_large");
+    assert_eq!(too_large["payload"].as_str().unwrap().len(), 64 * 1024);
+    assert_eq!(too_large["payload_bytes"], 64 * 1024 + 1);
+    assert_eq!(too_large["payload_truncated"], true);
 
     // The hostile identifiers are data: stored verbatim, the tables intact.
     let (org, workspace, available): (String, String, i64) = sqlx::query_as(

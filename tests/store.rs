@@ -215,3 +215,88 @@ async fn a_batch_leaves_its_messages_in_one_outbox_row_read_whole_and_in_order()
     store.remove_published(&ids).await.unwrap();
     assert_eq!(store.outbox_backlog().await.unwrap(), 0);
 }
+
+#[tokio::test]
+async fn the_upgrade_to_event_ids_per_organization_keeps_what_was_applied() {
+    // Given a database of the version before, holding a grant, a manual transfer and a
+    // refused transfer request, all applied,
+    use entitlement_worker::store::MIGRATOR;
+    let name = common::unique("upgrade");
+    let server = common::server_url();
+    let mut maintenance = sqlx::PgPool::connect(&format!("{server}/postgres"))
+        .await
+        .unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&maintenance)
+        .await
+        .unwrap();
+    maintenance.close().await;
+    maintenance = sqlx::PgPool::connect(&format!("{server}/{name}"))
+        .await
+        .unwrap();
+    let before = sqlx::migrate::Migrator {
+        migrations: MIGRATOR
+            .iter()
+            .filter(|migration| migration.version < 20261201000001)
+            .cloned()
+            .collect::<Vec<_>>()
+            .into(),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    before.run(&maintenance).await.unwrap();
+    sqlx::raw_sql(
+        "INSERT INTO organizations (org_id, last_sequence) VALUES ('acme', 2);
+         INSERT INTO lots (lot_id, org_id, product, quantity, remaining, valid_from, status)
+              VALUES ('g1', 'acme', 'seat', 5, 4, now(), 'active');
+         INSERT INTO ledger (org_id, sequence, entry_id, product, kind, quantity, workspace_id,
+                             pool_available_after, caused_by, actor, recorded_at)
+              VALUES ('acme', 2, gen_random_uuid(), 'seat', 'manual_transfer', 1, 'w', 4, 't1', 'mia', now());
+         INSERT INTO processed_events (event_id) VALUES ('g1'), ('t1'), ('t-refused');",
+    )
+    .execute(&maintenance)
+    .await
+    .unwrap();
+    maintenance.close().await;
+
+    // when the worker starts on it (and migrates it),
+    let mut settings = common::settings("unused:9092");
+    settings.database.url = format!("{server}/{name}");
+    let store = Store::connect(&settings.database).await.unwrap();
+
+    // then each applied event has its organization where the data tells it, and the one
+    // that left nothing behind still counts as applied, for any organization.
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT event_id, org_id FROM processed_events ORDER BY event_id")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        rows,
+        [
+            ("g1".to_owned(), "acme".to_owned()),
+            ("t-refused".to_owned(), String::new()),
+            ("t1".to_owned(), "acme".to_owned()),
+        ]
+    );
+    let now = Utc::now();
+    let replay = [
+        inbound(
+            "granted",
+            0,
+            InputKind::EntitlementGranted,
+            r#"{"event_id":"g1","occurred_at":"2026-01-01T09:00:00Z","org_id":"acme","product":"seat","quantity":5}"#,
+        ),
+        inbound(
+            "transfers",
+            0,
+            InputKind::TransferRequested,
+            r#"{"event_id":"t-refused","occurred_at":"2026-01-01T09:00:00Z","org_id":"globex","workspace_id":"w2","product":"seat","quantity":1,"requested_by":{"user_id":"u","role":"viewer"}}"#,
+        ),
+    ];
+    let report = store
+        .apply_batch(&replay, Policy::default(), now)
+        .await
+        .unwrap();
+    assert_eq!(report.duplicates, 2, "both were applied before the upgrade");
+    assert!(report.ledger_entries.is_empty());
+}

@@ -34,12 +34,18 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts the worker with settings changed by `configure`.
+    async fn start_with(configure: impl FnOnce(&mut Settings)) -> Self {
         entitlement_worker::telemetry::init_logging(&entitlement_worker::settings::LogSettings {
             format: "text".into(),
             level: "info".into(),
         });
         let cluster = MockCluster::new(1).expect("the mock cluster starts");
-        let settings = common::settings(&cluster.bootstrap_servers());
+        let mut settings = common::settings(&cluster.bootstrap_servers());
+        configure(&mut settings);
         for topic in settings.topics.all() {
             cluster.create_topic(topic, 3, 1).expect("topic created");
         }
@@ -216,6 +222,46 @@ async fn given_10_seats_when_12_join_then_10_move_and_2_are_missing_until_5_more
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_rows_larger_than_the_producer_queue_go_out_whole() {
+    // Given a producer queue of 20 messages and one batch of 300 rejected inputs (one
+    // outbox row of 300 dead letters),
+    let mut harness = Harness::start_with(|settings| {
+        settings
+            .kafka
+            .properties
+            .insert("queue.buffering.max.messages".into(), "20".into());
+        settings.batch.max_wait_ms = 500;
+    })
+    .await;
+    let topic = harness.settings.topics.participant_added.clone();
+    let payloads: Vec<String> = (0..300).map(|n| format!("not json {n}")).collect();
+    let sends = payloads.iter().map(|payload| {
+        harness.producer.send(
+            FutureRecord::<str, str>::to(&topic)
+                .key("acme")
+                .payload(payload),
+            Duration::from_secs(10),
+        )
+    });
+    for delivery in futures::future::join_all(sends).await {
+        delivery.expect("delivered");
+    }
+    // then every dead letter is published, none twice.
+    harness
+        .read_until("300 dead letters", |h| h.dead_letters.len() >= 300)
+        .await;
+    let mut ids: Vec<_> = harness
+        .dead_letters
+        .iter()
+        .map(|letter| letter.dlq_id)
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 300);
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_messages_go_to_the_dead_letter_topic_and_the_events_after_them_are_processed() {
     let mut harness = Harness::start().await;
     let topics = harness.settings.topics.clone();
@@ -306,9 +352,11 @@ async fn a_workspace_claimed_by_a_second_organization_is_rejected_and_costs_it_n
 async fn a_trial_fills_the_waiting_workspace_when_it_starts_and_expires_on_time() {
     let mut harness = Harness::start().await;
     let topics = harness.settings.topics.clone();
+    // The trial starts 8 s from now: the first steps of the story must be applied before
+    // that, which a loaded 2-core machine did not always do in 3 s.
     let now = chrono::Utc::now();
-    let valid_from = (now + chrono::Duration::seconds(3)).to_rfc3339();
-    let expires_at = (now + chrono::Duration::seconds(6)).to_rfc3339();
+    let valid_from = (now + chrono::Duration::seconds(8)).to_rfc3339();
+    let expires_at = (now + chrono::Duration::seconds(11)).to_rfc3339();
     harness.grant("g-1", "acme", 1).await;
     harness
         .send_json(
@@ -346,7 +394,7 @@ async fn a_trial_fills_the_waiting_workspace_when_it_starts_and_expires_on_time(
         })
         .await;
     assert!(
-        chrono::Utc::now() < now + chrono::Duration::seconds(3),
+        chrono::Utc::now() < now + chrono::Duration::seconds(8),
         "the trial must not have started yet for this story; the machine was too slow"
     );
     harness
@@ -379,7 +427,7 @@ async fn a_trial_fills_the_waiting_workspace_when_it_starts_and_expires_on_time(
         ]
     );
     let expiry = harness.ledger.last().unwrap();
-    assert!(expiry.recorded_at >= now + chrono::Duration::seconds(6));
+    assert!(expiry.recorded_at >= now + chrono::Duration::seconds(11));
     assert_eq!(expiry.caused_by, "g-trial");
     let resolved = harness.alerts.last().unwrap();
     assert_eq!(

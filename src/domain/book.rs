@@ -275,10 +275,11 @@ pub struct Book {
     pub new_claims: Vec<(WorkspaceId, OrgId)>,
     pub consumption: HashMap<(WorkspaceId, Product), Consumption>,
     pub participants: HashMap<(WorkspaceId, ParticipantId), ParticipantRecord>,
-    /// Deduplicated event ids already applied, stored or earlier in this batch.
-    pub processed: HashSet<EventId>,
-    /// Deduplicated event ids applied in this batch; the store inserts them.
-    pub newly_processed: Vec<EventId>,
+    /// Deduplicated events already applied, stored or earlier in this batch. Event ids are
+    /// the producers' choice, so they are unique only within an organization.
+    pub processed: HashSet<(OrgId, EventId)>,
+    /// Deduplicated events applied in this batch; the store inserts them.
+    pub newly_processed: Vec<(OrgId, EventId)>,
     /// Organizations whose lots were already brought up to the batch's time.
     pub settled: HashSet<OrgId>,
     /// Organizations whose open shortfalls the store did not load, because nothing in the
@@ -301,15 +302,16 @@ impl Book {
 
     /// Applies one command at the time `now` and says what became of it.
     pub fn apply(&mut self, command: &Command, now: DateTime<Utc>) -> Verdict {
-        if command.needs_deduplication() && self.processed.contains(&command.event_id) {
+        let key = (command.org_id.clone(), command.event_id.clone());
+        if command.needs_deduplication() && self.processed.contains(&key) {
             return Verdict::Duplicate;
         }
         let verdict = self.decide(command, now);
         // A refused request is as final as an applied one: its redelivery must not succeed
         // later, when the pool or the tenancy has changed.
         if command.needs_deduplication() && verdict != Verdict::Duplicate {
-            self.processed.insert(command.event_id.clone());
-            self.newly_processed.push(command.event_id.clone());
+            self.processed.insert(key.clone());
+            self.newly_processed.push(key);
         }
         verdict
     }

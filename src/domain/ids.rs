@@ -24,6 +24,9 @@ pub enum IdError {
     NotAHandle,
     #[error("must be between 1 and {QUANTITY_MAX}, not {0}")]
     QuantityOutOfRange(i64),
+    /// PostgreSQL's text cannot hold U+0000: an identifier with it could never be stored.
+    #[error("contains the NUL character (U+0000), which text cannot hold")]
+    Nul,
 }
 
 macro_rules! identifier {
@@ -69,6 +72,9 @@ fn check_identifier(value: &str) -> Result<(), IdError> {
             length,
             max: IDENTIFIER_LENGTH_MAX,
         });
+    }
+    if value.contains('\0') {
+        return Err(IdError::Nul);
     }
     Ok(())
 }
@@ -170,6 +176,7 @@ mod tests {
         );
         // 128 two-byte characters are 256 bytes but still 128 characters.
         assert!(WorkspaceId::parse(&"é".repeat(128)).is_ok());
+        assert_eq!(ParticipantId::parse("p\u{0}1"), Err(IdError::Nul));
     }
 
     #[test]

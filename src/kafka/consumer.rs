@@ -14,7 +14,7 @@ use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
 use tokio::runtime::Handle;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::codec;
@@ -73,11 +73,20 @@ pub fn heartbeat_interval_ms(session_timeout_ms: u64) -> u64 {
 
 /// What the consumer thread hands to the apply loop.
 pub enum Envelope {
-    Message(Box<Inbound>),
+    /// A message, with its share of the lane's byte budget: released when the apply loop
+    /// takes it into a batch.
+    Message(Box<Inbound>, OwnedSemaphorePermit),
     /// Commit everything received so far, then answer: sent before partitions are revoked.
     Barrier(std::sync::mpsc::SyncSender<()>),
     /// The consumer stopped polling: commit what is in hand and end.
     End,
+}
+
+/// The way from a lane's consumer thread to its apply loop: a channel bounded by count,
+/// and a budget of the bytes queued in it.
+pub struct LaneQueue {
+    pub sender: mpsc::Sender<Envelope>,
+    pub bytes: Arc<Semaphore>,
 }
 
 pub struct WorkerContext {
@@ -200,11 +209,15 @@ impl ConsumerThread {
         lane: usize,
         settings: &Settings,
         store: Store,
-        sender: mpsc::Sender<Envelope>,
+        queue: LaneQueue,
         metrics: Metrics,
         health: Health,
         cancel: CancellationToken,
     ) -> anyhow::Result<Self> {
+        let LaneQueue {
+            sender,
+            bytes: queued_bytes,
+        } = queue;
         let closing = Arc::new(AtomicBool::new(false));
         let context = WorkerContext {
             lane,
@@ -242,6 +255,9 @@ impl ConsumerThread {
         consumer.subscribe(&topics)?;
         let consumer = Arc::new(consumer);
         let topics = settings.topics.clone();
+        let input = settings.input.clone();
+        let queue_bytes_max = settings.batch.max_bytes;
+        let runtime = Handle::current();
         let polled = consumer.clone();
         let thread_closing = closing.clone();
         let thread = std::thread::Builder::new()
@@ -262,16 +278,31 @@ impl ConsumerThread {
                         continue;
                     };
                     let payload = message.payload();
+                    // Messages are bounded by count in the channel and by bytes here: a
+                    // stream of large messages cannot take more than the budget.
+                    let size = payload.map_or(0, <[u8]>::len)
+                        + message.key().map_or(0, <[u8]>::len);
+                    let budget = u32::try_from(size.min(queue_bytes_max))
+                        .unwrap_or(u32::MAX)
+                        .max(1);
+                    let permit = match runtime.block_on(queued_bytes.clone().acquire_many_owned(budget)) {
+                        Ok(permit) => permit,
+                        Err(_) => break,
+                    };
                     let inbound = Inbound {
                         topic: message.topic().to_owned(),
                         partition: message.partition(),
                         offset: message.offset(),
                         key: message.key().map(<[u8]>::to_vec),
                         payload: payload.map(<[u8]>::to_vec),
-                        decoded: codec::decode(kind, payload),
+                        decoded: codec::decode_received(
+                            kind,
+                            payload,
+                            Some(input.occurred_at_max(chrono::Utc::now())),
+                        ),
                     };
                     if sender
-                        .blocking_send(Envelope::Message(Box::new(inbound)))
+                        .blocking_send(Envelope::Message(Box::new(inbound), permit))
                         .is_err()
                     {
                         break;

@@ -1,36 +1,69 @@
 //! The outbox relay: publishes the messages of committed outbox rows in order with an
-//! idempotent producer and removes each row once the broker acknowledged all of it. One relay publishes at a time
-//! across all instances (a PostgreSQL advisory lock), so an organization's ledger goes out
-//! in sequence order; a crash re-publishes the same rows with the same ids.
+//! idempotent producer and removes each row once the broker acknowledged all of it. One
+//! relay publishes at a time across all instances (a PostgreSQL advisory lock), so an
+//! organization's ledger goes out in sequence order; a crash re-publishes the same rows
+//! with the same ids.
+//!
+//! Order holds across failures because librdkafka, not the relay, retries: messages never
+//! time out locally (`message.timeout.ms` 0), and the idempotent producer retries each
+//! partition's messages in their order until the broker takes them. What is left to fail
+//! is a message the broker refuses for good; a dead letter refused as too large is then
+//! replaced by a shorter copy (the relay never wedges on it), and the relay stops sending
+//! behind a failure, so that little goes out ahead of the message sent again.
 
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use sqlx::PgConnection;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::settings::Settings;
-use crate::store::{Channel, Store};
-use crate::telemetry::Metrics;
+use crate::store::{Channel, OutboxMessage, OutboxRow, Store};
+use crate::telemetry::{Health, Metrics};
 
 /// The advisory lock key held by the instance whose relay publishes.
 const RELAY_LOCK_KEY: i64 = 0x656e_7469_746c_6d6e; // "entitlmn"
-/// How long one message may wait for the broker's acknowledgement before it is retried.
-const DELIVERY_TIMEOUT_MS: &str = "30000";
+/// Messages never time out in the producer: a timeout would hand the message back while
+/// later ones of its partition may still go out, breaking the order per organization.
+/// librdkafka retries until the broker takes it; a broker outage shows as the outbox
+/// backlog and on `/healthz`, not as lost order.
+const DELIVERY_TIMEOUT_MS: &str = "0";
+/// The largest message the producer sends (librdkafka's `message.max.bytes`, its default,
+/// under the broker's default of 1 MiB): larger ones are never handed to it.
+const MESSAGE_BYTES_MAX: usize = 1_000_000;
+/// Messages handed to the producer and not yet acknowledged: well under librdkafka's
+/// queue (`queue.buffering.max.messages`, 100,000), so that a row of any size goes out in
+/// windows instead of overflowing the queue.
+const IN_FLIGHT_MAX: usize = 10_000;
 /// The pause after a failed round, so a broker outage is not hammered.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// The relay's name on `/healthz`.
+const HEALTH_PART: &str = "the outbox relay";
+/// How often an instance that does not hold the relay lock tries to take it.
+const LOCK_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct Relay {
     store: Store,
     producer: FutureProducer,
     settings: Settings,
     metrics: Metrics,
+    health: Health,
     wake: std::sync::Arc<Notify>,
-    /// The session holding the relay lock, outside the pool so the lock never leaks to
-    /// another user of a pooled connection; dropping it releases the lock.
+    /// The session that holds (or keeps trying for) the relay lock, outside the pool so
+    /// the lock never leaks to another user of a pooled connection; dropping it releases
+    /// the lock.
     lock: Option<PgConnection>,
+    /// Whether `lock` holds the relay lock.
+    holding: bool,
+    /// When an instance without the lock last tried to take it.
+    lock_tried: Option<std::time::Instant>,
+    /// Shorter copies of dead letters the broker refused as too large, by outbox row and
+    /// position: sent in their place from then on.
+    replacements: HashMap<(i64, usize), Vec<u8>>,
 }
 
 impl Relay {
@@ -38,6 +71,7 @@ impl Relay {
         settings: &Settings,
         store: Store,
         metrics: Metrics,
+        health: Health,
         wake: std::sync::Arc<Notify>,
     ) -> anyhow::Result<Self> {
         let producer: FutureProducer = super::client_config(&settings.kafka)
@@ -46,14 +80,19 @@ impl Relay {
             .set("linger.ms", "5")
             .set("compression.type", "lz4")
             .set("message.timeout.ms", DELIVERY_TIMEOUT_MS)
+            .set("message.max.bytes", MESSAGE_BYTES_MAX.to_string())
             .create()?;
         Ok(Self {
             store,
             producer,
             settings: settings.clone(),
             metrics,
+            health,
             wake,
             lock: None,
+            holding: false,
+            lock_tried: None,
+            replacements: HashMap::new(),
         })
     }
 
@@ -108,81 +147,190 @@ impl Relay {
             .pending_outbox(self.settings.outbox.batch_size)
             .await?;
         if rows.is_empty() {
+            self.health.done(HEALTH_PART);
             return Ok(0);
         }
+        let waiting: usize = rows.iter().map(|row| row.messages.len()).sum();
+        self.health.begin(
+            HEALTH_PART,
+            format!("{waiting} committed messages wait for the broker's acknowledgement"),
+        );
         let topics = &self.settings.topics;
-        let deliveries: Vec<Vec<_>> = rows
-            .iter()
-            .map(|row| {
-                row.messages
-                    .iter()
-                    .map(|message| {
-                        let topic = match message.channel {
-                            Channel::Ledger => &topics.ledger,
-                            Channel::Shortfalls => &topics.shortfalls,
-                            Channel::Dlq => &topics.dlq,
-                        };
-                        let mut record =
-                            FutureRecord::<str, [u8]>::to(topic).payload(&message.payload);
-                        if let Some(key) = &message.key {
-                            record = record.key(key.as_str());
-                        }
-                        // The record handed back on a failed enqueue is not needed.
-                        self.producer
-                            .send_result(record)
-                            .map_err(|(error, _record)| error)
-                    })
-                    .collect()
-            })
-            .collect();
-        // Remove only the rows acknowledged whole, up to the first failure: a row after a
-        // failed one is sent again with it, so the order per organization holds (a
-        // consumer drops the repeat by its id).
+        // Deliveries awaited in the order they were sent, at most IN_FLIGHT_MAX at a time.
+        // A row is removed once all its messages, and all before them, were acknowledged.
+        let mut in_flight: VecDeque<(usize, usize, DeliveryFuture)> = VecDeque::new();
         let mut acknowledged = Vec::with_capacity(rows.len());
         let mut published = 0;
-        let mut failure = None;
-        for (row, row_deliveries) in rows.iter().zip(deliveries) {
-            for (message, delivery) in row.messages.iter().zip(row_deliveries) {
-                let outcome = match delivery {
-                    Ok(future) => match future.await {
-                        Ok(Ok(_)) => Ok(()),
-                        Ok(Err((error, _))) => Err(error.to_string()),
-                        Err(_) => Err("the delivery was cancelled".to_owned()),
-                    },
-                    Err(error) => Err(error.to_string()),
+        let mut failure: Option<(i64, usize, KafkaError)> = None;
+        let mut row_done = vec![0usize; rows.len()];
+        'rows: for (row_index, row) in rows.iter().enumerate() {
+            for (index, message) in row.messages.iter().enumerate() {
+                let topic = match message.channel {
+                    Channel::Ledger => &topics.ledger,
+                    Channel::Shortfalls => &topics.shortfalls,
+                    Channel::Dlq => &topics.dlq,
                 };
-                match outcome {
-                    Ok(()) if failure.is_none() => {
-                        self.metrics
-                            .published
-                            .with_label_values(&[message.channel.as_str()])
-                            .inc();
+                let payload = self.payload_to_send(row.id, index, message);
+                loop {
+                    while in_flight.len() >= IN_FLIGHT_MAX {
+                        self.settle_oldest(&mut in_flight, &rows, &mut row_done, &mut failure)
+                            .await;
                     }
-                    Ok(()) => {}
-                    Err(error) => {
-                        self.metrics.publish_errors.inc();
-                        failure.get_or_insert(error);
+                    if failure.is_some() {
+                        // Nothing more goes out behind a failed message.
+                        break 'rows;
+                    }
+                    let mut record = FutureRecord::<str, [u8]>::to(topic).payload(payload);
+                    if let Some(key) = &message.key {
+                        record = record.key(key.as_str());
+                    }
+                    match self.producer.send_result(record) {
+                        Ok(delivery) => {
+                            in_flight.push_back((row_index, index, delivery));
+                            break;
+                        }
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
+                            if !in_flight.is_empty() =>
+                        {
+                            self.settle_oldest(&mut in_flight, &rows, &mut row_done, &mut failure)
+                                .await;
+                        }
+                        Err((error, _)) => {
+                            failure = Some((row.id, index, error));
+                            break 'rows;
+                        }
                     }
                 }
             }
-            // A failure in this row or an earlier one keeps this row for the next round.
-            if failure.is_none() {
-                acknowledged.push(row.id);
-                published += row.messages.len();
+        }
+        while !in_flight.is_empty() {
+            self.settle_oldest(&mut in_flight, &rows, &mut row_done, &mut failure)
+                .await;
+        }
+        // Rows acknowledged whole, up to the first that is not: a row after it is sent
+        // again with it, so the order per organization holds (a consumer drops the repeat
+        // by its id).
+        for (row, done) in rows.iter().zip(&row_done) {
+            if *done < row.messages.len() {
+                break;
             }
+            acknowledged.push(row.id);
+            published += row.messages.len();
         }
         if !acknowledged.is_empty() {
             self.store.remove_published(&acknowledged).await?;
+            self.health.done(HEALTH_PART);
+            self.replacements
+                .retain(|(row_id, _), _| !acknowledged.contains(row_id));
         }
         match failure {
             None => Ok(published),
-            Some(error) => anyhow::bail!("the broker did not acknowledge a message: {error}"),
+            Some((row_id, index, error)) => {
+                self.replace_if_too_large(&rows, row_id, index, &error);
+                anyhow::bail!("the broker did not acknowledge a message: {error}")
+            }
         }
     }
 
-    /// Holds the relay lock on a dedicated connection; false while another instance has it.
+    /// Awaits the oldest delivery in flight and counts it; the first failure is kept, and
+    /// acknowledgements after it no longer count toward removing their rows.
+    async fn settle_oldest(
+        &self,
+        in_flight: &mut VecDeque<(usize, usize, DeliveryFuture)>,
+        rows: &[OutboxRow],
+        row_done: &mut [usize],
+        failure: &mut Option<(i64, usize, KafkaError)>,
+    ) {
+        let Some((row_index, index, delivery)) = in_flight.pop_front() else {
+            return;
+        };
+        let outcome = match delivery.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((error, _))) => Err(error),
+            Err(_) => Err(KafkaError::Canceled),
+        };
+        match outcome {
+            Ok(()) => {
+                if failure.is_none() {
+                    row_done[row_index] += 1;
+                    self.metrics
+                        .published
+                        .with_label_values(&[rows[row_index].messages[index].channel.as_str()])
+                        .inc();
+                }
+            }
+            Err(error) => {
+                self.metrics.publish_errors.inc();
+                failure.get_or_insert((rows[row_index].id, index, error));
+            }
+        }
+    }
+
+    /// The bytes to send for a message: its own, or the shorter copy that replaced it.
+    fn payload_to_send<'a>(
+        &'a self,
+        row_id: i64,
+        index: usize,
+        message: &'a OutboxMessage,
+    ) -> &'a [u8] {
+        if let Some(replacement) = self.replacements.get(&(row_id, index)) {
+            return replacement;
+        }
+        let size = message.payload.len() + message.key.as_ref().map_or(0, String::len);
+        if size > MESSAGE_BYTES_MAX {
+            // Dead letters are bounded when they are written; this is the last guard.
+            tracing::error!(
+                row_id,
+                index,
+                size,
+                "An outbox message is larger than the producer sends."
+            );
+        }
+        &message.payload
+    }
+
+    /// After the broker refused a dead letter as too large, the next rounds send a copy
+    /// that keeps less of the rejected input; any other refusal is tried again as it is.
+    fn replace_if_too_large(
+        &mut self,
+        rows: &[OutboxRow],
+        row_id: i64,
+        index: usize,
+        error: &KafkaError,
+    ) {
+        let too_large = matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)
+        );
+        let Some(message) = rows
+            .iter()
+            .find(|row| row.id == row_id)
+            .and_then(|row| row.messages.get(index))
+        else {
+            return;
+        };
+        if !too_large || message.channel != Channel::Dlq {
+            return;
+        }
+        let current = self.payload_to_send(row_id, index, message).to_vec();
+        if let Some(shorter) = crate::codec::shorten_dead_letter(&current) {
+            tracing::warn!(
+                row_id,
+                index,
+                bytes = current.len(),
+                shorter = shorter.len(),
+                "The broker refused a dead letter as too large; a shorter copy replaces it."
+            );
+            self.replacements.insert((row_id, index), shorter);
+        }
+    }
+
+    /// Holds the relay lock on a dedicated connection; false while another instance has
+    /// it. An instance without it tries again at most once per LOCK_RETRY_INTERVAL, on the
+    /// same connection, rather than opening one per round.
     async fn hold_lock(&mut self) -> anyhow::Result<bool> {
-        if let Some(connection) = self.lock.as_mut() {
+        if self.holding {
+            let connection = self.lock.as_mut().expect("a held lock has its connection");
             // The lock lives as long as the session: check the session is still there.
             if sqlx::query("SELECT 1")
                 .execute(&mut *connection)
@@ -191,16 +339,35 @@ impl Relay {
             {
                 return Ok(true);
             }
+            tracing::warn!("The session holding the relay lock was lost; trying to take it again.");
+            self.holding = false;
             self.lock = None;
         }
-        let mut connection = self.store.pool().acquire().await?.detach();
-        let (held,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock($1)")
+        if self
+            .lock_tried
+            .is_some_and(|tried| tried.elapsed() < LOCK_RETRY_INTERVAL)
+        {
+            return Ok(false);
+        }
+        self.lock_tried = Some(std::time::Instant::now());
+        if self.lock.is_none() {
+            self.lock = Some(self.store.pool().acquire().await?.detach());
+        }
+        let connection = self.lock.as_mut().expect("set above");
+        let held = match sqlx::query_as::<_, (bool,)>("SELECT pg_try_advisory_lock($1)")
             .bind(RELAY_LOCK_KEY)
-            .fetch_one(&mut connection)
-            .await?;
+            .fetch_one(&mut *connection)
+            .await
+        {
+            Ok((held,)) => held,
+            Err(error) => {
+                self.lock = None;
+                return Err(error.into());
+            }
+        };
         if held {
             tracing::info!("This instance publishes the outbox.");
-            self.lock = Some(connection);
+            self.holding = true;
         }
         Ok(held)
     }

@@ -23,6 +23,13 @@ pub struct Inbound {
     pub decoded: Result<Command, Rejection>,
 }
 
+impl Inbound {
+    /// The bytes the message holds: its payload and key.
+    pub fn size(&self) -> usize {
+        self.payload.as_ref().map_or(0, Vec::len) + self.key.as_ref().map_or(0, Vec::len)
+    }
+}
+
 /// What a committed batch did, for metrics and logs.
 #[derive(Debug, Default, Clone)]
 pub struct BatchReport {
@@ -176,6 +183,7 @@ impl Store {
                     reason: refusal.reason(),
                     detail: detail.clone(),
                     event_id: Some(command.event_id.to_string()),
+                    org_id: Some(command.org_id.to_string()),
                 }),
                 (Ok(_), Some(Verdict::Duplicate)) => {
                     report.duplicates += 1;
@@ -197,12 +205,11 @@ impl Store {
                     &rejection,
                     now,
                 );
+                // Keyed by organization like every output; the input's own key may be
+                // anything, NUL bytes included, which a text column cannot hold.
                 outbox.push(OutboxMessage::new(
                     Channel::Dlq,
-                    message
-                        .key
-                        .as_deref()
-                        .map(|key| String::from_utf8_lossy(key).into_owned()),
+                    rejection.org_id.clone(),
                     &letter,
                 ));
             }

@@ -38,7 +38,7 @@ pub(super) async fn load_book<'a>(
             ));
         }
         if command.needs_deduplication() {
-            deduplicated.push(command.event_id.as_str().to_owned());
+            deduplicated.push((command.event_id.as_str(), command.org_id.as_str()));
         }
         if matches!(command.body, CommandBody::EntitlementGranted { .. }) {
             granting.insert(command.org_id.clone());
@@ -108,13 +108,25 @@ pub(super) async fn load_book<'a>(
     }
 
     if !deduplicated.is_empty() {
-        let seen: Vec<(String,)> =
-            sqlx::query_as("SELECT event_id FROM processed_events WHERE event_id = ANY($1)")
-                .bind(&deduplicated)
-                .fetch_all(&mut *connection)
-                .await?;
-        for (event_id,) in seen {
-            book.processed.insert(parse(EventId::parse(&event_id))?);
+        // An event recorded before ids were scoped by organization has the organization ''
+        // when the upgrade could not tell it (migrations/20261201000001_scoped_event_ids.sql):
+        // it still counts as applied for any organization.
+        let (events, orgs): (Vec<&str>, Vec<&str>) = deduplicated.into_iter().unzip();
+        let seen: Vec<(String, String)> = sqlx::query_as(
+            "SELECT DISTINCT w.event_id, w.org_id
+               FROM UNNEST($1::text[], $2::text[]) AS w (event_id, org_id)
+               JOIN processed_events p
+                 ON p.event_id = w.event_id AND p.org_id IN (w.org_id, '')",
+        )
+        .bind(&events)
+        .bind(&orgs)
+        .fetch_all(&mut *connection)
+        .await?;
+        for (event_id, org_id) in seen {
+            book.processed.insert((
+                parse(OrgId::parse(&org_id))?,
+                parse(EventId::parse(&event_id))?,
+            ));
         }
     }
     Ok(book)

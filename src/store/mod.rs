@@ -32,6 +32,12 @@ pub enum StoreError {
     /// A constraint that mirrors a rule of the contract refused the batch: a bug.
     #[error("the database refused a change that breaks an invariant: {0}")]
     Invariant(#[source] sqlx::Error),
+    /// The database refused a value the batch holds (a data exception: text it cannot
+    /// keep, a time or number out of its range). The decoder is meant to refuse such
+    /// input first; one that slips through is some message's doing, and retrying the same
+    /// batch would fail the same way for ever.
+    #[error("the database refused a value of the batch: {0}")]
+    Data(#[source] sqlx::Error),
     /// A stored value no longer reads as what was written: the tables were edited by hand.
     #[error("the database holds a value the worker never wrote: {0}")]
     Corrupt(String),
@@ -43,12 +49,20 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         matches!(self, StoreError::Transient(_) | StoreError::ClaimRace(_))
     }
+
+    /// Whether the failure can be one message's doing, so that applying the batch without
+    /// that message would succeed: the batch is then split to find it (rule 10).
+    pub fn may_be_one_message(&self) -> bool {
+        matches!(self, StoreError::Invariant(_) | StoreError::Data(_))
+    }
 }
 
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
         // Integrity violations (class 23) and raised exceptions mean the code tried to
-        // write something the contract forbids: stop loudly rather than retry forever.
+        // write something the contract forbids; data exceptions (class 22) mean a value
+        // the database cannot hold. Neither goes away by retrying the same batch. Anything
+        // else (connections, timeouts, serialization failures, shutdowns) is retried.
         let code = error
             .as_database_error()
             .and_then(|database| database.code().map(|code| code.into_owned()));
@@ -56,6 +70,7 @@ impl From<sqlx::Error> for StoreError {
             Some(code) if code.starts_with("23") || code == "42501" || code == "P0001" => {
                 StoreError::Invariant(error)
             }
+            Some(code) if code.starts_with("22") => StoreError::Data(error),
             _ => StoreError::Transient(error),
         }
     }

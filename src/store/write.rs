@@ -144,7 +144,7 @@ async fn write_lots(connection: &mut PgConnection, book: &Book) -> Result<(), St
                            status, source_kind, source_reference)
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
                               $6::timestamptz[], $7::timestamptz[], $8::text[], $9::text[], $10::text[])
-         ON CONFLICT (lot_id) DO UPDATE SET remaining = EXCLUDED.remaining, status = EXCLUDED.status",
+         ON CONFLICT (org_id, lot_id) DO UPDATE SET remaining = EXCLUDED.remaining, status = EXCLUDED.status",
     )
     .bind(&ids)
     .bind(&orgs)
@@ -310,11 +310,19 @@ async fn write_processed(connection: &mut PgConnection, book: &Book) -> Result<(
     if book.newly_processed.is_empty() {
         return Ok(());
     }
-    let ids: Vec<&str> = book.newly_processed.iter().map(|id| id.as_str()).collect();
-    sqlx::query("INSERT INTO processed_events (event_id) SELECT * FROM UNNEST($1::text[])")
-        .bind(&ids)
-        .execute(&mut *connection)
-        .await?;
+    let (orgs, ids): (Vec<&str>, Vec<&str>) = book
+        .newly_processed
+        .iter()
+        .map(|(org_id, event_id)| (org_id.as_str(), event_id.as_str()))
+        .unzip();
+    sqlx::query(
+        "INSERT INTO processed_events (event_id, org_id)
+         SELECT * FROM UNNEST($1::text[], $2::text[])",
+    )
+    .bind(&ids)
+    .bind(&orgs)
+    .execute(&mut *connection)
+    .await?;
     Ok(())
 }
 
