@@ -69,7 +69,7 @@ pub struct Rejection {
 }
 
 impl Rejection {
-    pub fn new(reason: &'static str, detail: impl Into<String>) -> Self {
+    fn new(reason: &'static str, detail: impl Into<String>) -> Self {
         Self {
             reason,
             detail: detail.into(),
@@ -633,6 +633,34 @@ mod tests {
             ),
             "schema_violation"
         );
+    }
+
+    #[test]
+    fn a_dead_letter_refused_as_too_large_is_shortened_once_and_says_so() {
+        let rejection = Rejection::new("invalid_json", "The message is not JSON.");
+        for input in [vec![b'x'; 10_000], vec![0xff; 10_000]] {
+            let letter = DeadLetterMessage::new("t", 0, 1, Some(&input), &rejection, Utc::now());
+            let shorter = shorten_dead_letter(&serde_json::to_vec(&letter).unwrap())
+                .expect("a long copy is shortened");
+            let shorter: DeadLetterMessage = serde_json::from_slice(&shorter).unwrap();
+            assert!(shorter.payload.chars().count() <= SHORTENED_PAYLOAD_LENGTH_MAX);
+            assert!(shorter.payload_truncated);
+            assert_eq!(shorter.payload_bytes, 10_000, "the original's size stays");
+            assert_eq!(shorter.payload_sha256, letter.payload_sha256);
+            assert_eq!(
+                shorter.dlq_id, letter.dlq_id,
+                "the same letter, not a new one"
+            );
+            assert!(shorter.detail.contains("too large"), "{}", shorter.detail);
+            if shorter.payload_encoding == "base64" {
+                let kept = base64::engine::general_purpose::STANDARD
+                    .decode(&shorter.payload)
+                    .expect("still decodable");
+                assert!(input.starts_with(&kept));
+            }
+            let again = serde_json::to_vec(&shorter).unwrap();
+            assert_eq!(shorten_dead_letter(&again), None, "already short");
+        }
     }
 
     #[test]

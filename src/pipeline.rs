@@ -242,6 +242,8 @@ async fn apply_loop(
     let max_bytes = settings.batch.max_bytes;
     let max_wait = Duration::from_millis(settings.batch.max_wait_ms);
     let mut batch: Vec<Inbound> = Vec::with_capacity(max_messages);
+    // The lane's name on `/healthz`.
+    let part = format!("lane {lane}");
     let [idle, gather] = telemetry::LANE_WAIT_PHASES
         .map(|phase| metrics.lane_wait_seconds.with_label_values(&[phase]));
     loop {
@@ -283,7 +285,6 @@ async fn apply_loop(
             }
         }
         gather.inc_by(gathering.elapsed().as_secs_f64());
-        let part = format!("lane {lane}");
         health.begin(
             &part,
             format!("a batch of {} messages is not committed yet", batch.len()),

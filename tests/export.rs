@@ -32,7 +32,6 @@ fn inbound(offset: i64, kind: InputKind, payload: serde_json::Value) -> Inbound 
         topic: format!("{kind:?}"),
         partition: 0,
         offset,
-        key: None,
         payload: Some(payload.as_bytes().to_vec()),
         decoded: decode(kind, Some(payload.as_bytes())),
     }

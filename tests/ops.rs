@@ -65,7 +65,6 @@ async fn known_ledger() -> (Settings, Store) {
             topic: "inputs".into(),
             partition: 0,
             offset: offset as i64,
-            key: None,
             decoded: decode(*kind, Some(&payload)),
             payload: Some(payload),
         };

@@ -14,7 +14,8 @@ use entitlement_worker::telemetry::{Health, Metrics};
 use serde_json::Value;
 
 /// A consumed message as the consumer thread makes it: decoded at `now`, with the default
-/// five minutes of clock skew allowed.
+/// five minutes of clock skew allowed. (Its Kafka key is not kept: a NUL byte in it, which
+/// once stalled a partition, is covered end to end by the fault matrix's poison row.)
 fn received(
     topic: &str,
     offset: i64,
@@ -26,7 +27,6 @@ fn received(
         topic: topic.to_owned(),
         partition: 0,
         offset,
-        key: Some(b"key\0with a NUL".to_vec()),
         payload: Some(payload.to_vec()),
         decoded: decode_received(kind, Some(payload), Some(now + Duration::seconds(300))),
     }
@@ -200,7 +200,7 @@ async fn text_postgresql_cannot_hold_is_rejected_and_the_partition_moves_on() {
     assert!(letters
         .iter()
         .all(|(_, letter)| letter["detail"].as_str().unwrap().contains("NUL")));
-    // Dead letters are keyed by organization, not by the input's key (which held a NUL).
+    // Dead letters are keyed by organization.
     assert!(
         letters
             .iter()

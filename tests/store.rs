@@ -12,7 +12,6 @@ fn inbound(topic: &str, offset: i64, kind: InputKind, payload: &str) -> Inbound 
         topic: topic.to_owned(),
         partition: 0,
         offset,
-        key: None,
         payload: Some(payload.as_bytes().to_vec()),
         decoded: decode(kind, Some(payload.as_bytes())),
     }

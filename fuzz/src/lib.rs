@@ -24,7 +24,6 @@ const REASONS: [&str; 5] = [
     "clock_skew",
 ];
 
-
 /// The runtime and store of this fuzzing process, made on first use.
 fn store() -> &'static (tokio::runtime::Runtime, Store) {
     static STORE: OnceLock<(tokio::runtime::Runtime, Store)> = OnceLock::new();
@@ -59,7 +58,6 @@ pub fn check_store(data: &[u8]) {
         topic: "fuzz".to_owned(),
         partition: 0,
         offset,
-        key: Some(payload.iter().take(64).copied().collect()),
         payload: Some(payload.to_vec()),
         decoded: decode_received(
             kind,

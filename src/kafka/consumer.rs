@@ -14,7 +14,7 @@ use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
 use tokio::runtime::Handle;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio_util::sync::CancellationToken;
 
 use crate::codec;
@@ -279,21 +279,30 @@ impl ConsumerThread {
                     };
                     let payload = message.payload();
                     // Messages are bounded by count in the channel and by bytes here: a
-                    // stream of large messages cannot take more than the budget.
-                    let size = payload.map_or(0, <[u8]>::len)
-                        + message.key().map_or(0, <[u8]>::len);
+                    // stream of large messages cannot take more than the budget. The key
+                    // is not kept (outputs are keyed by org_id), so only the payload counts.
+                    let size = payload.map_or(0, <[u8]>::len);
                     let budget = u32::try_from(size.min(queue_bytes_max))
                         .unwrap_or(u32::MAX)
                         .max(1);
-                    let permit = match runtime.block_on(queued_bytes.clone().acquire_many_owned(budget)) {
+                    // Taken without waiting while the budget has room, the common case:
+                    // the runtime is entered only when the lane is behind.
+                    let permit = match queued_bytes.clone().try_acquire_many_owned(budget) {
                         Ok(permit) => permit,
-                        Err(_) => break,
+                        Err(TryAcquireError::NoPermits) => {
+                            let waited = runtime
+                                .block_on(queued_bytes.clone().acquire_many_owned(budget));
+                            match waited {
+                                Ok(permit) => permit,
+                                Err(_) => break,
+                            }
+                        }
+                        Err(TryAcquireError::Closed) => break,
                     };
                     let inbound = Inbound {
                         topic: message.topic().to_owned(),
                         partition: message.partition(),
                         offset: message.offset(),
-                        key: message.key().map(<[u8]>::to_vec),
                         payload: payload.map(<[u8]>::to_vec),
                         decoded: codec::decode_received(
                             kind,

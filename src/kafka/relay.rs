@@ -33,7 +33,8 @@ const RELAY_LOCK_KEY: i64 = 0x656e_7469_746c_6d6e; // "entitlmn"
 /// backlog and on `/healthz`, not as lost order.
 const DELIVERY_TIMEOUT_MS: &str = "0";
 /// The largest message the producer sends (librdkafka's `message.max.bytes`, its default,
-/// under the broker's default of 1 MiB): larger ones are never handed to it.
+/// under the broker's default of 1 MiB): a larger dead letter is shortened before it is
+/// handed over.
 const MESSAGE_BYTES_MAX: usize = 1_000_000;
 /// Messages handed to the producer and not yet acknowledged: well under librdkafka's
 /// queue (`queue.buffering.max.messages`, 100,000), so that a row of any size goes out in
@@ -149,6 +150,16 @@ impl Relay {
         if rows.is_empty() {
             self.health.done(HEALTH_PART);
             return Ok(0);
+        }
+        // A message larger than the producer sends would be refused locally, round after
+        // round: a dead letter that large is shortened before it is ever handed over.
+        for row in &rows {
+            for (index, message) in row.messages.iter().enumerate() {
+                let size = message.payload.len() + message.key.as_ref().map_or(0, String::len);
+                if size > MESSAGE_BYTES_MAX && !self.replacements.contains_key(&(row.id, index)) {
+                    self.shorten(row.id, index, message, "is larger than the producer sends");
+                }
+            }
         }
         let waiting: usize = rows.iter().map(|row| row.messages.len()).sum();
         self.health.begin(
@@ -273,20 +284,10 @@ impl Relay {
         index: usize,
         message: &'a OutboxMessage,
     ) -> &'a [u8] {
-        if let Some(replacement) = self.replacements.get(&(row_id, index)) {
-            return replacement;
+        match self.replacements.get(&(row_id, index)) {
+            Some(replacement) => replacement,
+            None => &message.payload,
         }
-        let size = message.payload.len() + message.key.as_ref().map_or(0, String::len);
-        if size > MESSAGE_BYTES_MAX {
-            // Dead letters are bounded when they are written; this is the last guard.
-            tracing::error!(
-                row_id,
-                index,
-                size,
-                "An outbox message is larger than the producer sends."
-            );
-        }
-        &message.payload
     }
 
     /// After the broker refused a dead letter as too large, the next rounds send a copy
@@ -309,17 +310,38 @@ impl Relay {
         else {
             return;
         };
-        if !too_large || message.channel != Channel::Dlq {
+        if too_large {
+            self.shorten(
+                row_id,
+                index,
+                message,
+                "was refused by the broker as too large",
+            );
+        }
+    }
+
+    /// Puts a shorter copy of the dead letter at (`row_id`, `index`) in its place, from
+    /// this round on. Other messages (ledger entries, alerts) are a few hundred bytes and
+    /// are never shortened: a refusal of one is tried again as it is, and shows on
+    /// `/healthz`.
+    fn shorten(&mut self, row_id: i64, index: usize, message: &OutboxMessage, why: &str) {
+        if message.channel != Channel::Dlq {
+            tracing::error!(
+                row_id,
+                index,
+                "An outbox message {why}; it is sent again as it is."
+            );
             return;
         }
-        let current = self.payload_to_send(row_id, index, message).to_vec();
-        if let Some(shorter) = crate::codec::shorten_dead_letter(&current) {
+        let current = self.payload_to_send(row_id, index, message);
+        let bytes = current.len();
+        if let Some(shorter) = crate::codec::shorten_dead_letter(current) {
             tracing::warn!(
                 row_id,
                 index,
-                bytes = current.len(),
+                bytes,
                 shorter = shorter.len(),
-                "The broker refused a dead letter as too large; a shorter copy replaces it."
+                "A dead letter {why}; a shorter copy replaces it."
             );
             self.replacements.insert((row_id, index), shorter);
         }

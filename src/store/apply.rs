@@ -18,15 +18,14 @@ pub struct Inbound {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
-    pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
     pub decoded: Result<Command, Rejection>,
 }
 
 impl Inbound {
-    /// The bytes the message holds: its payload and key.
+    /// The bytes the message holds.
     pub fn size(&self) -> usize {
-        self.payload.as_ref().map_or(0, Vec::len) + self.key.as_ref().map_or(0, Vec::len)
+        self.payload.as_ref().map_or(0, Vec::len)
     }
 }
 
