@@ -3,5 +3,6 @@
 # embedded broker. Pass --keep-running to keep the worker up after the story.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/ensure-build-deps.sh
 scripts/ensure-postgres.sh
 exec cargo run --quiet --bin entitlement-worker -- demo "$@"

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Sets up what is missing (PostgreSQL, the tansu broker) and runs every check CI runs:
-# formatting, lints and all the tests.
+# Sets up what is missing (PostgreSQL; a JDK, Maven and Apache Kafka's jars) and runs every
+# check CI runs: formatting, lints and all the tests. The end-to-end tests start their own
+# Kafka brokers (tests/common/kafka.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/ensure-build-deps.sh
 scripts/ensure-postgres.sh
-scripts/ensure-tansu.sh
+scripts/ensure-kafka.sh >/dev/null
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test --all-targets 2>&1 | tee target/test-output.txt

@@ -64,6 +64,24 @@ pub async fn run(
     tracing::info!(%address, "Serving /metrics and /healthz.");
     let server = tokio::spawn(server);
 
+    // Kafka first, with the worker's own client settings: credentials it refuses or a
+    // certificate the worker cannot verify stop the worker here, saying so, rather than
+    // leaving lanes that retry for ever; a broker that does not answer is waited for.
+    let mut shutdown = std::pin::pin!(shutdown);
+    let checked = tokio::select! {
+        checked = crate::kafka::preflight::check(&settings.kafka) => Some(checked),
+        _ = &mut shutdown => None,
+    };
+    if !matches!(checked, Some(Ok(()))) {
+        background_stop.cancel();
+        let _ = server.await;
+        let Some(failed) = checked else {
+            tracing::info!("Shutdown requested before Kafka answered; nothing was started.");
+            return Ok(());
+        };
+        return failed.map_err(Into::into);
+    }
+
     // Each lane is a member of the consumer group with its own consumer thread and apply
     // loop, exactly as another instance would be: the group splits the partitions among
     // them, and the offsets and organization locks in PostgreSQL keep them exact. Separate
@@ -141,7 +159,7 @@ pub async fn run(
     let mut relay = relay;
     let mut background_failure = None;
     tokio::select! {
-        _ = shutdown => tracing::info!("Shutdown requested; finishing the batch in hand."),
+        _ = &mut shutdown => tracing::info!("Shutdown requested; finishing the batch in hand."),
         result = &mut apply => apply_ended = Some(result),
         ended = &mut clock => background_failure = Some(("clock", ended)),
         ended = &mut gauges => background_failure = Some(("gauges", ended)),

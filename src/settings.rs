@@ -84,6 +84,10 @@ pub struct InputSettings {
     /// How far ahead of the worker's clock an input's `occurred_at` may be; later ones are
     /// rejected as `clock_skew`.
     pub clock_skew_max_seconds: u32,
+    /// Gaps in an input partition's offsets are normal (compacted input topics, or
+    /// producers that write in transactions, whose commit markers take offsets): they are
+    /// then not counted as skipped.
+    pub offset_gaps_expected: bool,
 }
 
 impl InputSettings {
@@ -156,6 +160,10 @@ impl Settings {
             (
                 "INPUT__CLOCK_SKEW_MAX_SECONDS",
                 self.input.clock_skew_max_seconds.to_string(),
+            ),
+            (
+                "INPUT__OFFSET_GAPS_EXPECTED",
+                self.input.offset_gaps_expected.to_string(),
             ),
             ("BATCH__MAX_WAIT_MS", self.batch.max_wait_ms.to_string()),
             ("BATCH__MAX_MESSAGES", self.batch.max_messages.to_string()),

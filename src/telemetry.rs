@@ -33,6 +33,7 @@ pub struct Metrics {
     pub duplicates: IntCounter,
     pub stale: IntCounter,
     pub redelivered: IntCounter,
+    pub offsets_skipped: IntCounterVec,
     pub batches: IntCounter,
     pub batch_size: HistogramVec,
     pub commit_latency: HistogramVec,
@@ -200,6 +201,13 @@ impl Metrics {
             redelivered: counter(
                 "entitlements_redelivered_messages_total",
                 "Messages consumed again below the offset committed in PostgreSQL, skipped.",
+            ),
+            offsets_skipped: counter_vec(
+                "entitlements_input_offsets_skipped_total",
+                "Offsets of an input partition a lane never received: the broker went past \
+                 them between two messages, or between where the lane resumed and its first \
+                 message (retention deleted them, or a broker lost them).",
+                &["topic"],
             ),
             batches: counter(
                 "entitlements_batches_committed_total",

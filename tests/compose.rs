@@ -18,6 +18,65 @@ fn environment(service: &Value, key: &str) -> String {
         .to_owned()
 }
 
+/// The Kafka users get from docker-compose.yml is the one the tests run
+/// (`scripts/kafka/pom.xml`), and its single node is set up the way the tests' is.
+#[test]
+fn compose_runs_the_kafka_release_the_tests_run() {
+    let pom = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/kafka/pom.xml"
+    ))
+    .unwrap();
+    let version = pom
+        .split("<kafka.version>")
+        .nth(1)
+        .and_then(|rest| rest.split("</kafka.version>").next())
+        .expect("the pom pins kafka.version");
+    let compose = compose();
+    for name in ["kafka", "kafka-init"] {
+        assert_eq!(
+            compose["services"][name]["image"].as_str(),
+            Some(format!("apache/kafka:{version}").as_str()),
+            "{name} runs Kafka {version}"
+        );
+    }
+    let broker = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/kafka-broker.sh"
+    ))
+    .unwrap();
+    let kafka = &compose["services"]["kafka"];
+    for (variable, property) in [
+        ("KAFKA_PROCESS_ROLES", "process.roles"),
+        (
+            "KAFKA_AUTO_CREATE_TOPICS_ENABLE",
+            "auto.create.topics.enable",
+        ),
+        (
+            "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR",
+            "offsets.topic.replication.factor",
+        ),
+        (
+            "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR",
+            "transaction.state.log.min.isr",
+        ),
+        (
+            "KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS",
+            "group.initial.rebalance.delay.ms",
+        ),
+    ] {
+        let line = format!("{property}={}", environment(kafka, variable));
+        assert!(
+            broker.lines().any(|written| written == line),
+            "scripts/kafka-broker.sh writes {line}, as docker-compose.yml sets {variable}"
+        );
+    }
+    assert!(
+        broker.contains(&format!("kafka_2.13-{version}.tgz")),
+        "scripts/kafka-broker.sh names the release tarball of Kafka {version}"
+    );
+}
+
 #[test]
 fn compose_runs_kafka_postgres_the_worker_and_prometheus_with_health_checks() {
     let compose = compose();

@@ -13,7 +13,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::e2e::Setup;
+use common::e2e::{Setup, DEADLINE};
 use common::stream::{self, Keys};
 use rand::Rng;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
@@ -56,7 +56,7 @@ async fn sigkill_at_random_points_many_times_loses_and_doubles_nothing() {
         setup.wait_for_progress(threshold, &worker).await;
         // Into the next batch, wherever it is: reading, deciding, writing or committing.
         tokio::time::sleep(Duration::from_millis(rand::rng().random_range(0..100))).await;
-        setup.crash(&mut worker).await;
+        setup.crash(&mut worker);
         let at_kill = stream::applied(&setup.database).await;
         assert!(
             (at_kill as usize) < total,
@@ -139,11 +139,30 @@ async fn postgres_connections_terminated_mid_stream_lose_and_double_nothing() {
     );
 }
 
-/// Row: two and three workers in one consumer group, joining and leaving.
+/// Row: two and three workers in one consumer group, joining and leaving, with the
+/// classic group protocol (librdkafka's default, eager `range` assignment).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_joining_and_leaving_one_group_transfer_nothing_twice() {
+    membership_changes("classic").await;
+}
+
+/// Row: the same with KIP-848's protocol (`group.protocol=consumer`): the broker assigns
+/// the partitions, incrementally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_joining_and_leaving_a_kip_848_group_transfer_nothing_twice() {
+    membership_changes("consumer").await;
+}
+
+/// Three workers join while the stream flows; one crashes (SIGKILL), one leaves politely
+/// (SIGTERM) right after, and the third finishes alone.
+async fn membership_changes(protocol: &str) {
     let mut setup = Setup::new().await;
     setup.settings.batch.max_messages = FAULT_BATCH;
+    setup
+        .settings
+        .kafka
+        .properties
+        .insert("group.protocol".into(), protocol.into());
     let scenario = stream::scenario(23, knob("FAULT_SCALE", 4) * 5);
     let before = setup.deliver_setup(&scenario).await;
     // The stream goes out in five parts; each change of membership happens right after a
@@ -164,12 +183,8 @@ async fn workers_joining_and_leaving_one_group_transfer_nothing_twice() {
     let mut third = setup.start_worker();
     let third_joined_at = produce(parts[3]).await;
     let total = produce(parts[4]).await;
-    // One crashes, one leaves politely; the third carries on alone. The leave comes after
-    // the crashed worker's session expired: tansu re-forms a group when a member leaves,
-    // but not when a session expires while other members heartbeat (`Setup::crash`).
     second.kill();
     let at_second_killed = stream::applied(&setup.database).await;
-    setup.wait_out_session().await;
     assert!(first.terminate(Duration::from_secs(30)).success());
     let at_first_left = stream::applied(&setup.database).await;
     setup.wait_until_done(total, &third).await;
@@ -182,10 +197,271 @@ async fn workers_joining_and_leaving_one_group_transfer_nothing_twice() {
         "the second worker was killed mid-stream ({at_second_killed} of {total})"
     );
     eprintln!(
-        "fault-summary group: workers=3 joins=3 leaves=2 messages={total} \
+        "fault-summary group-{protocol}: workers=3 joins=3 leaves=2 messages={total} \
          produced_when_third_joined={third_joined_at} applied_when_first_left={at_first_left} \
          applied_when_second_killed={at_second_killed} redelivered_and_skipped_by_last={skipped} \
          ledger_entries={entries} lost=0 doubled=0"
+    );
+}
+
+/// Row: Apache Kafka killed with SIGKILL mid-stream and started again on the same
+/// storage, the platform producing the second half of the stream while it is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_killed_and_restarted_on_its_storage_loses_and_doubles_nothing() {
+    let mut setup = Setup::own_broker().await;
+    setup.settings.batch.max_messages = FAULT_BATCH;
+    let scenario = stream::scenario(28, knob("FAULT_SCALE", 4) * 5);
+    let before = setup.deliver_setup(&scenario).await;
+    let events: Vec<_> = scenario.events.iter().collect();
+    let (first_half, second_half) = events.split_at(events.len() / 2);
+    let first = before + stream::produce(&setup.settings, first_half, Keys::ByOrganization).await;
+    let mut worker = setup.start_worker();
+    setup.wait_for_progress(before as i64 + 1, &worker).await;
+    tokio::time::sleep(Duration::from_millis(rand::rng().random_range(0..100))).await;
+    setup.broker.own().kill();
+    let at_kill = stream::applied(&setup.database).await;
+    let held = spawn_producer(&setup, second_half);
+    setup.broker.own().restart();
+    let total = first + held.await.expect("the held messages are delivered");
+    setup.wait_until_done(total, &worker).await;
+    assert!(worker.terminate(Duration::from_secs(30)).success());
+    let entries = setup.check(&scenario).await;
+    assert!(
+        (at_kill as usize) < total,
+        "the broker was killed mid-stream ({at_kill} of {total})"
+    );
+    eprintln!(
+        "fault-summary broker_sigkill: messages={total} applied_at_kill={at_kill} \
+         produced_before_kill={first} ledger_entries={entries} lost=0 doubled=0"
+    );
+}
+
+/// Row: Apache Kafka frozen with SIGSTOP for 30 s mid-stream, then resumed, the platform
+/// producing the second half of the stream meanwhile: every group session the broker
+/// held has expired by the time it resumes, so the group forms again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_frozen_for_30_seconds_loses_and_doubles_nothing() {
+    const FROZEN: Duration = Duration::from_secs(30);
+    let mut setup = Setup::own_broker().await;
+    setup.settings.batch.max_messages = FAULT_BATCH;
+    let scenario = stream::scenario(29, knob("FAULT_SCALE", 4) * 5);
+    let before = setup.deliver_setup(&scenario).await;
+    let events: Vec<_> = scenario.events.iter().collect();
+    let (first_half, second_half) = events.split_at(events.len() / 2);
+    let first = before + stream::produce(&setup.settings, first_half, Keys::ByOrganization).await;
+    let mut worker = setup.start_worker();
+    setup.wait_for_progress(before as i64 + 1, &worker).await;
+    setup.broker.own().freeze();
+    let at_freeze = stream::applied(&setup.database).await;
+    let backlog_at_freeze = stream::outbox_backlog(&setup.database).await;
+    let held = spawn_producer(&setup, second_half);
+    // The fault is the freeze's length itself, not a wait for something to happen.
+    tokio::time::sleep(FROZEN).await;
+    let at_thaw = stream::applied(&setup.database).await;
+    let backlog_at_thaw = stream::outbox_backlog(&setup.database).await;
+    setup.broker.own().thaw();
+    let total = first + held.await.expect("the held messages are delivered");
+    setup.wait_until_done(total, &worker).await;
+    let (_, metrics) = worker.get("/metrics").expect("/metrics answers");
+    assert!(worker.terminate(Duration::from_secs(30)).success());
+    let entries = setup.check(&scenario).await;
+    assert!(
+        at_thaw as usize <= first,
+        "nothing produced during the freeze was applied during it ({at_thaw} applied, {first} produced before)"
+    );
+    let publish_errors = common::metric_sum(&metrics, "entitlements_publish_errors_total");
+    eprintln!(
+        "fault-summary broker_sigstop: frozen_s={} messages={total} produced_before_freeze={first} \
+         applied_at_freeze={at_freeze} applied_at_thaw={at_thaw} outbox_at_freeze={backlog_at_freeze} \
+         outbox_at_thaw={backlog_at_thaw} publish_errors_in_metrics={publish_errors} \
+         ledger_entries={entries} lost=0 doubled=0",
+        FROZEN.as_secs()
+    );
+}
+
+/// Row: PostgreSQL itself restarted (`pg_ctlcluster ... restart`) mid-batch, twice in one
+/// run. The restart takes every session of the server, so this test runs alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_twice_mid_stream_loses_and_doubles_nothing() {
+    let mut setup = Setup::exclusive().await;
+    setup.settings.batch.max_messages = FAULT_BATCH;
+    let scenario = stream::scenario(30, knob("FAULT_SCALE", 4) * 5);
+    let before = setup.deliver_setup(&scenario).await;
+    let mut worker = setup.start_worker();
+    let producer = paced_producer(&setup, before, &scenario.events, 40);
+    let expected = before + scenario.events.len();
+    let database_name: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&setup.database)
+        .await
+        .unwrap();
+    let mut restarted_at = Vec::new();
+    // At about a third and two thirds of the stream, while a worker's transaction is open.
+    for part in 1..=2 {
+        let threshold = (before + scenario.events.len() * part / 3) as i64;
+        setup.wait_for_progress(threshold, &worker).await;
+        common::eventually("a worker's transaction to be open", DEADLINE, || async {
+            let open: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = $1 AND xact_start IS NOT NULL
+                    AND application_name <> 'entitlement-tests'",
+            )
+            .bind(&database_name)
+            .fetch_one(&setup.database)
+            .await
+            .unwrap_or(0);
+            (open > 0).then_some(())
+        })
+        .await;
+        let at_restart = stream::applied(&setup.database).await;
+        restart_postgres();
+        assert!(
+            (at_restart as usize) < expected,
+            "PostgreSQL restarted mid-stream ({at_restart} of {expected})"
+        );
+        restarted_at.push(at_restart);
+    }
+    let total = before + producer.await.expect("the stream is produced");
+    setup.wait_until_done(total, &worker).await;
+    let (_, metrics) = worker.get("/metrics").expect("/metrics answers");
+    let retries = common::metric_sum(&metrics, "entitlements_store_retries_total")
+        + common::metric_sum(&metrics, "entitlements_publish_errors_total");
+    assert!(worker.terminate(Duration::from_secs(30)).success());
+    let entries = setup.check(&scenario).await;
+    assert!(
+        retries >= 2.0,
+        "each restart interrupted the worker, and the metrics show it:\n{metrics}"
+    );
+    eprintln!(
+        "fault-summary postgres_restart: restarts=2 restarted_at={restarted_at:?} \
+         retries_in_metrics={retries} messages={total} ledger_entries={entries} lost=0 doubled=0"
+    );
+}
+
+/// Restarts the test server's PostgreSQL cluster and waits until it takes connections.
+fn restart_postgres() {
+    let clusters = std::process::Command::new("pg_lsclusters")
+        .arg("-h")
+        .output()
+        .expect("pg_lsclusters runs");
+    let listing = String::from_utf8_lossy(&clusters.stdout);
+    let (version, name) = listing
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .find(|fields| fields.len() > 3 && fields[2] == "5432")
+        .map(|fields| (fields[0].to_owned(), fields[1].to_owned()))
+        .expect("the cluster on port 5432");
+    let status = std::process::Command::new("pg_ctlcluster")
+        .args([&version, &name, "restart"])
+        .status()
+        .expect("pg_ctlcluster runs");
+    assert!(status.success(), "pg_ctlcluster {version} {name} restart");
+}
+
+/// Produces `events` from a task of its own in `chunks` parts, each once the worker has
+/// applied everything before it: however fast the worker is, input keeps coming until the
+/// last part, so a fault injected before then lands mid-stream. Returns how many went out.
+fn paced_producer(
+    setup: &Setup,
+    before: usize,
+    events: &[stream::Event],
+    chunks: usize,
+) -> tokio::task::JoinHandle<usize> {
+    let settings = setup.settings.clone();
+    let database = setup.database.clone();
+    let events = events.to_vec();
+    tokio::spawn(async move {
+        let mut produced = before;
+        for chunk in events.chunks(events.len().div_ceil(chunks)) {
+            let chunk: Vec<_> = chunk.iter().collect();
+            produced += stream::produce(&settings, &chunk, Keys::ByOrganization).await;
+            common::eventually(
+                "the worker to apply what was produced",
+                common::e2e::DEADLINE,
+                || async { (stream::applied(&database).await >= produced as i64).then_some(()) },
+            )
+            .await;
+        }
+        produced - before
+    })
+}
+
+/// Produces `events` from a task of its own: its producer holds them while the broker is
+/// away. Returns how many went out.
+fn spawn_producer(setup: &Setup, events: &[&stream::Event]) -> tokio::task::JoinHandle<usize> {
+    let settings = setup.settings.clone();
+    let events: Vec<stream::Event> = events.iter().map(|&event| event.clone()).collect();
+    tokio::spawn(async move {
+        let events: Vec<_> = events.iter().collect();
+        stream::produce(&settings, &events, Keys::ByOrganization).await
+    })
+}
+
+/// Row: input the broker no longer holds when the worker comes back (retention deleted
+/// it while no worker ran) is never skipped silently: the worker resumes at the log's
+/// new start and counts, per topic, exactly the offsets it never received.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_deleted_before_it_was_consumed_is_counted_as_skipped() {
+    use entitlement_worker::codec::InputKind;
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+    let setup = Setup::new().await;
+    let scenario = stream::scenario(31, 2);
+    let added: Vec<&stream::Event> = scenario
+        .events
+        .iter()
+        .filter(|event| event.kind == InputKind::ParticipantAdded)
+        .collect();
+    let (first, rest) = added.split_at(added.len() / 2);
+    let mut total = stream::produce(&setup.settings, first, Keys::ByOrganization).await;
+    let worker = setup.start_in_process().await;
+    setup.wait_until_done_or(total, String::new).await;
+    worker.stop().await;
+    total += stream::produce(&setup.settings, rest, Keys::ByOrganization).await;
+    // While no worker runs, the oldest unconsumed half of each partition's new messages
+    // is deleted, as retention would.
+    let topic = setup.settings.topics.participant_added.clone();
+    let stored: Vec<(i32, i64)> =
+        sqlx::query_as("SELECT partition, next_offset FROM consumer_offsets WHERE topic = $1")
+            .bind(&topic)
+            .fetch_all(&setup.database)
+            .await
+            .unwrap();
+    let reader: BaseConsumer = stream::client_config(&setup.settings).create().unwrap();
+    let mut cut = TopicPartitionList::new();
+    let mut expected_skipped = 0;
+    for (partition, next) in &stored {
+        let (_, high) = reader
+            .fetch_watermarks(&topic, *partition, Duration::from_secs(10))
+            .unwrap();
+        let to = next + (high - next) / 2;
+        if to > *next {
+            cut.add_partition_offset(&topic, *partition, Offset::Offset(to))
+                .unwrap();
+            expected_skipped += to - next;
+        }
+    }
+    assert!(expected_skipped > 0, "some unconsumed input is deleted");
+    let admin: AdminClient<DefaultClientContext> =
+        stream::client_config(&setup.settings).create().unwrap();
+    admin
+        .delete_records(&cut, &AdminOptions::new())
+        .await
+        .expect("the records are deleted");
+    let worker = setup.start_in_process().await;
+    setup.wait_until_done_or(total, String::new).await;
+    let metrics = worker.started.metrics.render();
+    worker.stop().await;
+    let skipped = common::metric_sum(&metrics, "entitlements_input_offsets_skipped_total");
+    assert_eq!(
+        skipped as i64, expected_skipped,
+        "every deleted offset counted, nothing else:\n{metrics}"
+    );
+    eprintln!(
+        "fault-summary skipped: messages={total} deleted_before_consumed={expected_skipped} \
+         counted_as_skipped={skipped}"
     );
 }
 
@@ -206,12 +482,7 @@ async fn the_broker_down_for_a_while_then_back_loses_and_doubles_nothing() {
     setup.broker.mock().broker_down(1).expect("broker down");
     // The platform goes on producing during the outage: its producer holds the second
     // half until the broker is back.
-    let settings = setup.settings.clone();
-    let second_half: Vec<stream::Event> = second_half.iter().map(|&event| event.clone()).collect();
-    let held = tokio::spawn(async move {
-        let events: Vec<_> = second_half.iter().collect();
-        stream::produce(&settings, &events, Keys::ByOrganization).await
-    });
+    let held = spawn_producer(&setup, second_half);
     let at_down = stream::applied(&setup.database).await;
     let mut progress = Vec::new();
     for _ in 0..20 {
@@ -292,6 +563,54 @@ async fn the_outbox_publisher_failing_for_a_while_keeps_the_effects_and_publishe
         "fault-summary outbox: produce_errors_injected={errors} messages={total} \
          outbox_backlog_while_failing={backlog} publish_errors_in_metrics={publish_errors} \
          ledger_entries={entries} lost=0 doubled=0"
+    );
+}
+
+/// Row: the broker refusing produce requests for good now and then (errors the producer
+/// does not retry by itself), while the ledger flows. Each refusal fails its messages
+/// back to the relay, which sends them again; the ledger topic stays in order per
+/// organization (`stream::check`) and nothing is lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_refusing_messages_for_good_keeps_each_ledger_in_order() {
+    let mut setup = Setup::mock().await;
+    setup.settings.batch.max_messages = FAULT_BATCH;
+    let scenario = stream::scenario(27, knob("FAULT_SCALE", 4));
+    let setup_events: Vec<_> = scenario.setup.iter().collect();
+    let before = stream::produce(&setup.settings, &setup_events, Keys::ByOrganization).await;
+    let first = setup.start_in_process().await;
+    setup.wait_until_done_or(before, String::new).await;
+    first.stop().await;
+    let total = deliver(&setup, &scenario, before).await;
+    // Every fourth produce request of the next 400 is refused with an error the producer
+    // takes as final.
+    let refusals = 100;
+    let pattern: Vec<RDKafkaRespErr> = (0..4 * refusals)
+        .map(|request| {
+            if request % 4 == 3 {
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD
+            } else {
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR
+            }
+        })
+        .collect();
+    setup
+        .broker
+        .mock()
+        .request_errors(RDKafkaApiKey::Produce, &pattern);
+    let worker = setup.start_in_process().await;
+    setup.wait_until_done_or(total, String::new).await;
+    let metrics = worker.started.metrics.render();
+    worker.stop().await;
+    let entries = setup.check(&scenario).await;
+    let publish_errors = common::metric_sum(&metrics, "entitlements_publish_errors_total");
+    assert!(
+        publish_errors > 0.0,
+        "the refusals reached the relay (publish errors {publish_errors})"
+    );
+    eprintln!(
+        "fault-summary refusals: refused_requests_injected={refusals} messages={total} \
+         publish_errors_in_metrics={publish_errors} ledger_entries={entries} \
+         ledger_in_order=true lost=0 doubled=0"
     );
 }
 

@@ -1,5 +1,5 @@
 //! The operators' commands, run as the binary against real PostgreSQL with a known ledger
-//! (and, for grant and transfer, a running worker on tansu).
+//! (and, for grant and transfer, a running worker on Apache Kafka).
 
 mod common;
 

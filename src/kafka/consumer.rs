@@ -4,14 +4,16 @@
 //! hand are committed before the partitions go. Decoding happens here, so the apply loop
 //! receives typed commands or rejections.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
@@ -59,16 +61,72 @@ pub fn consumer_defaults(settings: &Settings, lane: usize) -> Vec<(&'static str,
         ),
         ("client.id", format!("entitlement-worker-lane-{lane}")),
     ];
+    let classic = uses_classic_protocol(settings);
     defaults
         .into_iter()
         .filter(|(key, _)| !settings.kafka.properties.contains_key(*key))
+        // Under KIP-848's protocol the broker sets the heartbeat and the session.
+        .filter(|(key, _)| classic || *key != "heartbeat.interval.ms")
         .collect()
+}
+
+/// Whether the lanes join their group with the classic protocol (librdkafka's default)
+/// rather than KIP-848's `group.protocol=consumer`, under which the broker assigns the
+/// partitions and sets the session timeout (`group.consumer.session.timeout.ms`), and the
+/// client may set neither.
+pub fn uses_classic_protocol(settings: &Settings) -> bool {
+    settings
+        .kafka
+        .properties
+        .get("group.protocol")
+        .is_none_or(|protocol| !protocol.eq_ignore_ascii_case("consumer"))
 }
 
 /// How often a lane heartbeats to the group coordinator: every second, and a third of
 /// the session timeout at most, as librdkafka requires it to be below.
 pub fn heartbeat_interval_ms(session_timeout_ms: u64) -> u64 {
     (session_timeout_ms / 3).clamp(1, 1000)
+}
+
+/// Where each assigned input partition's next message should be, to see offsets the
+/// broker went past: the offset a lane resumed at, then one past each message received.
+#[derive(Debug, Default)]
+pub struct Continuity {
+    next: HashMap<String, HashMap<i32, i64>>,
+}
+
+impl Continuity {
+    /// A partition assigned to start at `at` (None: wherever `auto.offset.reset` says,
+    /// so its first message sets the mark).
+    pub fn resume(&mut self, topic: &str, partition: i32, at: Option<i64>) {
+        let partitions = self.next.entry(topic.to_owned()).or_default();
+        match at {
+            Some(at) => partitions.insert(partition, at),
+            None => partitions.remove(&partition),
+        };
+    }
+
+    /// A partition revoked: nothing is expected of it any more.
+    pub fn forget(&mut self, topic: &str, partition: i32) {
+        if let Some(partitions) = self.next.get_mut(topic) {
+            partitions.remove(&partition);
+        }
+    }
+
+    /// A message received at `offset`: returns how many offsets before it were never
+    /// received (0 for the next one, a repeat, or the first of an unmarked partition).
+    pub fn receive(&mut self, topic: &str, partition: i32, offset: i64) -> i64 {
+        let partitions = match self.next.get_mut(topic) {
+            Some(partitions) => partitions,
+            None => self.next.entry(topic.to_owned()).or_default(),
+        };
+        let expected = partitions.insert(partition, offset + 1);
+        match expected {
+            Some(expected) if offset > expected => offset - expected,
+            // A repeat (a seek back) moves the mark back with it.
+            _ => 0,
+        }
+    }
 }
 
 /// What the consumer thread hands to the apply loop.
@@ -100,6 +158,9 @@ pub struct WorkerContext {
     health: Health,
     /// Set once shutdown began: the apply loop has stopped, no barrier can be answered.
     closing: Arc<AtomicBool>,
+    /// Where each partition's next message should be; used on the polling thread only
+    /// (rebalances run inside its poll).
+    continuity: Arc<Mutex<Continuity>>,
 }
 
 impl ClientContext for WorkerContext {
@@ -126,39 +187,107 @@ impl ClientContext for WorkerContext {
 }
 
 impl ConsumerContext for WorkerContext {
-    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(partitions) = rebalance {
-            tracing::info!(
-                partitions = partitions.count(),
-                "Partitions are being revoked; committing the batch in hand first."
+    /// Takes over librdkafka's rebalance: partitions are assigned at the offsets stored
+    /// in PostgreSQL, whole (the classic protocol's eager `range` assignment) or as the
+    /// partitions added to those held (the incremental assignment of KIP-848's
+    /// `group.protocol=consumer`); revoked ones go after the batch in hand committed.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        partitions: &mut TopicPartitionList,
+    ) {
+        let incremental = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let outcome = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.start_at_stored_offsets(partitions);
+                let mut continuity = self.continuity.lock().expect("not poisoned");
+                for element in partitions.elements() {
+                    let at = match element.offset() {
+                        Offset::Offset(at) => Some(at),
+                        _ => None,
+                    };
+                    continuity.resume(element.topic(), element.partition(), at);
+                }
+                drop(continuity);
+                let outcome = if incremental {
+                    consumer.incremental_assign(partitions)
+                } else {
+                    consumer.assign(partitions)
+                };
+                if outcome.is_ok() {
+                    self.health.set(true);
+                    tracing::info!(
+                        partitions = partitions.count(),
+                        incremental,
+                        "Partitions assigned; resuming from the offsets stored in PostgreSQL."
+                    );
+                }
+                outcome
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.before_revoke(partitions);
+                let mut continuity = self.continuity.lock().expect("not poisoned");
+                for element in partitions.elements() {
+                    continuity.forget(element.topic(), element.partition());
+                }
+                drop(continuity);
+                if incremental {
+                    consumer.incremental_unassign(partitions)
+                } else {
+                    consumer.unassign()
+                }
+            }
+            other => {
+                tracing::error!(error = ?other, "The group rebalance failed; letting the partitions go.");
+                if incremental {
+                    consumer.incremental_unassign(partitions)
+                } else {
+                    consumer.unassign()
+                }
+            }
+        };
+        if let Err(error) = outcome {
+            tracing::error!(%error, "Could not change the partitions this lane consumes.");
+        }
+    }
+}
+
+impl WorkerContext {
+    /// Commits the batch in hand before `partitions` go to another member.
+    fn before_revoke(&self, partitions: &TopicPartitionList) {
+        tracing::info!(
+            partitions = partitions.count(),
+            "Partitions are being revoked; committing the batch in hand first."
+        );
+        // These partitions' lag is another instance's to report from now on.
+        for element in partitions.elements() {
+            let _ = self
+                .metrics
+                .consumer_lag
+                .remove_label_values(&[element.topic(), &element.partition().to_string()]);
+        }
+        if self.closing.load(Ordering::SeqCst) {
+            return;
+        }
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        if self.sender.blocking_send(Envelope::Barrier(done)).is_ok()
+            && wait.recv_timeout(REVOKE_WAIT).is_err()
+        {
+            tracing::warn!(
+                "The batch in hand did not commit in time; letting the partitions go \
+                 (the offsets locked in PostgreSQL keep the handover exact)."
             );
-            // These partitions' lag is another instance's to report from now on.
-            for element in partitions.elements() {
-                let _ = self
-                    .metrics
-                    .consumer_lag
-                    .remove_label_values(&[element.topic(), &element.partition().to_string()]);
-            }
-            if self.closing.load(Ordering::SeqCst) {
-                return;
-            }
-            let (done, wait) = std::sync::mpsc::sync_channel(1);
-            if self.sender.blocking_send(Envelope::Barrier(done)).is_ok()
-                && wait.recv_timeout(REVOKE_WAIT).is_err()
-            {
-                tracing::warn!(
-                    "The batch in hand did not commit in time; letting the partitions go \
-                     (the offsets locked in PostgreSQL keep the handover exact)."
-                );
-            }
         }
     }
 
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Assign(assigned) = rebalance else {
-            return;
-        };
-        let wanted: Vec<(String, i32)> = assigned
+    /// Sets each assigned partition's start to the offset stored in PostgreSQL, or to
+    /// `auto.offset.reset` for one never consumed.
+    fn start_at_stored_offsets(&self, partitions: &mut TopicPartitionList) {
+        let wanted: Vec<(String, i32)> = partitions
             .elements()
             .iter()
             .map(|element| (element.topic().to_owned(), element.partition()))
@@ -175,22 +304,13 @@ impl ConsumerContext for WorkerContext {
                 return;
             }
         };
-        let mut positions = TopicPartitionList::new();
         for (topic, partition) in &wanted {
             let offset = stored
                 .get(&(topic.clone(), *partition))
                 .map_or(self.auto_offset_reset, |next| Offset::Offset(*next));
-            if let Err(error) = positions.add_partition_offset(topic, *partition, offset) {
+            if let Err(error) = partitions.set_partition_offset(topic, *partition, offset) {
                 tracing::error!(%error, topic, partition, "Could not set a start offset.");
             }
-        }
-        self.health.set(true);
-        match consumer.assign(&positions) {
-            Ok(()) => tracing::info!(
-                partitions = wanted.len(),
-                "Partitions assigned; resuming from the offsets stored in PostgreSQL."
-            ),
-            Err(error) => tracing::error!(%error, "Could not resume from the stored offsets."),
         }
     }
 }
@@ -219,6 +339,8 @@ impl ConsumerThread {
             bytes: queued_bytes,
         } = queue;
         let closing = Arc::new(AtomicBool::new(false));
+        let continuity = Arc::new(Mutex::new(Continuity::default()));
+        let offsets_skipped = metrics.offsets_skipped.clone();
         let context = WorkerContext {
             lane,
             store,
@@ -232,25 +354,29 @@ impl ConsumerThread {
             metrics,
             health: health.clone(),
             closing: closing.clone(),
+            continuity: continuity.clone(),
         };
         let mut config = super::client_config(&settings.kafka);
         for (key, value) in consumer_defaults(settings, lane) {
             config.set(key, value);
         }
-        let consumer: BaseConsumer<WorkerContext> = config
+        config
             .set("group.id", &settings.kafka.group_id)
             // Offsets live in PostgreSQL with the effects; Kafka's copy is committed after
             // each batch only so that ordinary tools can show the group's lag.
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", &settings.kafka.auto_offset_reset)
-            .set(
-                "session.timeout.ms",
-                settings.kafka.session_timeout_ms.to_string(),
-            )
-            .set("statistics.interval.ms", "5000")
-            .set("partition.assignment.strategy", "range")
-            .create_with_context(context)?;
+            .set("statistics.interval.ms", "5000");
+        if uses_classic_protocol(settings) {
+            config
+                .set(
+                    "session.timeout.ms",
+                    settings.kafka.session_timeout_ms.to_string(),
+                )
+                .set("partition.assignment.strategy", "range");
+        }
+        let consumer: BaseConsumer<WorkerContext> = config.create_with_context(context)?;
         let topics: Vec<&str> = settings.topics.inputs().map(|(_, name)| name).collect();
         consumer.subscribe(&topics)?;
         let consumer = Arc::new(consumer);
@@ -277,6 +403,27 @@ impl ConsumerThread {
                     let Some(kind) = topics.kind_of(message.topic()) else {
                         continue;
                     };
+                    let skipped = continuity.lock().expect("not poisoned").receive(
+                        message.topic(),
+                        message.partition(),
+                        message.offset(),
+                    );
+                    if skipped > 0 && !input.offset_gaps_expected {
+                        offsets_skipped
+                            .with_label_values(&[message.topic()])
+                            .inc_by(skipped as u64);
+                        tracing::warn!(
+                            topic = message.topic(),
+                            partition = message.partition(),
+                            skipped,
+                            from = message.offset() - skipped,
+                            to = message.offset() - 1,
+                            "Offsets of an input partition never reached this lane: retention \
+                             deleted them before they were consumed, or the broker skipped \
+                             them (set input.offset_gaps_expected if the topic is compacted \
+                             or written in transactions)."
+                        );
+                    }
                     let payload = message.payload();
                     // Messages are bounded by count in the channel and by bytes here: a
                     // stream of large messages cannot take more than the budget. The key

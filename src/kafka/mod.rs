@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod consumer;
+pub mod preflight;
 pub mod relay;
 
 use rdkafka::ClientConfig;
@@ -55,6 +56,58 @@ mod tests {
             assert!((1..=1_000).contains(&heartbeat), "{session}: {heartbeat}");
             assert!(heartbeat < session, "{session}: {heartbeat}");
         }
+    }
+
+    #[test]
+    fn offsets_a_lane_never_received_are_counted_and_nothing_else() {
+        use super::consumer::Continuity;
+        let mut continuity = Continuity::default();
+        // Resumed at the stored offset 10: 10, 11 arrive, then 15 (12 to 14 skipped).
+        continuity.resume("participant-added", 0, Some(10));
+        assert_eq!(continuity.receive("participant-added", 0, 10), 0);
+        assert_eq!(continuity.receive("participant-added", 0, 11), 0);
+        assert_eq!(continuity.receive("participant-added", 0, 15), 3);
+        assert_eq!(continuity.receive("participant-added", 0, 16), 0);
+        // Resumed at 40, the first message is 45: the five before it never came.
+        continuity.resume("module-enabled", 2, Some(40));
+        assert_eq!(continuity.receive("module-enabled", 2, 45), 5);
+        // A repeat (a seek back) is not a gap, and the mark follows it.
+        assert_eq!(continuity.receive("module-enabled", 2, 41), 0);
+        assert_eq!(continuity.receive("module-enabled", 2, 42), 0);
+        // Partitions are apart; one resumed from auto.offset.reset starts where it starts.
+        continuity.resume("participant-added", 1, None);
+        assert_eq!(continuity.receive("participant-added", 1, 1_000), 0);
+        assert_eq!(continuity.receive("participant-added", 1, 1_002), 1);
+        // A revoked partition, assigned again later without a mark, starts afresh.
+        continuity.forget("participant-added", 0);
+        assert_eq!(continuity.receive("participant-added", 0, 500), 0);
+        // Never assigned (a message before its assignment was seen): no mark, no gap.
+        assert_eq!(continuity.receive("entitlement-granted", 0, 7), 0);
+    }
+
+    #[test]
+    fn under_kip_848_the_broker_sets_the_heartbeat_and_the_session() {
+        use super::consumer::{consumer_defaults, uses_classic_protocol};
+        let mut settings = Settings::load(None).unwrap();
+        assert!(uses_classic_protocol(&settings));
+        let keys = |settings: &Settings| -> Vec<&'static str> {
+            consumer_defaults(settings, 0)
+                .into_iter()
+                .map(|(key, _)| key)
+                .collect()
+        };
+        assert!(keys(&settings).contains(&"heartbeat.interval.ms"));
+        settings
+            .kafka
+            .properties
+            .insert("group.protocol".into(), "CONSUMER".into());
+        assert!(!uses_classic_protocol(&settings));
+        assert!(!keys(&settings).contains(&"heartbeat.interval.ms"));
+        settings
+            .kafka
+            .properties
+            .insert("group.protocol".into(), "classic".into());
+        assert!(uses_classic_protocol(&settings));
     }
 
     #[test]

@@ -7,9 +7,12 @@
 //! Order holds across failures because librdkafka, not the relay, retries: messages never
 //! time out locally (`message.timeout.ms` 0), and the idempotent producer retries each
 //! partition's messages in their order until the broker takes them. What is left to fail
-//! is a message the broker refuses for good; a dead letter refused as too large is then
-//! replaced by a shorter copy (the relay never wedges on it), and the relay stops sending
-//! behind a failure, so that little goes out ahead of the message sent again.
+//! is a message the broker refuses for good. The idempotent producer then fails the
+//! messages behind it in its partition too (none of them lands ahead of it: the fault
+//! test `the_broker_refusing_messages_for_good_keeps_each_ledger_in_order`), the relay
+//! stops sending behind the failure and sends again from the first row not acknowledged
+//! whole; a dead letter refused as too large is replaced by a shorter copy first, so the
+//! relay never wedges on it.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;

@@ -1,4 +1,4 @@
-//! End-to-end fixtures: a tansu broker with the worker's topics, a test database, the
+//! End-to-end fixtures: Apache Kafka with the worker's topics, a test database, the
 //! scenario's setup delivered, and the final comparison with what the events demand.
 
 use std::time::Duration;
@@ -10,16 +10,18 @@ use rdkafka::producer::DefaultProducerContext;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use super::kafka::Kafka;
 use super::process::WorkerProcess;
 use super::stream::{self, Keys, Outputs, Scenario};
-use super::tansu::Tansu;
 
 pub const DEADLINE: Duration = Duration::from_secs(180);
 
-/// A Kafka-protocol broker: tansu in its own process, or librdkafka's mock cluster in
-/// this one (for faults only it can inject).
+/// The broker of a test: the test binary's Apache Kafka, one of the test's own (to kill or
+/// freeze), or librdkafka's mock cluster in this process (for the request errors only it
+/// can inject).
 pub enum Broker {
-    Tansu(Tansu),
+    Shared(&'static Kafka),
+    Own(Kafka),
     Mock(MockCluster<'static, DefaultProducerContext>),
 }
 
@@ -27,14 +29,24 @@ impl Broker {
     pub fn mock(&self) -> &MockCluster<'static, DefaultProducerContext> {
         match self {
             Broker::Mock(cluster) => cluster,
-            Broker::Tansu(_) => panic!("this test needs the mock cluster"),
+            _ => panic!("this test needs the mock cluster"),
         }
     }
 
-    fn log_dir(&self) -> std::path::PathBuf {
+    /// The test's own Apache Kafka.
+    pub fn own(&mut self) -> &mut Kafka {
         match self {
-            Broker::Tansu(tansu) => tansu.dir.path().to_owned(),
-            Broker::Mock(_) => std::env::temp_dir(),
+            Broker::Own(kafka) => kafka,
+            _ => panic!("this test needs a broker of its own"),
+        }
+    }
+
+    /// The last lines of Apache Kafka's log; nothing for the mock cluster.
+    pub fn tail_of_log(&self) -> String {
+        match self {
+            Broker::Shared(kafka) => kafka.tail_of_log(),
+            Broker::Own(kafka) => kafka.tail_of_log(),
+            Broker::Mock(_) => String::new(),
         }
     }
 }
@@ -56,9 +68,22 @@ impl InProcess {
     }
 }
 
+/// Tests share the PostgreSQL server; one that restarts it holds this for writing, the
+/// others for reading, so it runs alone in its test binary.
+static SERVER: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// A test's hold on the PostgreSQL server (see [`SERVER`]).
+pub enum ServerHold {
+    Shared(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'static, ()>),
+    Exclusive(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'static, ()>),
+}
+
 pub struct Setup {
     pub database: PgPool,
     pub settings: Settings,
+    /// The test's directory: the worker's log.
+    pub dir: tempfile::TempDir,
+    pub server: ServerHold,
     /// Last, so the clients above go before the broker does.
     pub broker: Broker,
 }
@@ -77,22 +102,47 @@ async fn test_pool(settings: &Settings) -> PgPool {
 }
 
 impl Setup {
-    /// A broker with the eight topics (3 partitions each) and a fresh database.
+    /// The test binary's Apache Kafka with the eight topics (3 partitions each, names of
+    /// this test's own) and a fresh database.
     pub async fn new() -> Self {
-        let broker = Tansu::start();
-        let settings = super::settings(&broker.brokers);
-        broker.create_topics(&settings, 3).await;
+        let server = ServerHold::Shared(SERVER.read().await);
+        Self::on(Broker::Shared(Kafka::shared()), server).await
+    }
+
+    /// Like [`Self::new`], on an Apache Kafka of the test's own.
+    pub async fn own_broker() -> Self {
+        let server = ServerHold::Shared(SERVER.read().await);
+        Self::on(Broker::Own(Kafka::start()), server).await
+    }
+
+    /// Like [`Self::new`], with no other test of this binary using PostgreSQL meanwhile.
+    pub async fn exclusive() -> Self {
+        let server = ServerHold::Exclusive(SERVER.write().await);
+        Self::on(Broker::Shared(Kafka::shared()), server).await
+    }
+
+    async fn on(broker: Broker, server: ServerHold) -> Self {
+        let kafka = match &broker {
+            Broker::Shared(kafka) => *kafka,
+            Broker::Own(kafka) => kafka,
+            Broker::Mock(_) => unreachable!("the mock cluster has Setup::mock"),
+        };
+        let settings = super::settings(&kafka.brokers);
+        kafka.create_topics(&settings, 3).await;
         let database = test_pool(&settings).await;
         Self {
-            broker: Broker::Tansu(broker),
+            broker,
             settings,
             database,
+            dir: tempfile::tempdir().expect("the test's directory"),
+            server,
         }
     }
 
     /// librdkafka's mock cluster (one broker, id 1) with the eight topics, 3 partitions
     /// each, and a fresh database.
     pub async fn mock() -> Self {
+        let server = ServerHold::Shared(SERVER.read().await);
         let cluster = MockCluster::new(1).expect("the mock cluster starts");
         let settings = super::settings(&cluster.bootstrap_servers());
         for topic in settings.topics.all() {
@@ -103,32 +153,25 @@ impl Setup {
             broker: Broker::Mock(cluster),
             settings,
             database,
+            dir: tempfile::tempdir().expect("the test's directory"),
+            server,
         }
     }
 
     /// Starts the binary against this broker and database.
     pub fn start_worker(&self) -> WorkerProcess {
-        WorkerProcess::start(&self.settings, &self.broker.log_dir())
+        WorkerProcess::start(&self.settings, self.dir.path())
     }
 
-    /// Kills the worker with SIGKILL, then lets its group session expire before anything
-    /// else happens. tansu 0.6.0 never hands on the partitions of a member whose session
-    /// expires while the group is formed and another member heartbeats: the heartbeat
-    /// path (`missed_heartbeat` in tansu-broker's `coordinator/group/administrator.rs`)
-    /// drops the member but keeps the group formed with the old assignment, so a worker
-    /// restarted at once could hold 10 of the 15 partitions for good. Apache Kafka
-    /// rebalances then. A member that joins after every dead session has expired makes
-    /// tansu re-form the group, so the next worker starts after the session timeout: a
-    /// timeout of the broker's own, with nothing to observe before it passes.
-    pub async fn crash(&self, worker: &mut WorkerProcess) {
+    /// Kills the worker with SIGKILL. The next worker may start at once: Kafka hands the
+    /// dead member's partitions on when its session expires.
+    pub fn crash(&self, worker: &mut WorkerProcess) {
         worker.kill();
-        self.wait_out_session().await;
     }
 
-    /// Waits until the group sessions of members that stopped now have expired.
-    pub async fn wait_out_session(&self) {
-        let session = Duration::from_millis(self.settings.kafka.session_timeout_ms);
-        tokio::time::sleep(session + Duration::from_secs(1)).await;
+    /// The worker's log and the broker's, for a failed wait.
+    pub fn logs(&self, worker: &WorkerProcess) -> String {
+        format!("{}\n{}", worker.tail_of_log(), self.broker.tail_of_log())
     }
 
     /// Starts the worker in this process.
@@ -163,11 +206,11 @@ impl Setup {
 
     /// Waits until `total` messages are applied and the outbox is published.
     pub async fn wait_until_done(&self, total: usize, worker: &WorkerProcess) {
-        self.wait_until_done_or(total, || worker.tail_of_log())
-            .await;
+        self.wait_until_done_or(total, || self.logs(worker)).await;
     }
 
-    /// Like [`Self::wait_until_done`], with `context` printed on failure.
+    /// Like [`Self::wait_until_done`], with `context` (and the broker's log) printed on
+    /// failure.
     pub async fn wait_until_done_or(&self, total: usize, context: impl Fn() -> String) {
         let total = total as i64;
         super::eventually_or(
@@ -178,7 +221,7 @@ impl Setup {
                     && stream::outbox_backlog(&self.database).await == 0)
                     .then_some(())
             },
-            context,
+            || format!("{}\n{}", context(), self.broker.tail_of_log()),
         )
         .await;
     }
@@ -192,17 +235,22 @@ impl Setup {
                 let applied = stream::applied(&self.database).await;
                 (applied >= threshold).then_some(applied)
             },
-            || worker.tail_of_log(),
+            || self.logs(worker),
         )
         .await
     }
 
     /// Waits until at least `threshold` messages are applied by a worker in this process.
     pub async fn wait_for_progress_in_process(&self, threshold: i64) -> i64 {
-        super::eventually("the worker to make progress", DEADLINE, || async {
-            let applied = stream::applied(&self.database).await;
-            (applied >= threshold).then_some(applied)
-        })
+        super::eventually_or(
+            "the worker to make progress",
+            DEADLINE,
+            || async {
+                let applied = stream::applied(&self.database).await;
+                (applied >= threshold).then_some(applied)
+            },
+            || self.broker.tail_of_log(),
+        )
         .await
     }
 

@@ -5,10 +5,10 @@
 use std::time::{Duration, Instant};
 
 pub mod e2e;
+pub mod kafka;
 pub mod oracle;
 pub mod process;
 pub mod stream;
-pub mod tansu;
 
 use entitlement_worker::settings::Settings;
 

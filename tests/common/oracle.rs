@@ -359,9 +359,12 @@ impl Oracle {
     /// Counted participants for seats; 1 for an enabled module.
     pub fn required(&self, workspace: &str, product: &str) -> i64 {
         if product == SEAT {
+            // The participants of `workspace` are one range of the map, keyed by
+            // (workspace, participant): no scan of the others.
             self.latest
-                .iter()
-                .filter(|((held_in, _), latest)| held_in == workspace && latest.counts)
+                .range((workspace.to_owned(), String::new())..)
+                .take_while(|((held_in, _), _)| held_in == workspace)
+                .filter(|(_, latest)| latest.counts)
                 .count() as i64
         } else {
             i64::from(
@@ -386,11 +389,15 @@ impl Oracle {
     pub fn holdings(&self) -> BTreeMap<(String, String), (i64, i64)> {
         let mut keys: BTreeSet<(String, String)> = self.allocated.keys().cloned().collect();
         keys.extend(self.enabled.iter().cloned());
-        keys.extend(
-            self.latest
-                .keys()
-                .map(|(workspace, _)| (workspace.clone(), SEAT.to_owned())),
-        );
+        // One key per workspace with participants (the map is ordered by workspace first):
+        // this runs after every event, so no copy per participant.
+        let mut previous: Option<&str> = None;
+        for (workspace, _) in self.latest.keys() {
+            if previous != Some(workspace.as_str()) {
+                keys.insert((workspace.clone(), SEAT.to_owned()));
+                previous = Some(workspace);
+            }
+        }
         keys.into_iter()
             .map(|(workspace, product)| {
                 let pair = (

@@ -23,15 +23,25 @@ pub fn environment(settings: &Settings, metrics_address: &str) -> Vec<(String, S
 }
 
 impl WorkerProcess {
-    /// Starts `entitlement-worker run` with `settings` given as environment variables, and
-    /// its log appended to `log_dir/worker.log`.
+    /// Starts `entitlement-worker run` with `settings` given as environment variables (and
+    /// `kafka.properties`, which have no variables, in a configuration file), and its log
+    /// appended to `log_dir/worker.log`.
     pub fn start(settings: &Settings, log_dir: &Path) -> Self {
-        Self::start_with(settings, log_dir, &[])
+        if settings.kafka.properties.is_empty() {
+            return Self::start_with(settings, log_dir, &[]);
+        }
+        let config = log_dir.join("kafka-properties.toml");
+        let mut text = String::from("[kafka.properties]\n");
+        for (key, value) in &settings.kafka.properties {
+            text.push_str(&format!("{key:?} = {value:?}\n"));
+        }
+        std::fs::write(&config, text).expect("the configuration file");
+        Self::start_with(settings, log_dir, &["--config", config.to_str().unwrap()])
     }
 
     /// Like [`Self::start`], with extra arguments after `run` (`--config FILE`, say).
     pub fn start_with(settings: &Settings, log_dir: &Path, arguments: &[&str]) -> Self {
-        let metrics_address = format!("127.0.0.1:{}", super::tansu::free_port());
+        let metrics_address = format!("127.0.0.1:{}", super::kafka::free_port());
         let log = log_dir.join("worker.log");
         let file = std::fs::OpenOptions::new()
             .create(true)

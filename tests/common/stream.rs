@@ -300,10 +300,25 @@ pub enum Keys {
     Random,
 }
 
+/// A client of the test's own for the worker's broker: its address and its security
+/// properties (the worker's group settings left out).
+pub fn client_config(settings: &Settings) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &settings.kafka.brokers);
+    for (key, value) in &settings.kafka.properties {
+        if key.starts_with("security.") || key.starts_with("sasl.") || key.starts_with("ssl.") {
+            config.set(key, value);
+        }
+    }
+    config
+}
+
 /// Produces the events (in the given order) and returns how many messages went out.
 pub async fn produce(settings: &Settings, events: &[&Event], keys: Keys) -> usize {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &settings.kafka.brokers)
+    // Idempotent, so that a request retried while the broker is away (frozen, say) is not
+    // written twice: the tests count messages by their offsets.
+    let producer: FutureProducer = client_config(settings)
+        .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .create()
         .expect("a producer");
@@ -365,8 +380,7 @@ impl Outputs {
     /// they are now (call it once the outbox is empty: everything is in the log), and
     /// checks that `ledger_entries` distinct ledger entries were among them.
     pub fn read(settings: &Settings, ledger_entries: usize, deadline: Duration) -> Self {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &settings.kafka.brokers)
+        let consumer: BaseConsumer = client_config(settings)
             .set("group.id", super::unique("reader"))
             .set("enable.auto.commit", "false")
             .create()
@@ -582,6 +596,25 @@ pub async fn check(pool: &PgPool, outputs: &Outputs, expected: &Expected) {
         moved, allocated,
         "transfer entries sum to what each workspace holds"
     );
+
+    // The ledger topic in the order it was read (one partition per organization): a
+    // consumer that drops repeats by id sees each organization's entries gapless and in
+    // sequence order.
+    let mut next_new: HashMap<String, i64> = HashMap::new();
+    let mut seen: BTreeSet<String> = BTreeSet::new();
+    for message in &outputs.ledger {
+        if !seen.insert(message["entry_id"].as_str().unwrap().to_owned()) {
+            continue;
+        }
+        let org = message["org_id"].as_str().unwrap().to_owned();
+        let next = next_new.entry(org).or_insert(1);
+        assert_eq!(
+            message["sequence"].as_i64(),
+            Some(*next),
+            "the ledger topic in order per organization: {message}"
+        );
+        *next += 1;
+    }
 
     // The ledger topic: every entry of the database, under the same id, nothing else.
     let mut published: BTreeMap<String, Value> = BTreeMap::new();
