@@ -1,15 +1,18 @@
 //! The demo: librdkafka's in-process mock cluster as the broker, the real worker against
-//! PostgreSQL, and a short story whose alerts and ledger entries are printed as the
-//! worker publishes them.
+//! PostgreSQL, and a short story told step by step: each step's events are sent, the demo
+//! waits until the worker has committed them and published what they caused, and prints
+//! those outputs under the step's heading (ledger entries in sequence order, then alerts,
+//! then dead letters), read back from the output topics.
 
 use std::future::Future;
 use std::time::Duration;
 
 use chrono::{SecondsFormat, Utc};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -65,14 +68,14 @@ pub async fn run(
     assigned
         .await
         .map_err(|_| anyhow::anyhow!("the worker was not assigned its partitions"))?;
-    let (story_done_sender, story_done) = tokio::sync::oneshot::channel();
-    let watcher = tokio::spawn(watch(settings.clone(), story_done_sender));
-    play_story(&settings).await?;
-
+    let mut outputs = Outputs::new(&settings)?;
+    let database = sqlx::PgPool::connect(&settings.database.url).await?;
+    play_story(&settings, &database, &mut outputs).await?;
+    // The trial is credited and expires by the clock, after the last step.
     tokio::pin!(interrupted);
     tokio::select! {
-        result = tokio::time::timeout(STORY_DEADLINE, story_done) => {
-            if result.is_err() {
+        finished = outputs.print_until_expiry(STORY_DEADLINE) => {
+            if !finished? {
                 println!("\nThe story's last entry did not arrive in time.");
             }
         }
@@ -95,18 +98,26 @@ pub async fn run(
     println!("\nStopping the worker.");
     stop.cancel();
     worker.await??;
-    watcher.abort();
-    // The watcher's consumer must be gone before the broker is: a consumer closing
-    // without its broker waits for it.
-    let _ = watcher.await;
+    // The reader must be gone before the broker is: a consumer closing without its broker
+    // waits for it.
+    drop(outputs);
     drop(cluster);
     Ok(())
 }
 
+/// The demo's own database beside the configured one: `database.url`'s name plus `_demo`.
 fn demo_database_url(url: &str) -> String {
-    match url.rsplit_once('/') {
-        Some((server, _)) => format!("{server}/entitlements_demo"),
-        None => url.to_owned(),
+    let (without_query, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let demo = match without_query.rsplit_once('/') {
+        Some((server, name)) => format!("{server}/{name}_demo"),
+        None => without_query.to_owned(),
+    };
+    match query {
+        Some(query) => format!("{demo}?{query}"),
+        None => demo,
     }
 }
 
@@ -115,15 +126,24 @@ async fn recreate_database(url: &str) -> anyhow::Result<()> {
     use sqlx::{ConnectOptions, Connection};
     use std::str::FromStr;
     let options = sqlx::postgres::PgConnectOptions::from_str(url)?;
+    let name = options
+        .get_database()
+        .ok_or_else(|| anyhow::anyhow!("the demo's database URL names no database"))?
+        .replace('"', "\"\"");
     let mut maintenance = options.clone().database("postgres").connect().await?;
-    sqlx::query("DROP DATABASE IF EXISTS entitlements_demo WITH (FORCE)")
+    // A name cannot be a bound parameter; it is quoted as an identifier.
+    sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
         .execute(&mut maintenance)
         .await?;
     maintenance.close().await?;
     Ok(())
 }
 
-async fn play_story(settings: &Settings) -> anyhow::Result<()> {
+async fn play_story(
+    settings: &Settings,
+    database: &sqlx::PgPool,
+    outputs: &mut Outputs,
+) -> anyhow::Result<()> {
     let producer: FutureProducer = crate::kafka::client_config(&settings.kafka).create()?;
     let topics = &settings.topics;
     let mut next = 0;
@@ -214,6 +234,7 @@ async fn play_story(settings: &Settings) -> anyhow::Result<()> {
             vec![(topics.entitlement_granted.clone(), event(json!({"org_id": "acme", "product": "seat", "quantity": 3, "valid_from": trial_start.to_rfc3339_opts(SecondsFormat::Millis, true), "expires_at": (trial_start + chrono::Duration::seconds(TRIAL_SECONDS)).to_rfc3339_opts(SecondsFormat::Millis, true), "source": {"kind": "trial", "reference": "TRIAL-1"}})))],
         ),
     ];
+    let mut produced: i64 = 0;
     for (title, _, messages) in steps {
         println!("\n== {title}");
         for (topic, message) in messages {
@@ -233,25 +254,147 @@ async fn play_story(settings: &Settings) -> anyhow::Result<()> {
                 )
                 .await
                 .map_err(|(error, _)| error)?;
+            produced += 1;
         }
+        wait_until_published(database, produced).await?;
+        outputs.print_caught_up()?;
         tokio::time::sleep(STEP_PAUSE).await;
     }
     Ok(())
 }
 
-/// Prints what the worker publishes; signals when the trial's expiry entry appears.
-async fn watch(settings: Settings, done: tokio::sync::oneshot::Sender<()>) -> anyhow::Result<()> {
-    let consumer: StreamConsumer = crate::kafka::client_config(&settings.kafka)
-        .set("group.id", "entitlement-demo-watcher")
-        .set("auto.offset.reset", "earliest")
-        .create()?;
-    let topics = &settings.topics;
-    consumer.subscribe(&[&topics.ledger, &topics.shortfalls, &topics.dlq])?;
-    let mut done = Some(done);
+/// Waits until the worker has committed the first `produced` inputs and the relay has
+/// published everything committed.
+async fn wait_until_published(database: &sqlx::PgPool, produced: i64) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     loop {
-        let message = consumer.recv().await?;
-        let payload = message.payload().unwrap_or_default();
-        if message.topic() == topics.ledger {
+        let (applied, waiting): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets),
+                    (SELECT count(*) FROM outbox)",
+        )
+        .fetch_one(database)
+        .await?;
+        if applied >= produced && waiting == 0 {
+            return Ok(());
+        }
+        if started.elapsed() > STORY_DEADLINE {
+            anyhow::bail!(
+                "the worker did not commit and publish the story's step in {} s",
+                STORY_DEADLINE.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A reader of the three output topics from their start, printing what it reads.
+struct Outputs {
+    consumer: BaseConsumer,
+    topics: crate::settings::TopicSettings,
+    /// Whether the trial's expiry entry was printed: the story's last entry.
+    expired: bool,
+}
+
+/// One output, as the demo prints it, with what orders it within a step.
+struct Printed {
+    /// 0 for ledger entries, 1 for alerts, 2 for dead letters.
+    rank: u8,
+    /// The organization and the entry's sequence (ledger entries only).
+    sequence: (String, i64),
+    line: String,
+    expiry: bool,
+}
+
+impl Outputs {
+    fn new(settings: &Settings) -> anyhow::Result<Self> {
+        let consumer: BaseConsumer = crate::kafka::client_config(&settings.kafka)
+            .set("group.id", "entitlement-demo-reader")
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let topics = settings.topics.clone();
+        let mut assignment = TopicPartitionList::new();
+        for topic in [&topics.ledger, &topics.shortfalls, &topics.dlq] {
+            let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+            for partition in metadata
+                .topics()
+                .iter()
+                .flat_map(|topic| topic.partitions())
+            {
+                assignment.add_partition_offset(topic, partition.id(), Offset::Beginning)?;
+            }
+        }
+        consumer.assign(&assignment)?;
+        Ok(Self {
+            consumer,
+            topics,
+            expired: false,
+        })
+    }
+
+    /// Reads every output published so far (up to each partition's high watermark now)
+    /// and prints it in causal order: ledger entries by sequence, then alerts, then dead
+    /// letters.
+    fn print_caught_up(&mut self) -> anyhow::Result<()> {
+        let mut ends = Vec::new();
+        let assignment = self.consumer.assignment()?;
+        for element in assignment.elements() {
+            let (_, high) = self.consumer.fetch_watermarks(
+                element.topic(),
+                element.partition(),
+                Duration::from_secs(10),
+            )?;
+            ends.push((element.topic().to_owned(), element.partition(), high));
+        }
+        let mut printed = Vec::new();
+        let started = std::time::Instant::now();
+        loop {
+            let position = self.consumer.position()?;
+            let behind = ends.iter().any(|(topic, partition, high)| {
+                let at = match position
+                    .find_partition(topic, *partition)
+                    .map(|element| element.offset())
+                {
+                    Some(Offset::Offset(at)) => at,
+                    _ => 0,
+                };
+                at < *high
+            });
+            if !behind {
+                break;
+            }
+            if started.elapsed() > STORY_DEADLINE {
+                anyhow::bail!("the outputs could not be read back from the broker");
+            }
+            if let Some(message) = self.consumer.poll(Duration::from_millis(100)) {
+                let message = message?;
+                printed
+                    .push(self.describe(message.topic(), message.payload().unwrap_or_default())?);
+            }
+        }
+        printed.sort_by(|a, b| (a.rank, &a.sequence).cmp(&(b.rank, &b.sequence)));
+        for output in printed {
+            self.expired |= output.expiry;
+            println!("{}", output.line);
+        }
+        Ok(())
+    }
+
+    /// Prints what the clock publishes until the trial's expiry entry has been printed;
+    /// false if `deadline` passed first.
+    async fn print_until_expiry(&mut self, deadline: Duration) -> anyhow::Result<bool> {
+        let started = std::time::Instant::now();
+        while !self.expired {
+            if started.elapsed() > deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            self.print_caught_up()?;
+        }
+        Ok(true)
+    }
+
+    fn describe(&self, topic: &str, payload: &[u8]) -> anyhow::Result<Printed> {
+        if topic == self.topics.ledger {
             let entry: LedgerMessage = serde_json::from_slice(payload)?;
             let place = entry
                 .workspace_id
@@ -263,34 +406,60 @@ async fn watch(settings: Settings, done: tokio::sync::oneshot::Sender<()>) -> an
                 .as_deref()
                 .map(|actor| format!(" by {actor}"))
                 .unwrap_or_default();
-            println!(
-                "   ledger   {} #{:<3} {:<15} {:>3} {}{place}{actor}; pool now {}",
-                entry.org_id,
-                entry.sequence,
-                entry.kind,
-                entry.quantity,
-                entry.product,
-                entry.pool_available_after
-            );
-            if entry.kind == "expiry" {
-                if let Some(done) = done.take() {
-                    let _ = done.send(());
-                }
-            }
-        } else if message.topic() == topics.shortfalls {
+            Ok(Printed {
+                rank: 0,
+                sequence: (entry.org_id.clone(), entry.sequence),
+                line: format!(
+                    "   ledger   {} #{:<3} {:<15} {:>3} {}{place}{actor}; pool now {}",
+                    entry.org_id,
+                    entry.sequence,
+                    entry.kind,
+                    entry.quantity,
+                    entry.product,
+                    entry.pool_available_after
+                ),
+                expiry: entry.kind == "expiry",
+            })
+        } else if topic == self.topics.shortfalls {
             let alert: AlertMessage = serde_json::from_slice(payload)?;
-            println!(
-                "   ALERT    {} {} {}: {} missing (required {}, allocated {})",
-                alert.status.to_uppercase(),
-                alert.workspace_id,
-                alert.product,
-                alert.missing,
-                alert.required,
-                alert.allocated
-            );
+            Ok(Printed {
+                rank: 1,
+                sequence: (String::new(), 0),
+                line: format!(
+                    "   ALERT    {} {} {}: {} missing (required {}, allocated {})",
+                    alert.status.to_uppercase(),
+                    alert.workspace_id,
+                    alert.product,
+                    alert.missing,
+                    alert.required,
+                    alert.allocated
+                ),
+                expiry: false,
+            })
         } else {
             let letter: DeadLetterMessage = serde_json::from_slice(payload)?;
-            println!("   DLQ      {}: {}", letter.reason, letter.detail);
+            Ok(Printed {
+                rank: 2,
+                sequence: (String::new(), 0),
+                line: format!("   DLQ      {}: {}", letter.reason, letter.detail),
+                expiry: false,
+            })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_demo_uses_a_database_of_its_own_beside_the_configured_one() {
+        use super::demo_database_url;
+        assert_eq!(
+            demo_database_url("postgres://postgres:pw@127.0.0.1:5432/entitlements"),
+            "postgres://postgres:pw@127.0.0.1:5432/entitlements_demo"
+        );
+        assert_eq!(
+            demo_database_url("postgres://db:5432/ents?sslmode=require"),
+            "postgres://db:5432/ents_demo?sslmode=require"
+        );
     }
 }

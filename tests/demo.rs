@@ -1,0 +1,149 @@
+//! The demo as a newcomer runs it (`entitlement-worker demo`): each step's outputs are
+//! printed under its own heading, in causal order, whatever the machine's speed.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The demo's output, split into (heading, lines under it).
+fn steps(output: &str) -> Vec<(String, Vec<String>)> {
+    let mut steps: Vec<(String, Vec<String>)> = Vec::new();
+    for line in output.lines() {
+        if let Some(heading) = line.strip_prefix("== ") {
+            steps.push((heading.to_owned(), Vec::new()));
+        } else if let Some((_, lines)) = steps.last_mut() {
+            if line.starts_with("   ") {
+                lines.push(line.trim().to_owned());
+            }
+        }
+    }
+    steps
+}
+
+fn step<'a>(steps: &'a [(String, Vec<String>)], starts: &str) -> &'a [String] {
+    &steps
+        .iter()
+        .find(|(heading, _)| heading.starts_with(starts))
+        .unwrap_or_else(|| panic!("a step \"{starts}...\""))
+        .1
+}
+
+fn position(lines: &[String], what: &str) -> usize {
+    lines
+        .iter()
+        .position(|line| line.contains(what))
+        .unwrap_or_else(|| panic!("\"{what}\" among {lines:#?}"))
+}
+
+#[test]
+fn the_demo_prints_each_steps_effects_under_it_in_the_order_they_happened() {
+    let database = format!("{}/{}", common::server_url(), common::unique("demo"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_entitlement-worker"))
+        .arg("demo")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("ENTITLEMENTS__DATABASE__URL", &database)
+        .env("ENTITLEMENTS__METRICS__LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the demo starts");
+    let started = Instant::now();
+    let limit = Duration::from_secs(240);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("the demo's status") {
+            break status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            panic!("the demo did not end within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let output = child.wait_with_output().expect("the demo's output");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        status.success(),
+        "the demo exits 0: {status}\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        !stdout.contains("did not arrive in time"),
+        "the story ends:\n{stdout}"
+    );
+    let steps = steps(&stdout);
+    assert_eq!(steps.len(), 12, "twelve steps:\n{stdout}");
+
+    let plan = step(&steps, "acme buys a plan with 10 seats");
+    assert_eq!(plan.len(), 1, "{plan:#?}");
+    assert!(
+        plan[0].contains("grant") && plan[0].contains("pool now 10"),
+        "{plan:#?}"
+    );
+
+    let join = step(&steps, "12 participants join");
+    let transfers = join
+        .iter()
+        .filter(|line| line.contains(" transfer "))
+        .count();
+    assert_eq!(transfers, 10, "ten seats move: {join:#?}");
+    let open = position(join, "ALERT    OPEN summit-2026 seat: 2 missing");
+    assert_eq!(
+        open,
+        join.len() - 1,
+        "the alert follows the transfers: {join:#?}"
+    );
+
+    let cancel = step(&steps, "p-0003 cancels without ever activating");
+    assert!(
+        cancel
+            .iter()
+            .any(|line| line.contains("OPEN summit-2026 seat: 1 missing")),
+        "{cancel:#?}"
+    );
+    assert!(
+        step(&steps, "p-0005 cancels after activating").is_empty(),
+        "an activated cancellation changes nothing"
+    );
+
+    let add_on = step(&steps, "acme buys an add-on of 5 seats");
+    let grant = position(add_on, " grant ");
+    let transfer = position(add_on, " transfer ");
+    let resolved = position(add_on, "ALERT    RESOLVED summit-2026 seat");
+    assert!(
+        grant < transfer && transfer < resolved,
+        "the add-on's grant, then the transfer, then the resolved alert: {add_on:#?}"
+    );
+
+    let viewer = step(&steps, "A viewer tries to transfer the module");
+    assert!(
+        viewer
+            .iter()
+            .any(|line| line.contains("DLQ      forbidden")),
+        "{viewer:#?}"
+    );
+    let manager = step(&steps, "The entitlement manager transfers it");
+    let moved = position(manager, "manual_transfer");
+    let resolved = position(manager, "RESOLVED summit-2026 gamification");
+    assert!(moved < resolved, "{manager:#?}");
+    let globex = step(&steps, "globex names summit-2026");
+    assert!(
+        globex
+            .iter()
+            .any(|line| line.contains("DLQ      tenant_mismatch")),
+        "{globex:#?}"
+    );
+    let not_json = step(&steps, "A message that is not JSON");
+    assert!(
+        not_json.iter().any(|line| line.starts_with("DLQ")),
+        "{not_json:#?}"
+    );
+
+    let trial = step(&steps, "acme gets a trial of 3 seats");
+    let credited = position(trial, " grant ");
+    let expired = position(trial, " expiry ");
+    assert!(credited < expired, "credited, then expired: {trial:#?}");
+}
