@@ -513,20 +513,27 @@ async fn the_broker_down_for_a_while_then_back_loses_and_doubles_nothing() {
     );
 }
 
-/// Row: the outbox publisher failing for a while (every produce request refused).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_outbox_publisher_failing_for_a_while_keeps_the_effects_and_publishes_later() {
+/// The mock cluster with the scenario `seed`'s setup applied by a worker that then
+/// stopped, and its stream produced, waiting for the next worker; returns the total of
+/// messages. The module grant that manual transfers need is applied first (the scenario's
+/// rule: a request that finds the pool empty is refused, so its order would matter).
+async fn mock_with_stream_waiting(seed: u64) -> (Setup, stream::Scenario, usize) {
     let mut setup = Setup::mock().await;
     setup.settings.batch.max_messages = FAULT_BATCH;
-    let scenario = stream::scenario(25, knob("FAULT_SCALE", 4));
-    // The module grant that manual transfers need is applied first (the scenario's rule:
-    // a request that finds the pool empty is refused, so its order would matter).
+    let scenario = stream::scenario(seed, knob("FAULT_SCALE", 4));
     let setup_events: Vec<_> = scenario.setup.iter().collect();
     let before = stream::produce(&setup.settings, &setup_events, Keys::ByOrganization).await;
     let first = setup.start_in_process().await;
     setup.wait_until_done_or(before, String::new).await;
     first.stop().await;
     let total = deliver(&setup, &scenario, before).await;
+    (setup, scenario, total)
+}
+
+/// Row: the outbox publisher failing for a while (every produce request refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_publisher_failing_for_a_while_keeps_the_effects_and_publishes_later() {
+    let (setup, scenario, total) = mock_with_stream_waiting(25).await;
     // The inputs are in; from now on every produce request fails for a while.
     let errors = 300;
     setup.broker.mock().request_errors(
@@ -572,15 +579,7 @@ async fn the_outbox_publisher_failing_for_a_while_keeps_the_effects_and_publishe
 /// organization (`stream::check`) and nothing is lost or doubled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_refusing_messages_for_good_keeps_each_ledger_in_order() {
-    let mut setup = Setup::mock().await;
-    setup.settings.batch.max_messages = FAULT_BATCH;
-    let scenario = stream::scenario(27, knob("FAULT_SCALE", 4));
-    let setup_events: Vec<_> = scenario.setup.iter().collect();
-    let before = stream::produce(&setup.settings, &setup_events, Keys::ByOrganization).await;
-    let first = setup.start_in_process().await;
-    setup.wait_until_done_or(before, String::new).await;
-    first.stop().await;
-    let total = deliver(&setup, &scenario, before).await;
+    let (setup, scenario, total) = mock_with_stream_waiting(27).await;
     // Every fourth produce request of the next 400 is refused with an error the producer
     // takes as final.
     let refusals = 100;

@@ -228,20 +228,17 @@ impl Setup {
 
     /// Waits until at least `threshold` messages are applied; returns how many are.
     pub async fn wait_for_progress(&self, threshold: i64, worker: &WorkerProcess) -> i64 {
-        super::eventually_or(
-            "the worker to make progress",
-            DEADLINE,
-            || async {
-                let applied = stream::applied(&self.database).await;
-                (applied >= threshold).then_some(applied)
-            },
-            || self.logs(worker),
-        )
-        .await
+        self.wait_for_progress_or(threshold, || self.logs(worker))
+            .await
     }
 
     /// Waits until at least `threshold` messages are applied by a worker in this process.
     pub async fn wait_for_progress_in_process(&self, threshold: i64) -> i64 {
+        self.wait_for_progress_or(threshold, || self.broker.tail_of_log())
+            .await
+    }
+
+    async fn wait_for_progress_or(&self, threshold: i64, context: impl Fn() -> String) -> i64 {
         super::eventually_or(
             "the worker to make progress",
             DEADLINE,
@@ -249,7 +246,7 @@ impl Setup {
                 let applied = stream::applied(&self.database).await;
                 (applied >= threshold).then_some(applied)
             },
-            || self.broker.tail_of_log(),
+            context,
         )
         .await
     }
