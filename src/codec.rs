@@ -190,10 +190,30 @@ fn bounded_detail(detail: String) -> String {
     }
 }
 
-fn decode_value(kind: InputKind, value: serde_json::Value) -> Result<Command, String> {
-    if !value.is_object() {
-        return Err("The message is JSON but not an object.".into());
+/// The fields each input has (beyond `event_id`, `occurred_at` and `org_id`); any other
+/// field is ignored, whatever its value, as the contract says, even one another input
+/// has (a `quantity` on a participant event is not looked at).
+fn fields_of(kind: InputKind) -> &'static [&'static str] {
+    match kind {
+        InputKind::ParticipantAdded => &["workspace_id", "participant_id"],
+        InputKind::ParticipantCancelled => &["workspace_id", "participant_id", "activated"],
+        InputKind::ModuleEnabled => &["workspace_id", "module"],
+        InputKind::EntitlementGranted => {
+            &["product", "quantity", "valid_from", "expires_at", "source"]
+        }
+        InputKind::TransferRequested => &["workspace_id", "product", "quantity", "requested_by"],
     }
+}
+
+fn decode_value(kind: InputKind, mut value: serde_json::Value) -> Result<Command, String> {
+    let Some(object) = value.as_object_mut() else {
+        return Err("The message is JSON but not an object.".into());
+    };
+    let fields = fields_of(kind);
+    object.retain(|key, _| {
+        matches!(key.as_str(), "event_id" | "occurred_at" | "org_id")
+            || fields.contains(&key.as_str())
+    });
     let raw: RawEnvelope = serde_json::from_value(value)
         .map_err(|error| format!("The message does not match its schema: {error}."))?;
     let event_id = identifier("event_id", &raw.event_id, EventId::parse)?;

@@ -82,6 +82,71 @@ fn the_decoder_accepts_the_valid_input_examples_and_refuses_the_invalid_ones() {
     }
 }
 
+/// Fields an input does not have are ignored, whatever their values, even when another
+/// input has a field of that name: the schema accepts them, and so does the decoder,
+/// deciding exactly as without them.
+#[test]
+fn fields_of_other_inputs_are_ignored_whatever_their_values() {
+    const ALL_FIELDS: [&str; 10] = [
+        "workspace_id",
+        "participant_id",
+        "activated",
+        "module",
+        "product",
+        "quantity",
+        "valid_from",
+        "expires_at",
+        "source",
+        "requested_by",
+    ];
+    for (topic, kind) in INPUTS {
+        let validator = schema(topic);
+        for (name, bytes) in examples(topic) {
+            if !name.starts_with("valid-") {
+                continue;
+            }
+            let mut instance: Value = serde_json::from_slice(&bytes).unwrap();
+            let plain = codec::decode(kind, Some(&bytes)).expect("a valid example decodes");
+            let object = instance.as_object_mut().unwrap();
+            let mut added = Vec::new();
+            for field in ALL_FIELDS {
+                if !object.contains_key(field) && !own_field(kind, field) {
+                    // An array is the wrong type for every field of every input.
+                    object.insert(field.into(), serde_json::json!(["not", "this", "type"]));
+                    added.push(field);
+                }
+            }
+            assert!(
+                validator.is_valid(&instance),
+                "{topic}/{name}: the schema ignores {added:?}"
+            );
+            let decoded = codec::decode(kind, Some(instance.to_string().as_bytes()))
+                .unwrap_or_else(|rejection| {
+                    panic!("{topic}/{name} with {added:?}: refused: {rejection:?}")
+                });
+            assert_eq!(
+                format!("{decoded:?}"),
+                format!("{plain:?}"),
+                "{topic}/{name}: {added:?} change nothing"
+            );
+        }
+    }
+}
+
+/// Whether `field` is one of `kind`'s own (as the contract lists them).
+fn own_field(kind: InputKind, field: &str) -> bool {
+    let own: &[&str] = match kind {
+        InputKind::ParticipantAdded => &["workspace_id", "participant_id"],
+        InputKind::ParticipantCancelled => &["workspace_id", "participant_id", "activated"],
+        InputKind::ModuleEnabled => &["workspace_id", "module"],
+        InputKind::EntitlementGranted => {
+            &["product", "quantity", "valid_from", "expires_at", "source"]
+        }
+        InputKind::TransferRequested => &["workspace_id", "product", "quantity", "requested_by"],
+    };
+    own.contains(&field)
+}
+
 #[test]
 fn the_messages_the_worker_publishes_validate() {
     use entitlement_worker::domain::*;
