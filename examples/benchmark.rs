@@ -7,8 +7,8 @@
 //!
 //! What it does, in order:
 //!
-//! 1. starts its own `tansu` broker (memory storage, a free port, a temporary directory)
-//!    and creates the eight topics;
+//! 1. starts its own Apache Kafka broker (one KRaft node run by `scripts/kafka-broker.sh`,
+//!    on free ports, its data in a temporary directory) and creates the eight topics;
 //! 2. generates a seeded, realistic stream (many organizations, heavy-tailed workspace
 //!    sizes, joins and cancellations, modules, grants and refills, manual transfers) and
 //!    loads it into the broker, measuring the produce rate;
@@ -18,14 +18,14 @@
 //!    until every message is applied and the outbox is empty;
 //! 5. repeats 4 with many participants already stored (`--stored`);
 //! 6. restarts the worker on the first database, caught up, and measures input -> alert
-//!    latency at a steady offered rate;
+//!    latency at a steady offered rate (on the same Kafka, or librdkafka's mock cluster);
 //! 7. prints a table and writes the same figures as JSON (`--json`).
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,9 +43,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Message};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{
-    BaseProducer, BaseRecord, DefaultProducerContext, Producer, ProducerContext,
-};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
 use serde_json::{json, Value};
@@ -84,13 +82,11 @@ struct Args {
     /// Duration of the latency phase; 0 skips it.
     #[arg(long, default_value_t = 30)]
     latency_seconds: u64,
-    /// The broker of the latency phase: librdkafka's mock cluster in this process (the
-    /// default: the one broker here whose own round trip stays flat at 2,000 messages/s
-    /// over 30 s), the main tansu (memory storage, whose fetch cost grows with the
-    /// batches stored), or a second tansu storing in SQLite (whose produce path cannot
-    /// take 2,000 requests a second).
-    #[arg(long, value_enum, default_value_t = LatencyStorage::Mock)]
-    latency_storage: LatencyStorage,
+    /// The broker of the latency phase: the main Apache Kafka, which holds the stream, on
+    /// the main topics (the default), or librdkafka's mock cluster in this process, on
+    /// topics of its own. `--latency-storage` is an old name of this option.
+    #[arg(long, alias = "latency-storage", value_enum, default_value_t = LatencyBroker::Kafka)]
+    latency_broker: LatencyBroker,
     /// `linger.ms` of the latency phase's producer: how long it gathers messages into one
     /// produce request (librdkafka's default is 5). Its wait counts in every latency.
     #[arg(long, default_value_t = 5)]
@@ -111,9 +107,6 @@ struct Args {
     /// The worker binary (default: target/release/entitlement-worker).
     #[arg(long)]
     worker_bin: Option<PathBuf>,
-    /// The tansu binary (default: $TANSU, else ~/.cargo/bin/tansu, else tansu on the PATH).
-    #[arg(long)]
-    tansu: Option<PathBuf>,
     /// Overrides batch.max_messages for the worker (default: the worker's default).
     #[arg(long)]
     batch_max_messages: Option<usize>,
@@ -206,7 +199,8 @@ struct Bench<'a> {
     inputs: TopicSettings,
     run_id: String,
     log_dir: PathBuf,
-    tansu_pid: u32,
+    /// The main broker's process id (the JVM), for the CPU accounting.
+    kafka_pid: u32,
     clock_ticks: f64,
 }
 
@@ -225,11 +219,22 @@ async fn bench(
         phases.push((name.to_owned(), phase.elapsed().as_secs_f64()));
         phase = Instant::now();
     };
-    let tansu = Tansu::start(args.tansu.clone(), Storage::Memory)?;
+    let log_dir = args
+        .json
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(format!("logs-{run_id}"));
+    std::fs::create_dir_all(&log_dir)?;
+    let log_dir = std::fs::canonicalize(&log_dir)?;
+    println!("worker and broker logs go to {}", log_dir.display());
+    let kafka = Kafka::start(&log_dir)?;
     println!(
-        "tansu listens on {} (memory storage, directory {})",
-        tansu.brokers,
-        tansu.dir.path().display()
+        "Apache Kafka {} listens on {} (pid {}, heap {KAFKA_HEAP}, data in {}); serving after {:.1} s",
+        kafka_version(),
+        kafka.brokers,
+        kafka.pid,
+        kafka.dir.path().display(),
+        kafka.startup_seconds
     );
     let mut inputs = Settings::load(None)?.topics;
     for name in [
@@ -241,24 +246,17 @@ async fn bench(
     ] {
         *name = format!("bench-{run_id}-{name}");
     }
-    let log_dir = args
-        .json
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join(format!("logs-{run_id}"));
-    std::fs::create_dir_all(&log_dir)?;
-    println!("worker logs go to {}", log_dir.display());
     // A copy of the binary, so that a rebuild during the benchmark cannot mix versions.
-    let worker_copy = tansu.dir.path().join("entitlement-worker");
+    let worker_copy = kafka.dir.path().join("entitlement-worker");
     std::fs::copy(worker_bin, &worker_copy).context("copying the worker binary")?;
     let bench = Bench {
         args,
         worker_bin: worker_copy,
-        brokers: tansu.brokers.clone(),
+        brokers: kafka.brokers.clone(),
         inputs,
         run_id,
         log_dir: log_dir.clone(),
-        tansu_pid: tansu.child.id(),
+        kafka_pid: kafka.pid,
         clock_ticks: clock_ticks(),
     };
     let main_settings = bench.run_settings("main", &format!("bench_{}_main", bench.run_id));
@@ -413,7 +411,7 @@ async fn bench(
     } else {
         None
     };
-    drop(tansu);
+    drop(kafka);
     Ok(Report {
         args: args.clone(),
         facts: facts.clone(),
@@ -509,7 +507,7 @@ impl Bench<'_> {
         let mut timeline = Vec::new();
         let meter_stop = Arc::new(AtomicBool::new(false));
         let meter = meter_in_background(
-            CpuMeter::new(pid, self.tansu_pid, self.clock_ticks),
+            CpuMeter::new(pid, self.kafka_pid, self.clock_ticks),
             meter_stop.clone(),
         );
         let wal_start = wal_bytes(&pool).await;
@@ -615,45 +613,30 @@ impl Bench<'_> {
     async fn latency(&self, main: &Settings, main_total: i64) -> anyhow::Result<LatencyResult> {
         let mut settings = main.clone();
         settings.kafka.group_id = format!("{}-latency", main.kafka.group_id);
-        // On a broker of its own the phase has topics of its own; the main database keeps
-        // its state and its offsets of the main topics, and starts the new ones at 0.
-        let own_broker = match self.args.latency_storage {
-            LatencyStorage::Memory => None,
-            LatencyStorage::Sqlite => Some(OwnBroker::Tansu(Tansu::start(
-                self.args.tansu.clone(),
-                Storage::Sqlite,
-            )?)),
-            LatencyStorage::Mock => Some(OwnBroker::Mock(MockCluster::new(1)?)),
+        // On the mock cluster the phase has topics of its own; the main database keeps its
+        // state and its offsets of the main topics, and starts the new ones at 0.
+        let mock = match self.args.latency_broker {
+            LatencyBroker::Kafka => None,
+            LatencyBroker::Mock => Some(MockCluster::new(1)?),
         };
-        // The mock cluster runs in this process: its time counts as the harness's.
-        let (brokers, tansu_pid) = match &own_broker {
-            Some(OwnBroker::Tansu(tansu)) => (tansu.brokers.clone(), tansu.child.id()),
-            Some(OwnBroker::Mock(cluster)) => (cluster.bootstrap_servers(), 0),
-            None => (self.brokers.clone(), self.tansu_pid),
+        // The mock cluster runs in this process: its time counts as the harness's (and
+        // the main Kafka's, idle then, as "kafka").
+        let brokers = match &mock {
+            Some(cluster) => cluster.bootstrap_servers(),
+            None => self.brokers.clone(),
         };
-        if let Some(broker) = &own_broker {
+        if let Some(cluster) = &mock {
             settings.kafka.brokers = brokers.clone();
             settings.topics.add_suffix("latency");
-            match broker {
-                OwnBroker::Tansu(_) => entitlement_worker::kafka::admin::create_topics(
-                    &settings.kafka,
-                    &settings.topics,
-                    self.args.partitions,
-                )
-                .await
-                .context("creating the latency phase's topics")?,
-                OwnBroker::Mock(cluster) => {
-                    for topic in settings.topics.all() {
-                        cluster
-                            .create_topic(topic, self.args.partitions, 1)
-                            .context("creating the latency phase's topics")?;
-                    }
-                }
+            for topic in settings.topics.all() {
+                cluster
+                    .create_topic(topic, self.args.partitions, 1)
+                    .context("creating the latency phase's topics")?;
             }
         }
         println!(
-            "latency: broker {brokers} ({} storage)",
-            self.args.latency_storage.name()
+            "latency: broker {brokers} ({})",
+            self.args.latency_broker.name()
         );
         let input_topic = settings.topics.participant_added.clone();
         let pool = monitor_pool(&settings.database.url).await?;
@@ -686,10 +669,10 @@ impl Bench<'_> {
         }
         wait_until(&pool, &worker, main_total + workspaces as i64, wait).await?;
 
-        // The reader reads the shortfall topic and the input topic from their beginning
-        // (tansu's memory storage reports wrong watermarks, so "the end" cannot be asked
-        // for) and is caught up before anything is produced; only "lat-" inputs and the
-        // alerts they caused are kept.
+        // The reader reads the shortfall topic and the input topic from their high
+        // watermarks, asked for once the warm-up is applied and its alerts published, so
+        // it reads only what comes after; only "lat-" inputs and the alerts they caused
+        // are kept.
         let stop = Arc::new(AtomicBool::new(false));
         let reader_count = Arc::new(AtomicU64::new(0));
         let reader = {
@@ -701,9 +684,13 @@ impl Bench<'_> {
                 .create()?;
             let alert_topic = settings.topics.shortfalls.clone();
             let mut assignment = TopicPartitionList::new();
-            for partition in 0..self.args.partitions {
-                assignment.add_partition_offset(&alert_topic, partition, Offset::Beginning)?;
-                assignment.add_partition_offset(&input_topic, partition, Offset::Beginning)?;
+            for topic in [&alert_topic, &input_topic] {
+                for partition in 0..self.args.partitions {
+                    let (_, high) = consumer
+                        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+                        .with_context(|| format!("the high watermark of {topic}[{partition}]"))?;
+                    assignment.add_partition_offset(topic, partition, Offset::Offset(high))?;
+                }
             }
             consumer.assign(&assignment)?;
             let stop = stop.clone();
@@ -734,7 +721,7 @@ impl Bench<'_> {
                 (alerts, inputs)
             })
         };
-        // Caught up: nothing new read for 2 s.
+        // Settled before anything is produced: its fetches going, nothing read for 2 s.
         let mut last = (u64::MAX, Instant::now());
         loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -746,12 +733,14 @@ impl Bench<'_> {
             }
         }
         let read_before = reader_count.load(Ordering::SeqCst);
-        println!("latency: the reader is caught up ({read_before} earlier messages skipped)");
+        println!(
+            "latency: the reader is at the end of both topics ({read_before} messages read before the sending)"
+        );
 
         let checkpoints_start = checkpoints(&pool).await;
         let meter_stop = Arc::new(AtomicBool::new(false));
         let meter = meter_in_background(
-            CpuMeter::new(pid, tansu_pid, self.clock_ticks),
+            CpuMeter::new(pid, self.kafka_pid, self.clock_ticks),
             meter_stop.clone(),
         );
         let paced = {
@@ -785,7 +774,7 @@ impl Bench<'_> {
         let (exit, _) = worker.terminate(Duration::from_secs(60));
         let log = scan_log(&worker.log);
         pool.close().await;
-        drop(own_broker);
+        drop(mock);
 
         let seconds = self.args.latency_seconds as usize;
         let sent: Vec<Option<Instant>> = paced.sent.iter().copied().map(Some).collect();
@@ -796,7 +785,7 @@ impl Bench<'_> {
             }
         }
         Ok(LatencyResult {
-            storage: self.args.latency_storage,
+            on: self.args.latency_broker,
             offered_rate: rate,
             produced: count as u64,
             produce_seconds: paced.seconds,
@@ -1552,6 +1541,10 @@ fn plain_consumer(
     }
     let seconds = started.elapsed().as_secs_f64();
     std::hint::black_box(bytes);
+    // Fetching no more: otherwise each watermark request waits on the connection behind
+    // a fetch the broker holds for up to `fetch.wait.max.ms` (500 ms), 15 s for 30
+    // partitions.
+    consumer.unassign()?;
     let (after, each) = watermarks(&consumer)?;
     if before != target as i64 || after != target as i64 {
         let mut read: Vec<String> = read
@@ -1803,130 +1796,219 @@ fn redact(url: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------------------
-// Processes: tansu and the worker
+// Processes: Apache Kafka and the worker
 // ---------------------------------------------------------------------------------------
 
-/// The broker of the latency phase (`--latency-storage`).
+/// The broker of the latency phase (`--latency-broker`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum LatencyStorage {
-    /// The main tansu, memory storage, holding the stream.
-    Memory,
-    /// A second tansu of its own, SQLite storage.
-    Sqlite,
-    /// librdkafka's mock cluster, in the harness's process.
+enum LatencyBroker {
+    /// The main Apache Kafka, holding the stream, on the main topics.
+    Kafka,
+    /// librdkafka's mock cluster, in the harness's process, on topics of its own.
     Mock,
 }
 
-impl LatencyStorage {
+impl LatencyBroker {
     fn name(self) -> &'static str {
         match self {
-            LatencyStorage::Memory => "memory",
-            LatencyStorage::Sqlite => "sqlite",
-            LatencyStorage::Mock => "mock",
+            LatencyBroker::Kafka => "kafka",
+            LatencyBroker::Mock => "mock",
         }
     }
 
     fn description(self) -> &'static str {
         match self {
-            LatencyStorage::Memory => "the main tansu, memory storage, holding the stream",
-            LatencyStorage::Sqlite => "a second tansu of its own, sqlite storage",
-            LatencyStorage::Mock => {
+            LatencyBroker::Kafka => "the main Apache Kafka, holding the stream, on the main topics",
+            LatencyBroker::Mock => {
                 "librdkafka's mock cluster of its own, in the harness's process (its CPU counts as the harness's)"
             }
         }
     }
 }
 
-/// A broker the latency phase starts for itself, stopped when dropped.
-enum OwnBroker {
-    Tansu(Tansu),
-    Mock(MockCluster<'static, DefaultProducerContext>),
+/// The main broker's JVM heap (`KAFKA_HEAP_OPTS`): twice `scripts/kafka-broker.sh`'s
+/// default, fixed from the start so that the heap does not grow during a measurement.
+const KAFKA_HEAP: &str = "-Xmx1g -Xms1g";
+
+/// How long the broker may take from its start to serving metadata (8 to 14 s seen on a
+/// loaded 2-core machine).
+const KAFKA_STARTUP: Duration = Duration::from_secs(120);
+
+/// The Kafka version `scripts/ensure-kafka.sh` resolves (`<kafka.version>` of
+/// `scripts/kafka/pom.xml`).
+fn kafka_version() -> String {
+    let pom = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka/pom.xml");
+    std::fs::read_to_string(pom)
+        .ok()
+        .and_then(|text| {
+            let (_, rest) = text.split_once("<kafka.version>")?;
+            let (version, _) = rest.split_once("</kafka.version>")?;
+            Some(version.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
-/// Where a tansu broker keeps its messages.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Storage {
-    /// `memory://`: the fastest; a fetch lists every batch stored in the partition, so
-    /// its cost grows with the batches stored.
-    Memory,
-    /// `sqlite://`: a file; a fetch reads by offset.
-    Sqlite,
-}
-
-impl Storage {
-    fn url(self) -> &'static str {
-        match self {
-            Storage::Memory => "memory://tansu/",
-            Storage::Sqlite => "sqlite://tansu.db",
-        }
-    }
-}
-
-struct Tansu {
-    child: Child,
+/// Apache Kafka as its own process: a single KRaft node (broker and controller in one) run
+/// by `scripts/kafka-broker.sh` on free ports, its data in a temporary directory. It runs
+/// under a small shell that kills it (and removes the directory) as soon as the pipe from
+/// this process closes: when this is dropped, and also when the harness panics or is
+/// killed.
+struct Kafka {
+    /// The shell that runs the broker and kills it when `guard` closes.
+    shell: Child,
+    /// The write end of the shell's stdin: closing it stops the broker.
+    guard: Option<ChildStdin>,
+    /// The broker's process id: the JVM (the script ends in `exec java`).
+    pid: u32,
     brokers: String,
     dir: tempfile::TempDir,
-}
-
-fn tansu_binary(explicit: Option<PathBuf>) -> PathBuf {
-    if let Some(path) = explicit {
-        return path;
-    }
-    if let Ok(path) = std::env::var("TANSU") {
-        return path.into();
-    }
-    let cargo_bin = std::env::var("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|_| std::env::var("HOME").map(|home| PathBuf::from(home).join(".cargo")))
-        .map(|home| home.join("bin").join("tansu"));
-    match cargo_bin {
-        Ok(path) if path.exists() => path,
-        _ => "tansu".into(),
-    }
+    /// The broker's own log: `kafka-server.log` in the log directory, kept after the run.
+    log: PathBuf,
+    /// From the start until the broker served metadata.
+    startup_seconds: f64,
 }
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-impl Tansu {
-    /// Starts a broker of its own on a free port, storing in memory or in an SQLite file
-    /// of its directory.
-    fn start(binary: Option<PathBuf>, storage: Storage) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("bench-tansu-").tempdir()?;
+impl Kafka {
+    /// Starts a broker with its data in a temporary directory, its log and output in
+    /// `log_dir` (`kafka-server.log`, `kafka-output.log`: the script's and the JVM's own),
+    /// and waits until it serves.
+    fn start(log_dir: &Path) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("bench-kafka-").tempdir()?;
         let port = free_port()?;
-        let url = format!("tcp://127.0.0.1:{port}");
-        let log = std::fs::File::create(dir.path().join("tansu.log"))?;
-        let child = Command::new(tansu_binary(binary))
-            .current_dir(dir.path())
-            .args(["--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", storage.url()])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
+        let controller_port = free_port()?;
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka-broker.sh");
+        let output = log_dir.join("kafka-output.log");
+        // The script splits KAFKA_OPTS at spaces: a log directory with one in its path
+        // leaves the log in the data directory (thrown away with it).
+        let mut options = "-Dkafka.console.level=OFF".to_owned();
+        let log = if log_dir.to_string_lossy().contains(char::is_whitespace) {
+            dir.path().join("logs").join("server.log")
+        } else {
+            let log = log_dir.join("kafka-server.log");
+            options.push_str(&format!(" -Dkafka.log.file={}", log.display()));
+            log
+        };
+        // "$@" is the script and its arguments; $2 its DATA_DIR, this process's own
+        // temporary directory. The shell, `cat` and the broker ignore SIGHUP, SIGINT and
+        // SIGTERM: a Ctrl-C or a hang-up sent to the whole process group would otherwise
+        // end the shell before it kills the broker (which, started in the background of a
+        // shell without job control, ignores SIGINT anyway) and leave the broker behind.
+        // The broker's life hangs on the pipe alone.
+        let wrapper = r#"trap '' HUP INT TERM
+"$@" </dev/null >&2 &
+pid=$!
+echo "$pid"
+cat >/dev/null
+kill -9 "$pid" 2>/dev/null
+wait "$pid" 2>/dev/null
+rm -rf -- "$2"
+exit 0"#;
+        let started = Instant::now();
+        let mut shell = Command::new("sh")
+            .arg("-c")
+            .arg(wrapper)
+            .arg("kafka")
+            .arg(&script)
+            .arg(dir.path())
+            .arg(port.to_string())
+            .arg(controller_port.to_string())
+            .env("KAFKA_HEAP_OPTS", KAFKA_HEAP)
+            .env("KAFKA_OPTS", options)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&output)?)
             .spawn()
-            .context("tansu could not start; install it with scripts/ensure-tansu.sh")?;
-        let tansu = Self {
-            child,
+            .context("sh could not start scripts/kafka-broker.sh")?;
+        let guard = shell.stdin.take();
+        let mut line = String::new();
+        BufReader::new(shell.stdout.take().context("the shell's stdout")?)
+            .read_line(&mut line)
+            .context("the shell names the broker's process")?;
+        let pid = line
+            .trim()
+            .parse()
+            .with_context(|| format!("the shell printed {line:?}, not a process id"))?;
+        let mut kafka = Self {
+            shell,
+            guard,
+            pid,
             brokers: format!("127.0.0.1:{port}"),
             dir,
+            log,
+            startup_seconds: 0.0,
         };
-        let started = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if started.elapsed() > Duration::from_secs(30) {
-                bail!("tansu did not listen on port {port} within 30 s");
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &kafka.brokers)
+            .set("log_level", "0")
+            .create()?;
+        loop {
+            if let Ok(metadata) = consumer.fetch_metadata(None, Duration::from_secs(1)) {
+                if !metadata.brokers().is_empty() {
+                    break;
+                }
             }
-            std::thread::sleep(Duration::from_millis(50));
+            if !process_alive(pid) {
+                bail!(
+                    "Kafka exited before it served metadata on {}; {}:\n{}\n{}",
+                    kafka.brokers,
+                    output.display(),
+                    tail(&output, 20),
+                    kafka.tail_of_log()
+                );
+            }
+            if started.elapsed() > KAFKA_STARTUP {
+                bail!(
+                    "Kafka did not serve metadata on {} within {KAFKA_STARTUP:?}\n{}",
+                    kafka.brokers,
+                    kafka.tail_of_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        Ok(tansu)
+        kafka.startup_seconds = started.elapsed().as_secs_f64();
+        Ok(kafka)
+    }
+
+    /// The last lines of the broker's own log.
+    fn tail_of_log(&self) -> String {
+        format!(
+            "--- {} (last 40 lines)\n{}",
+            self.log.display(),
+            tail(&self.log, 40)
+        )
     }
 }
 
-impl Drop for Tansu {
+impl Drop for Kafka {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // The shell kills the broker once its stdin closes, waits for it and removes the
+        // directory.
+        self.guard = None;
+        let _ = self.shell.wait();
     }
+}
+
+/// Whether a process exists and is not a zombie (a broker that died is one until the
+/// shell above it waits for it).
+fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat[stat.rfind(')')? + 1..].split_whitespace().next()?;
+            Some(state != "Z" && state != "X")
+        })
+        .unwrap_or(false)
+}
+
+/// The last `lines` lines of a text file (nothing when it cannot be read).
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 struct WorkerProcess {
@@ -2119,13 +2201,14 @@ fn clock_ticks() -> f64 {
 /// people's builds, autovacuum workers) are counted too, to within their last second.
 struct CpuMeter {
     worker: u32,
-    tansu: u32,
+    /// The main broker's JVM (one process, all its threads).
+    kafka: u32,
     me: u32,
     ticks_per_second: f64,
     started: Instant,
     busy_start: u64,
     last: HashMap<u32, (String, u64)>,
-    /// Ticks per party: "worker", "tansu", "postgres", "harness", or a command name.
+    /// Ticks per party: "worker", "kafka", "postgres", "harness", or a command name.
     totals: HashMap<String, u64>,
     /// PostgreSQL's ticks by process role ([`postgres_role`]).
     postgres_roles: HashMap<&'static str, u64>,
@@ -2183,10 +2266,10 @@ fn all_processes() -> HashMap<u32, (String, u64)> {
 }
 
 impl CpuMeter {
-    fn new(worker: u32, tansu: u32, ticks_per_second: f64) -> Self {
+    fn new(worker: u32, kafka: u32, ticks_per_second: f64) -> Self {
         Self {
             worker,
-            tansu,
+            kafka,
             me: std::process::id(),
             ticks_per_second,
             started: Instant::now(),
@@ -2200,8 +2283,8 @@ impl CpuMeter {
     fn party(&self, pid: u32, name: &str) -> String {
         if pid == self.worker {
             "worker".into()
-        } else if pid == self.tansu {
-            "tansu".into()
+        } else if pid == self.kafka {
+            "kafka".into()
         } else if pid == self.me {
             "harness".into()
         } else if name == "postgres" {
@@ -2241,7 +2324,7 @@ impl CpuMeter {
             cores(totals.remove(party).unwrap_or(0))
         };
         let worker = take(&mut self.totals, "worker");
-        let tansu = take(&mut self.totals, "tansu");
+        let kafka = take(&mut self.totals, "kafka");
         let postgres = take(&mut self.totals, "postgres");
         let harness = take(&mut self.totals, "harness");
         let mut others: Vec<(String, f64)> = self
@@ -2261,7 +2344,7 @@ impl CpuMeter {
         CpuShare {
             seconds,
             worker,
-            tansu,
+            kafka,
             postgres,
             postgres_roles,
             harness,
@@ -2277,7 +2360,7 @@ impl CpuMeter {
 struct CpuShare {
     seconds: f64,
     worker: f64,
-    tansu: f64,
+    kafka: f64,
     postgres: f64,
     /// PostgreSQL's share by process role, largest first.
     postgres_roles: Vec<(String, f64)>,
@@ -2305,11 +2388,11 @@ impl CpuShare {
             .map(|(role, cores)| format!("{role} {cores:.2}"))
             .collect();
         format!(
-            "cores: worker {:.2}, postgres {:.2} ({}), tansu {:.2}, harness {:.2}, other processes {:.2}{}; machine {:.2} of {}",
+            "cores: worker {:.2}, postgres {:.2} ({}), kafka {:.2}, harness {:.2}, other processes {:.2}{}; machine {:.2} of {}",
             self.worker,
             self.postgres,
             roles.join(", "),
-            self.tansu,
+            self.kafka,
             self.harness,
             self.other(),
             if top.is_empty() {
@@ -2324,7 +2407,7 @@ impl CpuShare {
 
     fn json(&self) -> Value {
         json!({"seconds": self.seconds, "cores": {"worker": self.worker, "postgres": self.postgres,
-               "tansu": self.tansu, "harness": self.harness, "other_processes": self.other(),
+               "kafka": self.kafka, "harness": self.harness, "other_processes": self.other(),
                "machine": self.machine},
                "postgres_roles": self.postgres_roles.iter().map(|(role, cores)| json!({"role": role, "cores": cores})).collect::<Vec<_>>(),
                "other_processes": self.others.iter().map(|(name, cores)| json!({"name": name, "cores": cores})).collect::<Vec<_>>()})
@@ -2406,8 +2489,9 @@ async fn machine_facts(args: &Args) -> anyhow::Result<Value> {
         "kernel": command_output("uname", &["-r"]),
         "postgresql_version": version,
         "postgresql_settings": settings,
-        "tansu_version": command_output(&tansu_binary(args.tansu.clone()).to_string_lossy(), &["--version"]),
-        "broker_storage": "memory://tansu/",
+        "kafka_version": kafka_version(),
+        "kafka_heap": KAFKA_HEAP,
+        "broker_data_filesystem": command_output("stat", &["-f", "-c", "%T", &std::env::temp_dir().to_string_lossy()]),
         "git_commit": command_output("git", &["rev-parse", "HEAD"]),
         "git_worktree_dirty": dirty,
         "loadavg_at_start": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
@@ -2756,7 +2840,8 @@ impl RunResult {
 }
 
 struct LatencyResult {
-    storage: LatencyStorage,
+    /// The broker the phase ran on.
+    on: LatencyBroker,
     /// Checkpoints the server made while the inputs were sent and drained.
     checkpoints: i64,
     offered_rate: u64,
@@ -2864,13 +2949,14 @@ impl Report {
             ),
         );
         line(&mut out, format!(
-            "          PostgreSQL {} (shared_buffers {}, synchronous_commit {}, fsync {}); {} with {} storage",
+            "          PostgreSQL {} (shared_buffers {}, synchronous_commit {}, fsync {}); Apache Kafka {} (one KRaft node, heap {}, data on {})",
             f["postgresql_version"].as_str().unwrap_or_default(),
             f["postgresql_settings"]["shared_buffers"].as_str().unwrap_or_default(),
             f["postgresql_settings"]["synchronous_commit"].as_str().unwrap_or_default(),
             f["postgresql_settings"]["fsync"].as_str().unwrap_or_default(),
-            f["tansu_version"].as_str().unwrap_or_default(),
-            f["broker_storage"].as_str().unwrap_or_default(),
+            f["kafka_version"].as_str().unwrap_or_default(),
+            f["kafka_heap"].as_str().unwrap_or_default(),
+            f["broker_data_filesystem"].as_str().unwrap_or_default(),
         ));
         line(&mut out, format!(
             "          commit {}{}; load average at start {}; worker, broker, PostgreSQL and this harness share the cores",
@@ -3114,7 +3200,7 @@ impl Report {
             line(&mut out, format!(
                 "latency input -> alert ({} ev/s offered for {:.1} s into {} workspaces of {} organizations without a pool, producer linger.ms {}; worker caught up on the main database; broker: {})",
                 l.offered_rate, l.produce_seconds, fmt_int(l.warmup_workspaces), LATENCY_ORGS, self.args.latency_linger_ms,
-                l.storage.description()
+                l.on.description()
             ));
             line(
                 &mut out,
@@ -3317,7 +3403,7 @@ impl Report {
             "arguments": {
                 "events": self.args.events, "orgs": self.args.orgs, "seed": self.args.seed,
                 "partitions": self.args.partitions, "latency_rate": self.args.latency_rate,
-                "latency_seconds": self.args.latency_seconds, "latency_storage": self.args.latency_storage.name(), "latency_linger_ms": self.args.latency_linger_ms, "stored": self.args.stored,
+                "latency_seconds": self.args.latency_seconds, "latency_broker": self.args.latency_broker.name(), "latency_linger_ms": self.args.latency_linger_ms, "stored": self.args.stored,
                 "batch_max_messages": self.args.batch_max_messages, "batch_max_wait_ms": self.args.batch_max_wait_ms,
                 "worker_kafka_properties": self.args.worker_kafka_properties,
                 "worker_env": self.args.worker_env,
@@ -3343,7 +3429,7 @@ impl Report {
             "ratio_to_slower_limit": self.main_run.rate() / slower,
             "latency": self.latency.as_ref().map(|l| json!({
                 "offered_rate": l.offered_rate, "produced": l.produced, "produce_seconds": l.produce_seconds,
-                "broker_storage": l.storage.name(),
+                "broker": l.on.name(),
                 "workspaces": l.warmup_workspaces, "alerts_read": l.alerts_read,
                 "input_to_alert": l.alert.json(), "broker_round_trip": l.broker.json(), "added_by_worker": l.added.json(),
                 "drained_after_seconds": l.drained_seconds, "checkpoints": l.checkpoints, "peak_rss_mib": l.peak_rss_kib as f64 / 1024.0,
