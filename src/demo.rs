@@ -128,13 +128,14 @@ async fn recreate_database(url: &str) -> anyhow::Result<()> {
     let options = sqlx::postgres::PgConnectOptions::from_str(url)?;
     let name = options
         .get_database()
-        .ok_or_else(|| anyhow::anyhow!("the demo's database URL names no database"))?
-        .replace('"', "\"\"");
+        .ok_or_else(|| anyhow::anyhow!("the demo's database URL names no database"))?;
     let mut maintenance = options.clone().database("postgres").connect().await?;
     // A name cannot be a bound parameter; it is quoted as an identifier.
-    sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-        .execute(&mut maintenance)
-        .await?;
+    let statement = format!(
+        "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+        name.replace('"', "\"\"")
+    );
+    sqlx::raw_sql(&statement).execute(&mut maintenance).await?;
     maintenance.close().await?;
     Ok(())
 }

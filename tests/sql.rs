@@ -1,6 +1,7 @@
 //! Every SQL statement the worker runs is a string literal (or a `const` one) with bound
-//! parameters: no statement is built from data. The one exception, `CREATE DATABASE`
-//! (identifiers cannot be bound), quotes its name from the configuration as an identifier.
+//! parameters: no statement is built from data. The exceptions, `CREATE DATABASE` and the
+//! demo's `DROP DATABASE` (identifiers cannot be bound), quote their name from the
+//! configuration as an identifier.
 
 use std::path::Path;
 
@@ -39,9 +40,12 @@ fn every_statement_is_a_literal_with_bound_parameters() {
                     || (!constant.is_empty()
                         && source.contains(&format!("const {constant}: &str =")));
                 let quoted_identifier = argument.starts_with("&statement")
-                    && source.contains(
+                    && (source.contains(
                         r#"format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""))"#,
-                    );
+                    ) || source.contains(
+                        r#""DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+        name.replace('"', "\"\"")"#,
+                    ));
                 if !literal && !quoted_identifier {
                     let line = source[..at].lines().count() + 1;
                     built.push(format!("{}:{line}", file.display()));
