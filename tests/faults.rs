@@ -294,11 +294,24 @@ async fn postgres_restarted_twice_mid_stream_loses_and_doubles_nothing() {
         .fetch_one(&setup.database)
         .await
         .unwrap();
+    let retries = |worker: &common::process::WorkerProcess| {
+        let (_, metrics) = worker.get("/metrics").expect("/metrics answers");
+        common::metric_sum(&metrics, "entitlements_store_retries_total")
+            + common::metric_sum(&metrics, "entitlements_publish_errors_total")
+    };
+    // From a quarter of the stream on, restarts while a worker transaction is open, until
+    // two of them interrupted the worker (its retries rose): a transaction seen open may
+    // still commit before the restart takes the sessions.
+    setup
+        .wait_for_progress((before + scenario.events.len() / 4) as i64, &worker)
+        .await;
     let mut restarted_at = Vec::new();
-    // At about a third and two thirds of the stream, while a worker's transaction is open.
-    for part in 1..=2 {
-        let threshold = (before + scenario.events.len() * part / 3) as i64;
-        setup.wait_for_progress(threshold, &worker).await;
+    let mut interrupting = 0;
+    while interrupting < 2 {
+        assert!(
+            restarted_at.len() < 10,
+            "10 restarts, {interrupting} of them interrupted the worker"
+        );
         common::eventually("a worker's transaction to be open", DEADLINE, || async {
             let open: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM pg_stat_activity
@@ -312,6 +325,7 @@ async fn postgres_restarted_twice_mid_stream_loses_and_doubles_nothing() {
             (open > 0).then_some(())
         })
         .await;
+        let retries_before = retries(&worker);
         let at_restart = stream::applied(&setup.database).await;
         restart_postgres();
         assert!(
@@ -319,6 +333,11 @@ async fn postgres_restarted_twice_mid_stream_loses_and_doubles_nothing() {
             "PostgreSQL restarted mid-stream ({at_restart} of {expected})"
         );
         restarted_at.push(at_restart);
+        // The worker goes on after the restart; whether it had to retry shows by then.
+        setup.wait_for_progress(at_restart + 1, &worker).await;
+        if retries(&worker) > retries_before {
+            interrupting += 1;
+        }
     }
     let total = before + producer.await.expect("the stream is produced");
     setup.wait_until_done(total, &worker).await;
@@ -327,13 +346,11 @@ async fn postgres_restarted_twice_mid_stream_loses_and_doubles_nothing() {
         + common::metric_sum(&metrics, "entitlements_publish_errors_total");
     assert!(worker.terminate(Duration::from_secs(30)).success());
     let entries = setup.check(&scenario).await;
-    assert!(
-        retries >= 2.0,
-        "each restart interrupted the worker, and the metrics show it:\n{metrics}"
-    );
     eprintln!(
-        "fault-summary postgres_restart: restarts=2 restarted_at={restarted_at:?} \
-         retries_in_metrics={retries} messages={total} ledger_entries={entries} lost=0 doubled=0"
+        "fault-summary postgres_restart: restarts={} interrupting={interrupting} \
+         restarted_at={restarted_at:?} retries_in_metrics={retries} messages={total} \
+         ledger_entries={entries} lost=0 doubled=0",
+        restarted_at.len()
     );
 }
 
