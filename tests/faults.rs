@@ -204,23 +204,41 @@ async fn membership_changes(protocol: &str) {
     );
 }
 
+/// A broker of the test's own, the scenario `seed`'s setup applied and the first half of
+/// its stream produced, and a worker that has begun on it. Returns the setup, the
+/// scenario, the second half (to produce during the fault), the messages produced so far
+/// and the worker.
+async fn own_broker_half_streamed(
+    seed: u64,
+) -> (
+    Setup,
+    stream::Scenario,
+    Vec<stream::Event>,
+    usize,
+    common::process::WorkerProcess,
+) {
+    let mut setup = Setup::own_broker().await;
+    setup.settings.batch.max_messages = FAULT_BATCH;
+    let scenario = stream::scenario(seed, knob("FAULT_SCALE", 4) * 5);
+    let before = setup.deliver_setup(&scenario).await;
+    let (first_half, second_half) = scenario.events.split_at(scenario.events.len() / 2);
+    let first_half: Vec<_> = first_half.iter().collect();
+    let first = before + stream::produce(&setup.settings, &first_half, Keys::ByOrganization).await;
+    let second_half = second_half.to_vec();
+    let worker = setup.start_worker();
+    setup.wait_for_progress(before as i64 + 1, &worker).await;
+    (setup, scenario, second_half, first, worker)
+}
+
 /// Row: Apache Kafka killed with SIGKILL mid-stream and started again on the same
 /// storage, the platform producing the second half of the stream while it is down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_killed_and_restarted_on_its_storage_loses_and_doubles_nothing() {
-    let mut setup = Setup::own_broker().await;
-    setup.settings.batch.max_messages = FAULT_BATCH;
-    let scenario = stream::scenario(28, knob("FAULT_SCALE", 4) * 5);
-    let before = setup.deliver_setup(&scenario).await;
-    let events: Vec<_> = scenario.events.iter().collect();
-    let (first_half, second_half) = events.split_at(events.len() / 2);
-    let first = before + stream::produce(&setup.settings, first_half, Keys::ByOrganization).await;
-    let mut worker = setup.start_worker();
-    setup.wait_for_progress(before as i64 + 1, &worker).await;
+    let (mut setup, scenario, second_half, first, mut worker) = own_broker_half_streamed(28).await;
     tokio::time::sleep(Duration::from_millis(rand::rng().random_range(0..100))).await;
     setup.broker.own().kill();
     let at_kill = stream::applied(&setup.database).await;
-    let held = spawn_producer(&setup, second_half);
+    let held = spawn_producer(&setup, &second_half.iter().collect::<Vec<_>>());
     setup.broker.own().restart();
     let total = first + held.await.expect("the held messages are delivered");
     setup.wait_until_done(total, &worker).await;
@@ -242,19 +260,11 @@ async fn the_broker_killed_and_restarted_on_its_storage_loses_and_doubles_nothin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_frozen_for_30_seconds_loses_and_doubles_nothing() {
     const FROZEN: Duration = Duration::from_secs(30);
-    let mut setup = Setup::own_broker().await;
-    setup.settings.batch.max_messages = FAULT_BATCH;
-    let scenario = stream::scenario(29, knob("FAULT_SCALE", 4) * 5);
-    let before = setup.deliver_setup(&scenario).await;
-    let events: Vec<_> = scenario.events.iter().collect();
-    let (first_half, second_half) = events.split_at(events.len() / 2);
-    let first = before + stream::produce(&setup.settings, first_half, Keys::ByOrganization).await;
-    let mut worker = setup.start_worker();
-    setup.wait_for_progress(before as i64 + 1, &worker).await;
+    let (mut setup, scenario, second_half, first, mut worker) = own_broker_half_streamed(29).await;
     setup.broker.own().freeze();
     let at_freeze = stream::applied(&setup.database).await;
     let backlog_at_freeze = stream::outbox_backlog(&setup.database).await;
-    let held = spawn_producer(&setup, second_half);
+    let held = spawn_producer(&setup, &second_half.iter().collect::<Vec<_>>());
     // The fault is the freeze's length itself, not a wait for something to happen.
     tokio::time::sleep(FROZEN).await;
     let at_thaw = stream::applied(&setup.database).await;
