@@ -54,8 +54,9 @@ use sqlx::{Connection, PgConnection, PgPool};
 const MODULES: [&str; 4] = ["gamification", "live-stream", "networking", "analytics"];
 /// Organizations the latency phase uses: none of them ever gets a grant.
 const LATENCY_ORGS: usize = 20;
-/// Workspaces the latency phase spreads its events over, so that no batch holds two
-/// events of one workspace (the worker folds the changes of one batch into one alert).
+/// Workspaces a latency phase spreads its events over at the least, and one per event per
+/// second above that, so that hardly any batch holds two events of one workspace (the
+/// worker folds the changes of one batch into one alert).
 const LATENCY_WORKSPACES: usize = 2_000;
 
 #[derive(Parser, Debug, Clone)]
@@ -76,12 +77,19 @@ struct Args {
     /// each get a share of every topic; with three, one lane gets two of them.
     #[arg(long, default_value_t = 6)]
     partitions: i32,
-    /// Offered rate of the latency phase, in participant-added events per second.
-    #[arg(long, default_value_t = 2000)]
-    latency_rate: u64,
-    /// Duration of the latency phase; 0 skips it.
+    /// Offered rates of the latency phases, in participant-added events per second,
+    /// comma-separated: one phase per rate, in order.
+    #[arg(long, alias = "latency-rate", default_value = "2000,20000")]
+    latency_rates: String,
+    /// Duration of each latency phase; 0 skips them.
     #[arg(long, default_value_t = 30)]
     latency_seconds: u64,
+    /// Seconds sent at the offered rate before each latency phase's measured seconds,
+    /// and not counted: the first seconds of small fetches and produce requests after the
+    /// catch-up runs' large ones ran seconds behind on a broker sharing two cores (its
+    /// just-in-time compiler at work), and a second phase at the same rate did not.
+    #[arg(long, default_value_t = 10)]
+    latency_warmup_seconds: u64,
     /// The broker of the latency phase: the main Apache Kafka, which holds the stream, on
     /// the main topics (the default), or librdkafka's mock cluster in this process, on
     /// topics of its own. `--latency-storage` is an old name of this option.
@@ -136,7 +144,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let sizes = parse_sizes(&args.stored)?;
+    let sizes = parse_sizes(&args.stored, "--stored")?;
+    let rates = parse_sizes(&args.latency_rates, "--latency-rates")?;
     let worker_bin = args.worker_bin.clone().unwrap_or_else(|| {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/entitlement-worker")
     });
@@ -148,11 +157,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let facts = machine_facts(&args).await?;
     println!(
-        "entitlement-worker benchmark: {} events, seed {}, stored sizes {:?}, latency {} ev/s for {} s",
+        "entitlement-worker benchmark: {} events, seed {}, stored sizes {:?}, latency at {:?} ev/s for {} s each",
         fmt_int(args.events as u64),
         args.seed,
         sizes,
-        args.latency_rate,
+        rates,
         args.latency_seconds
     );
     let mut cleanup = Cleanup {
@@ -160,7 +169,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         databases: Vec::new(),
         keep: args.keep,
     };
-    let outcome = bench(&args, &worker_bin, &sizes, &facts, &mut cleanup).await;
+    let outcome = bench(&args, &worker_bin, &sizes, &rates, &facts, &mut cleanup).await;
     cleanup.finish().await;
     let report = outcome?;
     let text = report.text();
@@ -173,7 +182,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn parse_sizes(text: &str) -> anyhow::Result<Vec<u64>> {
+/// A comma-separated list of numbers ("none" or nothing: none) given to `option`.
+fn parse_sizes(text: &str, option: &str) -> anyhow::Result<Vec<u64>> {
     if text.trim().is_empty() || text.trim() == "none" {
         return Ok(Vec::new());
     }
@@ -182,7 +192,7 @@ fn parse_sizes(text: &str) -> anyhow::Result<Vec<u64>> {
             size.trim()
                 .replace('_', "")
                 .parse::<u64>()
-                .with_context(|| format!("--stored: {size:?} is not a number"))
+                .with_context(|| format!("{option}: {size:?} is not a number"))
         })
         .collect()
 }
@@ -208,6 +218,7 @@ async fn bench(
     args: &Args,
     worker_bin: &Path,
     sizes: &[u64],
+    rates: &[u64],
     facts: &Value,
     cleanup: &mut Cleanup,
 ) -> anyhow::Result<Report> {
@@ -319,6 +330,21 @@ async fn bench(
     );
     lap(&mut phases, "limit (a) plain consumer");
 
+    // Beside it, Kafka's own consumer benchmark on the largest input topic.
+    let kafka_perf = {
+        let brokers = bench.brokers.clone();
+        let topic = bench.inputs.participant_added.clone();
+        let partitions = args.partitions;
+        tokio::task::spawn_blocking(move || kafka_consumer_perf(&brokers, &topic, partitions))
+            .await?
+    };
+    match &kafka_perf {
+        Ok(perf) => println!("{}", perf.line()),
+        Err(error) => println!("kafka-consumer-perf-test did not run: {error:#}"),
+    }
+    let kafka_perf = kafka_perf.ok();
+    lap(&mut phases, "kafka-consumer-perf-test");
+
     // Limit (b): PostgreSQL COPY, in the main run's database before the worker runs.
     cleanup
         .databases
@@ -399,18 +425,24 @@ async fn bench(
         );
     }
 
-    // Latency, on the main run's database, caught up.
-    let latency = if args.latency_seconds > 0 {
-        let result = bench.latency(&main_settings, total).await?;
+    // Latency, on the main run's database, caught up, one phase per rate.
+    let mut latency = Vec::new();
+    let mut applied = total;
+    for (phase, rate) in rates.iter().enumerate() {
+        if args.latency_seconds == 0 {
+            break;
+        }
+        let (result, now_applied) = bench
+            .latency(&main_settings, applied, (*rate).max(1), phase)
+            .await?;
+        applied = now_applied;
         println!("{}", result.one_line());
         lap(
             &mut phases,
-            "latency (catch-up, warm-up, sending, draining)",
+            &format!("latency at {rate} ev/s (catch-up, warm-up, sending, draining)"),
         );
-        Some(result)
-    } else {
-        None
-    };
+        latency.push(result);
+    }
     drop(kafka);
     Ok(Report {
         args: args.clone(),
@@ -419,6 +451,7 @@ async fn bench(
         generate_seconds,
         produced,
         consumer_limit,
+        kafka_perf,
         copy_limit,
         participant_events,
         main_run,
@@ -607,12 +640,20 @@ impl Bench<'_> {
         })
     }
 
-    /// Input -> alert latency at a steady offered rate, with the worker caught up on the
-    /// main run's database; in the same run, the broker's own round trip (input produced
-    /// -> the same input read back by a plain reader) for the same inputs.
-    async fn latency(&self, main: &Settings, main_total: i64) -> anyhow::Result<LatencyResult> {
+    /// Input -> alert latency at a steady offered `rate`, with the worker caught up on the
+    /// main run's database, which has applied `main_total` messages; in the same run, the
+    /// broker's own round trip (input produced -> the same input read back by a reader
+    /// that fetches like the worker) for the same inputs. Phase `phase` has event ids and
+    /// workspaces of its own. Returns the messages applied after it, too.
+    async fn latency(
+        &self,
+        main: &Settings,
+        main_total: i64,
+        rate: u64,
+        phase: usize,
+    ) -> anyhow::Result<(LatencyResult, i64)> {
         let mut settings = main.clone();
-        settings.kafka.group_id = format!("{}-latency", main.kafka.group_id);
+        settings.kafka.group_id = format!("{}-latency-{phase}", main.kafka.group_id);
         // On the mock cluster the phase has topics of its own; the main database keeps its
         // state and its offsets of the main topics, and starts the new ones at 0.
         let mock = match self.args.latency_broker {
@@ -627,7 +668,7 @@ impl Bench<'_> {
         };
         if let Some(cluster) = &mock {
             settings.kafka.brokers = brokers.clone();
-            settings.topics.add_suffix("latency");
+            settings.topics.add_suffix(&format!("latency-{phase}"));
             for topic in settings.topics.all() {
                 cluster
                     .create_topic(topic, self.args.partitions, 1)
@@ -647,17 +688,18 @@ impl Bench<'_> {
         println!("latency: the worker is caught up after {caught_up:.1} s");
 
         // Warm-up: every workspace of the latency phase is claimed and short by one.
-        let rate = self.args.latency_rate.max(1);
         let count = (rate * self.args.latency_seconds) as usize;
-        let workspaces = LATENCY_WORKSPACES.min(count).max(1);
+        let warm = (rate * self.args.latency_warmup_seconds) as usize;
+        let workspaces = LATENCY_WORKSPACES.max(rate as usize).min(count).max(1);
+        let prefix = format!("lat{phase}-");
         let warmup: Vec<(String, String, String)> = (0..workspaces)
             .map(|w| {
                 let org = format!("lat-org-{:02}", w % LATENCY_ORGS);
                 let payload = added_json(
-                    &format!("latw-{w:06}"),
+                    &format!("lat{phase}w-{w:06}"),
                     &now_rfc3339(),
                     &org,
-                    &format!("lat-ws-{w:05}"),
+                    &format!("{prefix}ws-{w:06}"),
                     "wp-0",
                 );
                 (input_topic.clone(), org, payload)
@@ -671,17 +713,26 @@ impl Bench<'_> {
 
         // The reader reads the shortfall topic and the input topic from their high
         // watermarks, asked for once the warm-up is applied and its alerts published, so
-        // it reads only what comes after; only "lat-" inputs and the alerts they caused
-        // are kept.
+        // it reads only what comes after; only the phase's inputs and the alerts they
+        // caused are kept. It fetches as the worker's lanes do (their fetch settings), so
+        // that the round trip beside the worker's latency is the one a consumer like the
+        // worker's sees.
+        let fetch_defaults = entitlement_worker::kafka::consumer::consumer_defaults(&settings, 0);
         let stop = Arc::new(AtomicBool::new(false));
         let reader_count = Arc::new(AtomicU64::new(0));
         let reader = {
-            let consumer: BaseConsumer = ClientConfig::new()
+            let mut config = ClientConfig::new();
+            config
                 .set("bootstrap.servers", &brokers)
-                .set("group.id", format!("bench-{}-alerts", self.run_id))
-                .set("enable.auto.commit", "false")
-                .set("fetch.wait.max.ms", "10")
-                .create()?;
+                .set("group.id", format!("bench-{}-alerts-{phase}", self.run_id))
+                .set("enable.auto.commit", "false");
+            for (key, value) in fetch_defaults
+                .iter()
+                .filter(|(key, _)| key.starts_with("fetch."))
+            {
+                config.set(*key, value);
+            }
+            let consumer: BaseConsumer = config.create()?;
             let alert_topic = settings.topics.shortfalls.clone();
             let mut assignment = TopicPartitionList::new();
             for topic in [&alert_topic, &input_topic] {
@@ -696,6 +747,7 @@ impl Bench<'_> {
             let stop = stop.clone();
             let count = reader_count.clone();
             let input_topic = input_topic.clone();
+            let prefix = prefix.clone();
             std::thread::spawn(move || {
                 let mut alerts = Vec::new();
                 let mut inputs = Vec::new();
@@ -711,7 +763,7 @@ impl Bench<'_> {
                         .payload()
                         .and_then(|payload| serde_json::from_slice::<Value>(payload).ok())
                         .and_then(|value| value[field].as_str().map(str::to_owned))
-                        .and_then(|id| id.strip_prefix("lat-")?.parse::<usize>().ok());
+                        .and_then(|id| id.strip_prefix(prefix.as_str())?.parse::<usize>().ok());
                     match (index, is_input) {
                         (Some(index), true) => inputs.push((index, at)),
                         (Some(index), false) => alerts.push((index, at)),
@@ -747,12 +799,15 @@ impl Bench<'_> {
             let brokers = brokers.clone();
             let topic = input_topic.clone();
             let linger = self.args.latency_linger_ms;
+            let prefix = prefix.clone();
             tokio::task::spawn_blocking(move || {
-                produce_paced(&brokers, &topic, rate, count, workspaces, linger)
+                produce_paced(
+                    &brokers, &topic, &prefix, rate, warm, count, workspaces, linger,
+                )
             })
             .await??
         };
-        let expected = main_total + workspaces as i64 + count as i64;
+        let expected = main_total + workspaces as i64 + (warm + count) as i64;
         let drained = wait_until(&pool, &worker, expected, wait).await?;
         meter_stop.store(true, Ordering::SeqCst);
         let cpu = meter.await?;
@@ -777,14 +832,23 @@ impl Bench<'_> {
         drop(mock);
 
         let seconds = self.args.latency_seconds as usize;
-        let sent: Vec<Option<Instant>> = paced.sent.iter().copied().map(Some).collect();
-        let mut read_back: Vec<Option<Instant>> = vec![None; count];
+        // The warm-up's inputs have no start: they count in no distribution.
+        let sent: Vec<Option<Instant>> = paced
+            .sent
+            .iter()
+            .enumerate()
+            .map(|(index, at)| (index >= warm).then_some(*at))
+            .collect();
+        let mut read_back: Vec<Option<Instant>> = vec![None; warm + count];
         for (index, at) in &inputs {
+            if *index < warm {
+                continue;
+            }
             if let Some(slot @ None) = read_back.get_mut(*index) {
                 *slot = Some(*at);
             }
         }
-        Ok(LatencyResult {
+        let result = LatencyResult {
             on: self.args.latency_broker,
             offered_rate: rate,
             produced: count as u64,
@@ -801,7 +865,8 @@ impl Bench<'_> {
             metrics: MetricsSummary::parse(&metrics),
             exit,
             log,
-        })
+        };
+        Ok((result, expected))
     }
 }
 
@@ -1403,6 +1468,113 @@ impl Rate {
     }
 }
 
+/// What Kafka's own consumer benchmark (`kafka-consumer-perf-test`, the class
+/// `org.apache.kafka.tools.ConsumerPerformance` of the jars scripts/ensure-kafka.sh resolves)
+/// read of one topic, from its own CSV line.
+struct KafkaPerf {
+    topic: String,
+    messages: u64,
+    megabytes: f64,
+    /// Joining the group, before the first fetch.
+    rebalance_ms: f64,
+    /// From the first fetch to the last message.
+    fetch_ms: f64,
+}
+
+impl KafkaPerf {
+    fn rate(&self) -> f64 {
+        self.messages as f64 / (self.fetch_ms / 1000.0).max(1e-9)
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "(a') kafka-consumer-perf-test, 1 topic      {:>10} msgs/s   ({} msgs, {:.1} MB, of {} in {:.2} s of fetching after {:.2} s joining its group; Java client, one JVM)",
+            fmt_int(self.rate() as u64),
+            fmt_int(self.messages),
+            self.megabytes,
+            self.topic,
+            self.fetch_ms / 1000.0,
+            self.rebalance_ms / 1000.0
+        )
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "topic": self.topic, "messages": self.messages, "megabytes": self.megabytes,
+            "rebalance_ms": self.rebalance_ms, "fetch_ms": self.fetch_ms, "per_second": self.rate(),
+        })
+    }
+}
+
+/// Runs `kafka-consumer-perf-test` over every message of `topic`.
+fn kafka_consumer_perf(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<KafkaPerf> {
+    let watermarks: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let mut messages = 0;
+    for partition in 0..partitions {
+        let (low, high) = watermarks.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
+        messages += high - low;
+    }
+    drop(watermarks);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let ensured = Command::new(root.join("scripts/ensure-kafka.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running scripts/ensure-kafka.sh")?;
+    let cache = String::from_utf8_lossy(&ensured.stdout)
+        .lines()
+        .last()
+        .map(str::to_owned)
+        .context("scripts/ensure-kafka.sh printed no cache directory")?;
+    let classpath = std::fs::read_to_string(Path::new(&cache).join("classpath"))?;
+    let output = Command::new("java")
+        .args(["-Xmx512m", "-cp", classpath.trim()])
+        .arg(format!(
+            "-Dlog4j2.configurationFile={cache}/tools-log4j2.properties"
+        ))
+        .arg("org.apache.kafka.tools.ConsumerPerformance")
+        .args(["--bootstrap-server", brokers, "--topic", topic])
+        .args(["--messages", &messages.to_string()])
+        .args([
+            "--group",
+            &format!("bench-perf-{:08x}", rand::random::<u32>()),
+        ])
+        .args(["--timeout", "60000", "--hide-header"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("java could not run ConsumerPerformance")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!(
+            "ConsumerPerformance exited with {}: {stdout}",
+            output.status
+        );
+    }
+    // start.time, end.time, data.consumed.in.MB, MB.sec, data.consumed.in.nMsg, nMsg.sec,
+    // rebalance.time.ms, fetch.time.ms, fetch.MB.sec, fetch.nMsg.sec
+    let fields: Vec<&str> = stdout
+        .lines()
+        .rfind(|line| line.contains(','))
+        .context("ConsumerPerformance printed no figures")?
+        .split(',')
+        .map(str::trim)
+        .collect();
+    let number = |index: usize| -> anyhow::Result<f64> {
+        fields
+            .get(index)
+            .and_then(|field| field.parse::<f64>().ok())
+            .with_context(|| format!("ConsumerPerformance's line {fields:?}, field {index}"))
+    };
+    Ok(KafkaPerf {
+        topic: topic.to_owned(),
+        megabytes: number(2)?,
+        messages: number(4)? as u64,
+        rebalance_ms: number(6)?,
+        fetch_ms: number(7)?,
+    })
+}
+
 fn produce_stream(brokers: &str, topics: &TopicSettings, events: &[Event]) -> anyhow::Result<Rate> {
     let producer = producer(brokers, "20")?;
     let keys: Vec<String> = (0..1000).map(|org| format!("org-{org:03}")).collect();
@@ -1436,25 +1608,36 @@ fn produce_simple(brokers: &str, records: &[(String, String, String)]) -> anyhow
 }
 
 struct Paced {
+    /// When the measured seconds began (after the warm-up's).
     started: Instant,
     sent: Vec<Instant>,
     seconds: f64,
 }
 
-/// Produces `count` participant-added events at `rate` per second, each into the next of
-/// `workspaces` workspaces of organizations without a pool, and notes when each was sent.
+/// Produces `warm` and then `count` participant-added events at `rate` per second, each
+/// into the next of `workspaces` workspaces of organizations without a pool, and notes when
+/// each was sent; the measured seconds start after the `warm` ones.
+#[allow(clippy::too_many_arguments)]
 fn produce_paced(
     brokers: &str,
     topic: &str,
+    prefix: &str,
     rate: u64,
+    warm: usize,
     count: usize,
     workspaces: usize,
     linger_ms: u64,
 ) -> anyhow::Result<Paced> {
     let producer = producer(brokers, &linger_ms.to_string())?;
+    // Connected, with the topic's metadata, before the clock starts: a new producer's
+    // first requests are no part of the round trip.
+    producer
+        .client()
+        .fetch_metadata(Some(topic), Duration::from_secs(30))
+        .with_context(|| format!("the metadata of {topic}"))?;
     let mut sent = Vec::with_capacity(count);
     let started = Instant::now();
-    for index in 0..count {
+    for index in 0..warm + count {
         let due = started + Duration::from_secs_f64(index as f64 / rate as f64);
         let now = Instant::now();
         if due > now {
@@ -1464,19 +1647,20 @@ fn produce_paced(
         let w = index % workspaces;
         let org = format!("lat-org-{:02}", w % LATENCY_ORGS);
         let payload = added_json(
-            &format!("lat-{index:09}"),
+            &format!("{prefix}{index:09}"),
             &now_rfc3339(),
             &org,
-            &format!("lat-ws-{w:05}"),
-            &format!("lp-{index:09}"),
+            &format!("{prefix}ws-{w:06}"),
+            &format!("{prefix}p-{index:09}"),
         );
         sent.push(Instant::now());
         send(&producer, topic, &org, &payload)?;
     }
-    let seconds = started.elapsed().as_secs_f64();
-    finish(&producer, count as u64)?;
+    let measured_from = started + Duration::from_secs_f64(warm as f64 / rate as f64);
+    let seconds = measured_from.elapsed().as_secs_f64();
+    finish(&producer, (warm + count) as u64)?;
     Ok(Paced {
-        started,
+        started: measured_from,
         sent,
         seconds,
     })
@@ -1892,6 +2076,12 @@ impl Kafka {
             options.push_str(&format!(" -Dkafka.log.file={}", log.display()));
             log
         };
+        // The caller's own JVM options (e.g. JMX, for a look at the broker's request
+        // rates) come after the harness's.
+        if let Ok(extra) = std::env::var("KAFKA_OPTS") {
+            options.push(' ');
+            options.push_str(&extra);
+        }
         // "$@" is the script and its arguments; $2 its DATA_DIR, this process's own
         // temporary directory. The shell, `cat` and the broker ignore SIGHUP, SIGINT and
         // SIGTERM: a Ctrl-C or a hang-up sent to the whole process group would otherwise
@@ -2881,11 +3071,14 @@ struct Report {
     generate_seconds: f64,
     produced: Rate,
     consumer_limit: Rate,
+    /// Kafka's own `kafka-consumer-perf-test` on the participant-added topic, if it ran.
+    kafka_perf: Option<KafkaPerf>,
     copy_limit: Rate,
     participant_events: u64,
     main_run: RunResult,
     growth: Vec<RunResult>,
-    latency: Option<LatencyResult>,
+    /// One latency phase per offered rate, in order.
+    latency: Vec<LatencyResult>,
     /// Wall time of each part of the benchmark, in order.
     phases: Vec<(String, f64)>,
     total_seconds: f64,
@@ -3026,6 +3219,10 @@ impl Report {
                 fmt_int(self.consumer_limit.expected)
             ),
         );
+        match &self.kafka_perf {
+            Some(perf) => line(&mut out, format!("  {}", perf.line())),
+            None => line(&mut out, "  kafka-consumer-perf-test did not run".into()),
+        }
         line(&mut out, format!(
             "  (b) PostgreSQL COPY, participants shape   {:>10} rows/s   ({} rows for {} participant events, in {:.2} s)",
             fmt_int(self.copy_limit.rate() as u64), fmt_int(self.copy_limit.messages), fmt_int(self.participant_events), self.copy_limit.seconds
@@ -3195,11 +3392,11 @@ impl Report {
             line(&mut out, format!("    {count} x {message}"));
         }
 
-        if let Some(l) = &self.latency {
+        for l in &self.latency {
             line(&mut out, String::new());
             line(&mut out, format!(
-                "latency input -> alert ({} ev/s offered for {:.1} s into {} workspaces of {} organizations without a pool, producer linger.ms {}; worker caught up on the main database; broker: {})",
-                l.offered_rate, l.produce_seconds, fmt_int(l.warmup_workspaces), LATENCY_ORGS, self.args.latency_linger_ms,
+                "latency input -> alert ({} ev/s offered for {:.1} s after {} s not counted, into {} workspaces of {} organizations without a pool, producer linger.ms {}; worker caught up on the main database; broker: {})",
+                l.offered_rate, l.produce_seconds, self.args.latency_warmup_seconds, fmt_int(l.warmup_workspaces), LATENCY_ORGS, self.args.latency_linger_ms,
                 l.on.description()
             ));
             line(
@@ -3333,20 +3530,24 @@ impl Report {
                 verdict(ratio >= 0.5)
             ),
         );
-        match &self.latency {
-            Some(l) => line(
-                &mut out,
-                format!(
-                    "  p99 input->alert < 100 ms at {} ev/s       {:>12.1} ms         {}",
-                    l.offered_rate,
-                    l.alert.p99_ms,
-                    verdict(l.alert.p99_ms < 100.0 && l.alert.matched > 0)
-                ),
-            ),
-            None => line(
+        if self.latency.is_empty() {
+            line(
                 &mut out,
                 "  p99 input->alert < 100 ms                   not measured".into(),
-            ),
+            );
+        }
+        for l in &self.latency {
+            line(
+                &mut out,
+                format!(
+                    "  p99 input->alert < 100 ms at {:>6} ev/s    {:>12.1} ms         {} (broker round trip p99 {:.1} ms, the worker's share {:.1} ms)",
+                    l.offered_rate,
+                    l.alert.p99_ms,
+                    verdict(l.alert.p99_ms < 100.0 && l.alert.matched > 0),
+                    l.broker.p99_ms,
+                    l.alert.p99_ms - l.broker.p99_ms
+                ),
+            );
         }
         let largest = runs.iter().map(|run| run.peak_rss_kib).max().unwrap_or(0);
         let smallest = runs.iter().map(|run| run.peak_rss_kib).min().unwrap_or(0);
@@ -3402,7 +3603,7 @@ impl Report {
             "machine": self.facts,
             "arguments": {
                 "events": self.args.events, "orgs": self.args.orgs, "seed": self.args.seed,
-                "partitions": self.args.partitions, "latency_rate": self.args.latency_rate,
+                "partitions": self.args.partitions, "latency_rates": self.args.latency_rates,
                 "latency_seconds": self.args.latency_seconds, "latency_broker": self.args.latency_broker.name(), "latency_linger_ms": self.args.latency_linger_ms, "stored": self.args.stored,
                 "batch_max_messages": self.args.batch_max_messages, "batch_max_wait_ms": self.args.batch_max_wait_ms,
                 "worker_kafka_properties": self.args.worker_kafka_properties,
@@ -3421,13 +3622,14 @@ impl Report {
             "produce": {"messages": self.produced.messages, "seconds": self.produced.seconds, "per_second": self.produced.rate()},
             "limits": {
                 "plain_consumer": {"messages": self.consumer_limit.messages, "messages_by_watermarks": self.consumer_limit.expected, "seconds": self.consumer_limit.seconds, "per_second": self.consumer_limit.rate()},
+                "kafka_consumer_perf_test": self.kafka_perf.as_ref().map(KafkaPerf::json),
                 "postgres_copy": {"rows": self.copy_limit.messages, "participant_events": self.participant_events,
                                   "seconds": self.copy_limit.seconds, "per_second": self.copy_limit.rate()},
                 "slower": slower_name, "slower_per_second": slower,
             },
             "end_to_end": self.main_run.json(),
             "ratio_to_slower_limit": self.main_run.rate() / slower,
-            "latency": self.latency.as_ref().map(|l| json!({
+            "latency": self.latency.iter().map(|l| json!({
                 "offered_rate": l.offered_rate, "produced": l.produced, "produce_seconds": l.produce_seconds,
                 "broker": l.on.name(),
                 "workspaces": l.warmup_workspaces, "alerts_read": l.alerts_read,
@@ -3435,7 +3637,7 @@ impl Report {
                 "drained_after_seconds": l.drained_seconds, "checkpoints": l.checkpoints, "peak_rss_mib": l.peak_rss_kib as f64 / 1024.0,
                 "cpu": l.cpu.json(), "worker_metrics": l.metrics.json(), "exit_code": l.exit,
                 "log": {"warnings": l.log.warnings, "errors": l.log.errors},
-            })),
+            })).collect::<Vec<_>>(),
             "state_growth": self.growth.iter().map(RunResult::json).collect::<Vec<_>>(),
             "phases": self.phases.iter().map(|(name, seconds)| json!({"part": name, "seconds": seconds})).collect::<Vec<_>>(),
             "total_seconds": self.total_seconds,

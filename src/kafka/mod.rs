@@ -129,6 +129,7 @@ mod tests {
         );
         assert_eq!(value("queued.max.messages.kbytes").as_deref(), Some("2048"));
         assert_eq!(value("fetch.queue.backoff.ms").as_deref(), Some("20"));
+        assert_eq!(value("fetch.min.bytes").as_deref(), Some("65536"));
 
         for key in ["heartbeat.interval.ms", "client.id", "fetch.max.bytes"] {
             settings.kafka.properties.insert(key.into(), "1".into());
@@ -139,6 +140,7 @@ mod tests {
             keys,
             [
                 "fetch.wait.max.ms",
+                "fetch.min.bytes",
                 "queued.max.messages.kbytes",
                 "fetch.queue.backoff.ms"
             ]
