@@ -494,7 +494,7 @@ impl Core {
     }
 
     /// (org, product) -> (available, granted, transferred, expired), pools that saw a grant.
-    fn pools(&self) -> BTreeMap<(String, String), (i64, i64, i64, i64)> {
+    fn pools(&self) -> BTreeMap<(String, String), Totals> {
         self.book
             .pools
             .iter()
@@ -507,6 +507,7 @@ impl Core {
                         pool.granted_total,
                         pool.transferred_total,
                         pool.expired_total,
+                        pool.revoked_total,
                     ),
                 )
             })
@@ -582,10 +583,16 @@ impl Core {
 // ---------------------------------------------------------------------------------------
 // The properties, checked after every batch and every clock round.
 
+/// A pool's available units and its totals: granted, transferred, expired, revoked.
+type Totals = (i64, i64, i64, i64, i64);
+
 fn sign(kind: LedgerKind) -> i64 {
     match kind {
         LedgerKind::Grant => 1,
-        LedgerKind::Transfer | LedgerKind::ManualTransfer | LedgerKind::Expiry => -1,
+        LedgerKind::Transfer
+        | LedgerKind::ManualTransfer
+        | LedgerKind::Expiry
+        | LedgerKind::Revocation => -1,
     }
 }
 
@@ -601,8 +608,8 @@ fn check_core(core: &mut Core) -> Result<(), TestCaseError> {
         );
         prop_assert_eq!(
             pool.available,
-            pool.granted_total - pool.transferred_total - pool.expired_total,
-            "pool {}/{}: available != granted - transferred - expired",
+            pool.granted_total - pool.transferred_total - pool.expired_total - pool.revoked_total,
+            "pool {}/{}: available != granted - transferred - expired - revoked",
             org,
             product
         );
@@ -628,7 +635,7 @@ fn check_core(core: &mut Core) -> Result<(), TestCaseError> {
     // The ledger explains every pool and every workspace, and reads as a consumer sees it:
     // per organization, sequences 1, 2, 3... and each entry's `pool_available_after` is
     // the running balance of its pool.
-    let mut balance: BTreeMap<(String, String), (i64, i64, i64, i64)> = BTreeMap::new();
+    let mut balance: BTreeMap<(String, String), Totals> = BTreeMap::new();
     let mut held: BTreeMap<(String, String), i64> = BTreeMap::new();
     let mut sequence: BTreeMap<String, i64> = BTreeMap::new();
     for entry in &core.ledger {
@@ -649,6 +656,7 @@ fn check_core(core: &mut Core) -> Result<(), TestCaseError> {
             LedgerKind::Grant => pool.1 += entry.quantity,
             LedgerKind::Transfer | LedgerKind::ManualTransfer => pool.2 += entry.quantity,
             LedgerKind::Expiry => pool.3 += entry.quantity,
+            LedgerKind::Revocation => pool.4 += entry.quantity,
         }
         prop_assert_eq!(
             entry.pool_available_after,
@@ -848,7 +856,14 @@ fn check_agreement(
             );
             Ok((
                 key,
-                (pool.available, pool.granted, pool.transferred, pool.expired),
+                // The oracle has no revocations yet (nor do the generated streams).
+                (
+                    pool.available,
+                    pool.granted,
+                    pool.transferred,
+                    pool.expired,
+                    0,
+                ),
             ))
         })
         .collect::<Result<_, TestCaseError>>()?;

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 
-use super::commands::{Command, CommandBody};
+use super::commands::{Command, CommandBody, RevocationTarget};
 use super::ids::{EventId, OrgId, ParticipantId, Product, WorkspaceId};
 
 /// How the organization's modules are handed out.
@@ -26,13 +26,14 @@ pub struct Organization {
 }
 
 /// An organization's pool of one product: the units available now and the running totals
-/// that explain them (`available = granted - transferred - expired`).
+/// that explain them (`available = granted - transferred - expired - revoked`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Pool {
     pub available: i64,
     pub granted_total: i64,
     pub transferred_total: i64,
     pub expired_total: i64,
+    pub revoked_total: i64,
     pub dirty: bool,
 }
 
@@ -46,6 +47,8 @@ pub enum LotStatus {
     Spent,
     /// `expires_at` passed; what was left left the pool with an expiry entry.
     Expired,
+    /// Revocations took every unit that was left (rule 11).
+    Revoked,
 }
 
 impl LotStatus {
@@ -55,6 +58,7 @@ impl LotStatus {
             LotStatus::Active => "active",
             LotStatus::Spent => "spent",
             LotStatus::Expired => "expired",
+            LotStatus::Revoked => "revoked",
         }
     }
 
@@ -64,6 +68,7 @@ impl LotStatus {
             "active" => LotStatus::Active,
             "spent" => LotStatus::Spent,
             "expired" => LotStatus::Expired,
+            "revoked" => LotStatus::Revoked,
             _ => return None,
         })
     }
@@ -78,6 +83,11 @@ pub struct Lot {
     pub product: Product,
     pub quantity: i64,
     pub remaining: i64,
+    /// Units revocations took out of the pool (rule 11); never more than the lot had left.
+    pub revoked: i64,
+    /// The grant's `occurred_at`: a revocation of its source reaches it when it is not
+    /// after the revocation's own.
+    pub granted_at: DateTime<Utc>,
     pub valid_from: DateTime<Utc>,
     pub expires_at: Option<DateTime<Utc>>,
     pub status: LotStatus,
@@ -151,6 +161,7 @@ pub enum LedgerKind {
     Transfer,
     Expiry,
     ManualTransfer,
+    Revocation,
 }
 
 impl LedgerKind {
@@ -160,6 +171,7 @@ impl LedgerKind {
             LedgerKind::Transfer => "transfer",
             LedgerKind::Expiry => "expiry",
             LedgerKind::ManualTransfer => "manual_transfer",
+            LedgerKind::Revocation => "revocation",
         }
     }
 
@@ -169,6 +181,7 @@ impl LedgerKind {
             "transfer" => LedgerKind::Transfer,
             "expiry" => LedgerKind::Expiry,
             "manual_transfer" => LedgerKind::ManualTransfer,
+            "revocation" => LedgerKind::Revocation,
             _ => return None,
         })
     }
@@ -260,6 +273,55 @@ pub enum Verdict {
     },
 }
 
+/// A revocation the book keeps (rule 11): it reaches grants that arrive, or become
+/// valid, after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    pub event_id: EventId,
+    pub org_id: OrgId,
+    pub occurred_at: DateTime<Utc>,
+    pub target: RevocationTarget,
+    pub reason: Option<String>,
+    /// For a revocation of one grant: true once it took what it could from that grant's
+    /// units in the pool (it is done then, whatever it took). A revocation of a source is
+    /// never done: later grants of the source may still fall under it.
+    pub applied: bool,
+    /// True when the revocation is not stored yet (the store inserts it).
+    pub is_new: bool,
+    pub dirty: bool,
+}
+
+impl Revocation {
+    /// Whether the revocation reaches `lot`.
+    pub fn reaches(&self, lot: &Lot) -> bool {
+        if self.org_id != lot.org_id {
+            return false;
+        }
+        match &self.target {
+            RevocationTarget::Grant { grant_id, .. } => !self.applied && grant_id == &lot.lot_id,
+            RevocationTarget::Source { source, product } => {
+                lot.source_kind.as_deref() == Some(source.kind.as_str())
+                    && lot.source_reference.as_deref() == Some(source.reference.as_str())
+                    && product
+                        .as_ref()
+                        .is_none_or(|product| product == &lot.product)
+                    && lot.granted_at <= self.occurred_at
+            }
+        }
+    }
+
+    /// The most units the revocation may take from one lot.
+    pub fn limit(&self) -> i64 {
+        match &self.target {
+            RevocationTarget::Grant {
+                quantity: Some(quantity),
+                ..
+            } => quantity.get(),
+            _ => i64::MAX,
+        }
+    }
+}
+
 /// The slice of state a batch works on, and what the batch produced.
 #[derive(Debug, Default)]
 pub struct Book {
@@ -269,6 +331,8 @@ pub struct Book {
     pub pools: HashMap<(OrgId, Product), Pool>,
     /// Pending and active lots of the organizations in the book, by pool.
     pub lots: HashMap<(OrgId, Product), Vec<Lot>>,
+    /// The revocations of the organizations in the book, in the order they were applied.
+    pub revocations: HashMap<OrgId, Vec<Revocation>>,
     /// Workspace owners known before the batch.
     pub owners: HashMap<WorkspaceId, OrgId>,
     /// Workspaces first claimed in this batch; the store inserts them.
@@ -353,6 +417,7 @@ impl Book {
             } => self.enable_module(command, workspace_id, module, now),
             CommandBody::EntitlementGranted { .. } => self.grant(command, now),
             CommandBody::TransferRequested { .. } => self.manual_transfer(command, now),
+            CommandBody::EntitlementRevoked { .. } => self.revoke(command, now),
         };
         if verdict == Verdict::Applied {
             if let Some(workspace_id) = command.workspace_id() {

@@ -44,6 +44,30 @@ pub enum CommandBody {
         quantity: Quantity,
         requested_by: Actor,
     },
+    /// Rule 11: removes units of one grant, or of every grant of a source, that are still
+    /// in the pool or not yet valid.
+    EntitlementRevoked {
+        target: RevocationTarget,
+        /// Why, for the people reading the ledger; at most 256 characters.
+        reason: Option<String>,
+    },
+}
+
+/// What a revocation removes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RevocationTarget {
+    /// One grant, by its `event_id`: at most `quantity` of its units, all that are left
+    /// without one.
+    Grant {
+        grant_id: EventId,
+        quantity: Option<Quantity>,
+    },
+    /// Every grant of the source (of `product` only, when given) whose `occurred_at` is not
+    /// after the revocation's own.
+    Source {
+        source: GrantSource,
+        product: Option<Product>,
+    },
 }
 
 /// Where a grant came from (a purchase, a plan, an add-on, a trial...), kept for reports.
@@ -68,7 +92,7 @@ impl Command {
             | CommandBody::ParticipantCancelled { workspace_id, .. }
             | CommandBody::ModuleEnabled { workspace_id, .. }
             | CommandBody::TransferRequested { workspace_id, .. } => Some(workspace_id),
-            CommandBody::EntitlementGranted { .. } => None,
+            CommandBody::EntitlementGranted { .. } | CommandBody::EntitlementRevoked { .. } => None,
         }
     }
 
@@ -88,12 +112,15 @@ impl Command {
         }
     }
 
-    /// Grants and transfer requests are deduplicated by `event_id` through a stored set;
+    /// Grants, transfer requests and revocations are deduplicated by `event_id` through a
+    /// stored set;
     /// participant and module events are idempotent by their own ordering and need no set.
     pub fn needs_deduplication(&self) -> bool {
         matches!(
             self.body,
-            CommandBody::EntitlementGranted { .. } | CommandBody::TransferRequested { .. }
+            CommandBody::EntitlementGranted { .. }
+                | CommandBody::TransferRequested { .. }
+                | CommandBody::EntitlementRevoked { .. }
         )
     }
 }

@@ -7,6 +7,7 @@
 //! | 4, tenancy | [`tenancy`] |
 //! | 5, seats move by themselves; 6, modules wait; 7, manual transfers | [`transfers`] |
 //! | 8, refills oldest first; 9, earliest expiry, never negative, expiry | [`pools`] |
+//! | 11, revocations, also of grants that arrive later | [`revocations`] |
 //! | alerts only on change | [`shortfalls`] |
 //!
 //! The store loads a [`book::Book`] with the state a batch needs, the batch's commands are
@@ -18,15 +19,16 @@ pub mod commands;
 pub mod ids;
 pub mod participants;
 pub mod pools;
+pub mod revocations;
 pub mod shortfalls;
 pub mod tenancy;
 pub mod transfers;
 
 pub use book::{
     Alert, AlertStatus, Book, Consumption, LedgerEntry, LedgerKind, Lot, LotStatus, Organization,
-    ParticipantRecord, Policy, Pool, Refusal, Verdict,
+    ParticipantRecord, Policy, Pool, Refusal, Revocation, Verdict,
 };
-pub use commands::{Actor, Command, CommandBody, GrantSource};
+pub use commands::{Actor, Command, CommandBody, GrantSource, RevocationTarget};
 pub use ids::{EventId, IdError, OrgId, ParticipantId, Product, Quantity, WorkspaceId};
 
 #[cfg(test)]

@@ -38,6 +38,8 @@ impl Book {
             product: product.clone(),
             quantity: quantity.get(),
             remaining: quantity.get(),
+            revoked: 0,
+            granted_at: command.occurred_at,
             // The decoder fills `valid_from` with `occurred_at` when the grant has none, and
             // refuses an `expires_at` that is not after it.
             valid_from: valid_from.unwrap_or(command.occurred_at),
@@ -185,6 +187,8 @@ impl Book {
                     now,
                 );
             } else {
+                // Rule 11: revocations that came first take their share at once.
+                self.revoke_on_arrival(org_id, product, &lot_id, now);
                 credited = Some(lot_id);
             }
         }

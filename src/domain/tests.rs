@@ -505,3 +505,165 @@ fn alerts_are_published_only_when_the_shortfall_changes() {
     assert_eq!((alert.missing, alert.revision), (2, 2));
     assert_eq!(alert.opened_at, at(0));
 }
+
+// Rule 11: revocations.
+
+fn sourced(product: &str, quantity: i64, kind: &str, reference: &str) -> CommandBody {
+    CommandBody::EntitlementGranted {
+        product: Product::parse(product).unwrap(),
+        quantity: Quantity::parse(quantity).unwrap(),
+        valid_from: None,
+        expires_at: None,
+        source: Some(GrantSource {
+            kind: kind.into(),
+            reference: reference.into(),
+        }),
+    }
+}
+
+fn revoke_grant(grant: &Command, quantity: Option<i64>) -> CommandBody {
+    CommandBody::EntitlementRevoked {
+        target: RevocationTarget::Grant {
+            grant_id: grant.event_id.clone(),
+            quantity: quantity.map(|quantity| Quantity::parse(quantity).unwrap()),
+        },
+        reason: Some("support".into()),
+    }
+}
+
+fn revoke_source(kind: &str, reference: &str, product: Option<&str>) -> CommandBody {
+    CommandBody::EntitlementRevoked {
+        target: RevocationTarget::Source {
+            source: GrantSource {
+                kind: kind.into(),
+                reference: reference.into(),
+            },
+            product: product.map(|product| Product::parse(product).unwrap()),
+        },
+        reason: None,
+    }
+}
+
+fn entries(world: &World) -> Vec<(LedgerKind, i64, i64)> {
+    world
+        .book
+        .ledger
+        .iter()
+        .map(|entry| (entry.kind, entry.quantity, entry.pool_available_after))
+        .collect()
+}
+
+#[test]
+fn an_add_on_revoked_after_110_joined_takes_the_10_seats_left_and_leaves_the_110() {
+    let mut world = World::new();
+    let plan = world.command("acme", sourced("seat", 100, "plan", "p-1"), at(0));
+    let add_on = world.command("acme", sourced("seat", 20, "add_on", "a-1"), at(0));
+    world.batch(&[plan, add_on.clone()], at(0));
+    let joins: Vec<_> = (0..110)
+        .map(|n| world.command("acme", join("summit", &format!("p{n}")), at(1)))
+        .collect();
+    world.batch(&joins, at(1));
+    assert_eq!(world.available("acme", "seat"), 10);
+
+    let revocation = world.command("acme", revoke_grant(&add_on, None), at(2));
+    world.batch(&[revocation], at(2));
+    assert_eq!(entries(&world), vec![(LedgerKind::Revocation, 10, 0)]);
+    assert_eq!(world.available("acme", "seat"), 0);
+    let summit = world.consumption("summit", "seat");
+    assert_eq!((summit.required, summit.allocated), (110, 110));
+    let pool = world.book.pool(
+        &OrgId::parse("acme").unwrap(),
+        &Product::parse("seat").unwrap(),
+    );
+    assert_eq!(
+        pool.available,
+        pool.granted_total - pool.transferred_total - pool.expired_total - pool.revoked_total
+    );
+}
+
+#[test]
+fn a_revocation_before_its_grant_leaves_the_grant_nothing_in_the_pool() {
+    let mut world = World::new();
+    let grant = world.command("acme", grant("seat", 30), at(1));
+    let revocation = world.command("acme", revoke_grant(&grant, None), at(0));
+    world.batch(&[revocation], at(0));
+    assert!(
+        world.book.ledger.is_empty(),
+        "removing nothing writes nothing"
+    );
+    world.batch(&[grant], at(2));
+    assert_eq!(
+        entries(&world),
+        vec![(LedgerKind::Grant, 30, 30), (LedgerKind::Revocation, 30, 0)]
+    );
+    assert_eq!(world.available("acme", "seat"), 0);
+}
+
+#[test]
+fn a_revocation_of_some_units_takes_at_most_that_many_once() {
+    let mut world = World::new();
+    let grant = world.command("acme", grant("seat", 30), at(0));
+    world.batch(std::slice::from_ref(&grant), at(0));
+    let revocation = world.command("acme", revoke_grant(&grant, Some(12)), at(1));
+    assert_eq!(
+        world.batch(&[revocation.clone(), revocation], at(1)),
+        vec![Verdict::Applied, Verdict::Duplicate]
+    );
+    assert_eq!(entries(&world), vec![(LedgerKind::Revocation, 12, 18)]);
+    let later = world.command("acme", join("summit", "p1"), at(2));
+    world.batch(&[later], at(2));
+    assert_eq!(world.available("acme", "seat"), 17);
+}
+
+#[test]
+fn a_source_revoked_takes_its_grants_of_every_product_but_not_a_later_regrant() {
+    let mut world = World::new();
+    let seats = world.command("acme", sourced("seat", 50, "subscription", "s-9"), at(0));
+    let stream = world.command(
+        "acme",
+        sourced("live-stream", 2, "subscription", "s-9"),
+        at(0),
+    );
+    let other = world.command("acme", sourced("seat", 5, "plan", "p-1"), at(0));
+    world.batch(&[seats, stream, other], at(0));
+    let revocation = world.command("acme", revoke_source("subscription", "s-9", None), at(5));
+    // Arrives after the revocation, but granted before it: the revocation reaches it.
+    let late = world.command("acme", sourced("seat", 7, "subscription", "s-9"), at(4));
+    // Granted after the revocation: a re-grant, which it does not reach.
+    let regrant = world.command("acme", sourced("seat", 9, "subscription", "s-9"), at(6));
+    world.batch(&[revocation, late, regrant], at(6));
+    assert_eq!(world.available("acme", "seat"), 5 + 9);
+    assert_eq!(world.available("acme", "live-stream"), 0);
+    let revoked: Vec<i64> = world
+        .book
+        .ledger
+        .iter()
+        .filter(|entry| entry.kind == LedgerKind::Revocation)
+        .map(|entry| entry.quantity)
+        .collect();
+    assert_eq!(revoked.iter().sum::<i64>(), 50 + 2 + 7);
+    assert_eq!(revoked.len(), 3, "one entry per grant that lost units");
+}
+
+#[test]
+fn a_grant_not_yet_valid_gives_up_its_units_when_they_become_valid() {
+    let mut world = World::new();
+    let grant = world.command("acme", grant_window("seat", 40, Some(at(10)), None), at(0));
+    world.batch(std::slice::from_ref(&grant), at(0));
+    let revocation = world.command("acme", revoke_grant(&grant, Some(15)), at(1));
+    world.batch(&[revocation], at(1));
+    assert!(
+        world.book.ledger.is_empty(),
+        "its units are not in the pool yet"
+    );
+    let tick = world.command("acme", join("summit", "p1"), at(10));
+    world.batch(&[tick], at(10));
+    assert_eq!(
+        entries(&world)[..2],
+        [
+            (LedgerKind::Grant, 40, 40),
+            (LedgerKind::Revocation, 15, 25)
+        ]
+    );
+    assert_eq!(world.available("acme", "seat"), 24);
+}

@@ -223,6 +223,9 @@ async fn lock_and_load_pools(
                 granted_total,
                 transferred_total,
                 expired_total,
+                // No revocation reaches the store yet (the decoder takes no
+                // `entitlement-revoked`), so no stored pool has revoked units.
+                revoked_total: 0,
                 dirty: false,
             },
         );
@@ -274,6 +277,11 @@ async fn lock_and_load_pools(
                 product,
                 quantity,
                 remaining,
+                // No revocation reaches the store yet (the decoder takes no
+                // `entitlement-revoked`): no stored lot has revoked units, and the grant's
+                // own `occurred_at`, which only revocations read, is not stored yet.
+                revoked: 0,
+                granted_at: valid_from,
                 valid_from,
                 expires_at,
                 status,
