@@ -10,7 +10,7 @@ use uuid::Uuid;
 use crate::domain::shortfalls::{alert_id, ID_NAMESPACE};
 use crate::domain::{
     Actor, Alert, Command, CommandBody, EventId, GrantSource, IdError, LedgerEntry, OrgId,
-    ParticipantId, Product, Quantity, WorkspaceId,
+    ParticipantId, Product, Quantity, RevocationTarget, WorkspaceId,
 };
 
 /// The largest input message accepted, in bytes (the contract's 64 KiB).
@@ -34,7 +34,7 @@ pub const DEAD_LETTER_PAYLOAD_BYTES_MAX: usize = MESSAGE_BYTES_MAX;
 /// a field of the input, which may be most of 64 KiB.
 const DETAIL_LENGTH_MAX: usize = 1024;
 
-/// The five input topics, by what they carry rather than by their configured names.
+/// The input topics, by what they carry rather than by their configured names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum InputKind {
     ParticipantAdded,
@@ -42,16 +42,18 @@ pub enum InputKind {
     ModuleEnabled,
     EntitlementGranted,
     TransferRequested,
+    EntitlementRevoked,
 }
 
 impl InputKind {
     /// Every input topic's kind.
-    pub const ALL: [InputKind; 5] = [
+    pub const ALL: [InputKind; 6] = [
         InputKind::ParticipantAdded,
         InputKind::ParticipantCancelled,
         InputKind::ModuleEnabled,
         InputKind::EntitlementGranted,
         InputKind::TransferRequested,
+        InputKind::EntitlementRevoked,
     ];
 }
 
@@ -94,6 +96,8 @@ struct RawEnvelope {
     expires_at: Option<String>,
     source: Option<RawSource>,
     requested_by: Option<RawActor>,
+    grant_id: Option<String>,
+    reason: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -202,6 +206,7 @@ fn fields_of(kind: InputKind) -> &'static [&'static str] {
             &["product", "quantity", "valid_from", "expires_at", "source"]
         }
         InputKind::TransferRequested => &["workspace_id", "product", "quantity", "requested_by"],
+        InputKind::EntitlementRevoked => &["grant_id", "source", "product", "quantity", "reason"],
     }
 }
 
@@ -262,22 +267,7 @@ fn decode_value(kind: InputKind, mut value: serde_json::Value) -> Result<Command
                     ));
                 }
             }
-            let source = match raw.source {
-                None => None,
-                Some(source) => {
-                    if !SOURCE_KINDS.contains(&source.kind.as_str()) {
-                        return Err(format!(
-                            "Field `source.kind` must be one of {SOURCE_KINDS:?}, not {:?}.",
-                            source.kind
-                        ));
-                    }
-                    free_text("source.reference", &source.reference)?;
-                    Some(GrantSource {
-                        kind: source.kind,
-                        reference: source.reference,
-                    })
-                }
-            };
+            let source = raw.source.map(grant_source).transpose()?;
             CommandBody::EntitlementGranted {
                 product: product("product", raw.product.as_deref())?,
                 quantity: quantity(raw.quantity)?,
@@ -314,6 +304,16 @@ fn decode_value(kind: InputKind, mut value: serde_json::Value) -> Result<Command
                 },
             }
         }
+        InputKind::EntitlementRevoked => CommandBody::EntitlementRevoked {
+            target: revocation_target(raw.grant_id, raw.source, raw.product, raw.quantity)?,
+            reason: raw
+                .reason
+                .map(|reason| {
+                    bounded_text("reason", &reason)?;
+                    Ok::<_, String>(reason)
+                })
+                .transpose()?,
+        },
     };
     Ok(Command {
         event_id,
@@ -321,6 +321,69 @@ fn decode_value(kind: InputKind, mut value: serde_json::Value) -> Result<Command
         org_id,
         body,
     })
+}
+
+/// A grant's `source`: a known kind and a reference of 1 to 256 characters.
+fn grant_source(source: RawSource) -> Result<GrantSource, String> {
+    if !SOURCE_KINDS.contains(&source.kind.as_str()) {
+        return Err(format!(
+            "Field `source.kind` must be one of {SOURCE_KINDS:?}, not {:?}.",
+            source.kind
+        ));
+    }
+    free_text("source.reference", &source.reference)?;
+    Ok(GrantSource {
+        kind: source.kind,
+        reference: source.reference,
+    })
+}
+
+/// What a revocation names (rule 11): exactly one of `grant_id` (with an optional
+/// `quantity`) or `source` (with an optional `product`).
+fn revocation_target(
+    grant_id: Option<String>,
+    source: Option<RawSource>,
+    product_handle: Option<String>,
+    units: Option<i64>,
+) -> Result<RevocationTarget, String> {
+    match (grant_id, source) {
+        (Some(_), Some(_)) => Err(
+            "Fields `grant_id` and `source` are exclusive: a revocation \
+                                   names one grant or one source, not both."
+                .into(),
+        ),
+        (None, None) => Err(
+            "A revocation names what it removes: field `grant_id` (one grant) \
+                             or field `source` (every grant of a source) is required."
+                .into(),
+        ),
+        (Some(grant_id), None) => {
+            if product_handle.is_some() {
+                return Err("Field `product` goes with `source` only: a grant named by \
+                            `grant_id` already has its product."
+                    .into());
+            }
+            Ok(RevocationTarget::Grant {
+                grant_id: identifier("grant_id", &grant_id, EventId::parse)?,
+                quantity: units.map(|units| quantity(Some(units))).transpose()?,
+            })
+        }
+        (None, Some(source)) => {
+            if units.is_some() {
+                return Err(
+                    "Field `quantity` goes with `grant_id` only: a revocation of a \
+                            source removes every unit its grants have left."
+                        .into(),
+                );
+            }
+            Ok(RevocationTarget::Source {
+                source: grant_source(source)?,
+                product: product_handle
+                    .map(|handle| product("product", Some(&handle)))
+                    .transpose()?,
+            })
+        }
+    }
 }
 
 fn required<'a>(field: &str, value: Option<&'a str>) -> Result<&'a str, String> {
@@ -349,6 +412,16 @@ fn free_text(field: &str, value: &str) -> Result<(), String> {
     if value.is_empty() || value.chars().count() > FREE_TEXT_LENGTH_MAX {
         return Err(format!(
             "Field `{field}` must be 1 to {FREE_TEXT_LENGTH_MAX} characters."
+        ));
+    }
+    storable_text(field, value)
+}
+
+/// Text of at most [`FREE_TEXT_LENGTH_MAX`] characters, possibly empty.
+fn bounded_text(field: &str, value: &str) -> Result<(), String> {
+    if value.chars().count() > FREE_TEXT_LENGTH_MAX {
+        return Err(format!(
+            "Field `{field}` must be at most {FREE_TEXT_LENGTH_MAX} characters."
         ));
     }
     storable_text(field, value)
@@ -428,6 +501,9 @@ pub struct LedgerMessage {
     pub workspace_id: Option<String>,
     pub pool_available_after: i64,
     pub caused_by: String,
+    /// The grant whose units moved, for `grant`, `expiry` and `revocation` entries.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub grant_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub actor: Option<String>,
     pub recorded_at: DateTime<Utc>,
@@ -453,6 +529,7 @@ impl From<&LedgerEntry> for LedgerMessage {
             workspace_id: entry.workspace_id.as_ref().map(ToString::to_string),
             pool_available_after: entry.pool_available_after,
             caused_by: entry.caused_by.to_string(),
+            grant_id: entry.grant_id.as_ref().map(ToString::to_string),
             actor: entry.actor.clone(),
             recorded_at: entry.recorded_at,
         }

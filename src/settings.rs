@@ -74,6 +74,7 @@ pub struct TopicSettings {
     pub module_enabled: String,
     pub entitlement_granted: String,
     pub transfer_requested: String,
+    pub entitlement_revoked: String,
     pub shortfalls: String,
     pub ledger: String,
     pub dlq: String,
@@ -191,6 +192,10 @@ impl Settings {
                 "TOPICS__TRANSFER_REQUESTED",
                 topics.transfer_requested.clone(),
             ),
+            (
+                "TOPICS__ENTITLEMENT_REVOKED",
+                topics.entitlement_revoked.clone(),
+            ),
             ("TOPICS__SHORTFALLS", topics.shortfalls.clone()),
             ("TOPICS__LEDGER", topics.ledger.clone()),
             ("TOPICS__DLQ", topics.dlq.clone()),
@@ -264,14 +269,14 @@ impl Settings {
         names.sort();
         names.dedup();
         if names.len() != count || names.iter().any(|name| name.is_empty()) {
-            return invalid("the eight topic names must be distinct and not empty".into());
+            return invalid("the topic names must be distinct and not empty".into());
         }
         Ok(())
     }
 }
 
 impl TopicSettings {
-    /// The five input topics with what each carries.
+    /// The input topics with what each carries.
     pub fn inputs(&self) -> impl Iterator<Item = (crate::codec::InputKind, &str)> {
         use crate::codec::InputKind;
         [
@@ -289,11 +294,15 @@ impl TopicSettings {
                 InputKind::TransferRequested,
                 self.transfer_requested.as_str(),
             ),
+            (
+                InputKind::EntitlementRevoked,
+                self.entitlement_revoked.as_str(),
+            ),
         ]
         .into_iter()
     }
 
-    /// Appends `-suffix` to all eight names: topics of their own for a test or a
+    /// Appends `-suffix` to every name: topics of their own for a test or a
     /// benchmark phase on a shared broker.
     pub fn add_suffix(&mut self, suffix: &str) {
         for name in [
@@ -302,6 +311,7 @@ impl TopicSettings {
             &mut self.module_enabled,
             &mut self.entitlement_granted,
             &mut self.transfer_requested,
+            &mut self.entitlement_revoked,
             &mut self.shortfalls,
             &mut self.ledger,
             &mut self.dlq,
@@ -311,7 +321,7 @@ impl TopicSettings {
         }
     }
 
-    /// All eight topic names: the five inputs, then shortfalls, ledger and dead letters.
+    /// Every topic name: the inputs, then shortfalls, ledger and dead letters.
     pub fn all(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.inputs().map(|(_, name)| name).collect();
         names.extend([
@@ -410,12 +420,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_suffix_gives_all_eight_topics_names_of_their_own() {
+    fn a_suffix_gives_every_topic_a_name_of_its_own() {
         let defaults = Settings::load(None).unwrap().topics;
         let mut topics = defaults.clone();
         topics.add_suffix("run-7");
         let (before, after) = (defaults.all(), topics.all());
-        assert_eq!(after.len(), 8);
+        assert_eq!(after.len(), 9);
         for (old, new) in before.iter().zip(&after) {
             assert_eq!(*new, format!("{old}-run-7"));
         }
@@ -459,6 +469,7 @@ mod tests {
             settings.topics.transfer_requested,
             "entitlement-transfer-requested"
         );
+        assert_eq!(settings.topics.entitlement_revoked, "entitlement-revoked");
         assert_eq!(settings.topics.dlq, "entitlement-dlq");
     }
 

@@ -299,3 +299,88 @@ async fn the_upgrade_to_event_ids_per_organization_keeps_what_was_applied() {
     assert_eq!(report.duplicates, 2, "both were applied before the upgrade");
     assert!(report.ledger_entries.is_empty());
 }
+
+#[tokio::test]
+async fn a_revocation_stored_before_its_grant_takes_its_units_when_the_grant_arrives() {
+    let store = store().await;
+    let now = Utc::now();
+    let at = now.to_rfc3339();
+    let plan = format!(
+        r#"{{"event_id":"g-plan","occurred_at":"{at}","org_id":"acme","product":"seat","quantity":100,"source":{{"kind":"plan","reference":"pro"}}}}"#
+    );
+    let revocation = format!(
+        r#"{{"event_id":"r-1","occurred_at":"{at}","org_id":"acme","grant_id":"g-addon","reason":"trial ended"}}"#
+    );
+    let add_on = format!(
+        r#"{{"event_id":"g-addon","occurred_at":"{at}","org_id":"acme","product":"seat","quantity":20,"source":{{"kind":"add_on","reference":"extra"}}}}"#
+    );
+    let first = store
+        .apply_batch(
+            &[
+                inbound("granted", 0, InputKind::EntitlementGranted, &plan),
+                inbound("revoked", 0, InputKind::EntitlementRevoked, &revocation),
+            ],
+            Policy::default(),
+            now,
+        )
+        .await
+        .expect("the first batch commits");
+    assert_eq!(
+        first.ledger_entries.get("revocation"),
+        None,
+        "nothing to take yet"
+    );
+    let second = store
+        .apply_batch(
+            &[inbound(
+                "granted",
+                1,
+                InputKind::EntitlementGranted,
+                &add_on,
+            )],
+            Policy::default(),
+            now,
+        )
+        .await
+        .expect("the second batch commits");
+    assert_eq!(second.ledger_entries.get("grant"), Some(&1));
+    assert_eq!(second.ledger_entries.get("revocation"), Some(&1));
+    let pool: (i64, i64, i64) = sqlx::query_as(
+        "SELECT available, granted_total, revoked_total FROM pools
+          WHERE org_id = 'acme' AND product = 'seat'",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(pool, (100, 120, 20));
+    let lot: (i64, i64, String) = sqlx::query_as(
+        "SELECT remaining, revoked, status FROM lots WHERE org_id = 'acme' AND lot_id = 'g-addon'",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(lot, (0, 20, "revoked".to_owned()));
+    let entry: (String, i64, String, Option<String>) = sqlx::query_as(
+        "SELECT kind, quantity, caused_by, grant_id FROM ledger
+          WHERE org_id = 'acme' ORDER BY sequence DESC LIMIT 1",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        entry,
+        (
+            "revocation".into(),
+            20,
+            "r-1".into(),
+            Some("g-addon".into())
+        )
+    );
+    let applied: bool = sqlx::query_scalar(
+        "SELECT applied FROM revocations WHERE org_id = 'acme' AND event_id = 'r-1'",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert!(applied, "a revocation of one grant is done once applied");
+}

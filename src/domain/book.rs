@@ -198,6 +198,9 @@ pub struct LedgerEntry {
     pub workspace_id: Option<WorkspaceId>,
     pub pool_available_after: i64,
     pub caused_by: EventId,
+    /// The grant whose units the entry moved, for `grant`, `expiry` and `revocation`
+    /// entries (a revocation's `caused_by` is the revocation, not the grant).
+    pub grant_id: Option<EventId>,
     pub actor: Option<String>,
     pub recorded_at: DateTime<Utc>,
 }
@@ -481,6 +484,7 @@ impl Book {
             workspace_id: movement.workspace_id.cloned(),
             pool_available_after,
             caused_by: movement.caused_by.clone(),
+            grant_id: movement.grant_id.cloned(),
             actor: movement.actor.map(str::to_owned),
             recorded_at: now,
         });
@@ -494,5 +498,6 @@ pub(crate) struct Movement<'a> {
     pub quantity: i64,
     pub workspace_id: Option<&'a WorkspaceId>,
     pub caused_by: &'a EventId,
+    pub grant_id: Option<&'a EventId>,
     pub actor: Option<&'a str>,
 }

@@ -125,6 +125,7 @@ impl Book {
                 quantity: taken,
                 workspace_id: None,
                 caused_by: &caused_by,
+                grant_id: Some(lot_id),
                 actor: None,
             },
             now,

@@ -8,7 +8,7 @@ use rdkafka::error::RDKafkaErrorCode;
 
 use crate::settings::{KafkaSettings, TopicSettings};
 
-/// Creates the eight topics with `partitions` partitions each; topics that exist are kept.
+/// Creates every topic (the inputs and the outputs) with `partitions` partitions each; topics that exist are kept.
 pub async fn create_topics(
     kafka: &KafkaSettings,
     topics: &TopicSettings,

@@ -330,7 +330,7 @@ pub struct ConsumerThread {
 }
 
 impl ConsumerThread {
-    /// Subscribes to the five input topics as lane `lane` of this instance (a member of
+    /// Subscribes to the input topics as lane `lane` of this instance (a member of
     /// the consumer group in its own right) and starts polling on a new thread.
     pub fn start(
         lane: usize,

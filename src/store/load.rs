@@ -7,8 +7,9 @@ use sqlx::PgConnection;
 
 use super::StoreError;
 use crate::domain::{
-    Book, Command, CommandBody, Consumption, EventId, Lot, LotStatus, OrgId, Organization,
-    ParticipantId, ParticipantRecord, Policy, Pool, Product, WorkspaceId,
+    Book, Command, CommandBody, Consumption, EventId, GrantSource, Lot, LotStatus, OrgId,
+    Organization, ParticipantId, ParticipantRecord, Policy, Pool, Product, Quantity, Revocation,
+    RevocationTarget, WorkspaceId,
 };
 
 /// Loads what the commands need: their organizations (locked), pools and lots; the open
@@ -58,6 +59,7 @@ pub(super) async fn load_book<'a>(
     if !crediting.is_empty() {
         let names: Vec<&str> = crediting.into_iter().map(OrgId::as_str).collect();
         load_open_shortfalls(connection, &names, &mut book).await?;
+        load_revocations(connection, &names, &mut book).await?;
     }
     let workspaces: Vec<String> = workspaces.into_iter().collect();
 
@@ -142,7 +144,78 @@ pub(super) async fn load_book_for_orgs(
     let mut book = lock_and_load_pools(connection, orgs, policy).await?;
     let names: Vec<&str> = orgs.iter().map(OrgId::as_str).collect();
     load_open_shortfalls(connection, &names, &mut book).await?;
+    load_revocations(connection, &names, &mut book).await?;
     Ok(book)
+}
+
+/// Loads the kept revocations that can still reach a lot (rule 11): the ones a grant or a
+/// lot becoming valid needs. A revocation in the batch itself reaches only lots already in
+/// the pool, which are loaded.
+async fn load_revocations(
+    connection: &mut PgConnection,
+    orgs: &[&str],
+    book: &mut Book,
+) -> Result<(), StoreError> {
+    type RevocationRow = (
+        String,
+        String,
+        DateTime<Utc>,
+        Option<String>,
+        Option<i64>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    );
+    let rows: Vec<RevocationRow> = sqlx::query_as(
+        "SELECT org_id, event_id, occurred_at, grant_id, quantity, source_kind, source_reference,
+                product, reason
+           FROM revocations WHERE org_id = ANY($1) AND NOT applied
+          ORDER BY org_id, occurred_at, event_id",
+    )
+    .bind(orgs)
+    .fetch_all(&mut *connection)
+    .await?;
+    for (org_id, event_id, occurred_at, grant_id, quantity, kind, reference, product, reason) in
+        rows
+    {
+        let target = match (grant_id, kind, reference) {
+            (Some(grant_id), None, None) => RevocationTarget::Grant {
+                grant_id: parse(EventId::parse(&grant_id))?,
+                quantity: quantity
+                    .map(Quantity::parse)
+                    .transpose()
+                    .map_err(|error| StoreError::Corrupt(format!("a revocation's {error}")))?,
+            },
+            (None, Some(kind), Some(reference)) => RevocationTarget::Source {
+                source: GrantSource { kind, reference },
+                product: product
+                    .as_deref()
+                    .map(|product| parse(Product::parse(product)))
+                    .transpose()?,
+            },
+            _ => {
+                return Err(StoreError::Corrupt(format!(
+                    "revocation {event_id:?} names neither one grant nor one source"
+                )))
+            }
+        };
+        let org_id = parse(OrgId::parse(&org_id))?;
+        book.revocations
+            .entry(org_id.clone())
+            .or_default()
+            .push(Revocation {
+                event_id: parse(EventId::parse(&event_id))?,
+                org_id,
+                occurred_at,
+                target,
+                reason,
+                applied: false,
+                is_new: false,
+                dirty: false,
+            });
+    }
+    Ok(())
 }
 
 /// Whether a pending lot of `org_id` becomes valid by `now`, crediting its pool.
@@ -205,14 +278,24 @@ async fn lock_and_load_pools(
         );
     }
 
-    let pools: Vec<(String, String, i64, i64, i64, i64)> = sqlx::query_as(
-        "SELECT org_id, product, available, granted_total, transferred_total, expired_total
+    let pools: Vec<(String, String, i64, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT org_id, product, available, granted_total, transferred_total, expired_total,
+                revoked_total
            FROM pools WHERE org_id = ANY($1)",
     )
     .bind(&names)
     .fetch_all(&mut *connection)
     .await?;
-    for (org_id, product, available, granted_total, transferred_total, expired_total) in pools {
+    for (
+        org_id,
+        product,
+        available,
+        granted_total,
+        transferred_total,
+        expired_total,
+        revoked_total,
+    ) in pools
+    {
         book.pools.insert(
             (
                 parse(OrgId::parse(&org_id))?,
@@ -223,9 +306,7 @@ async fn lock_and_load_pools(
                 granted_total,
                 transferred_total,
                 expired_total,
-                // No revocation reaches the store yet (the decoder takes no
-                // `entitlement-revoked`), so no stored pool has revoked units.
-                revoked_total: 0,
+                revoked_total,
                 dirty: false,
             },
         );
@@ -237,6 +318,8 @@ async fn lock_and_load_pools(
         String,
         i64,
         i64,
+        i64,
+        DateTime<Utc>,
         DateTime<Utc>,
         Option<DateTime<Utc>>,
         String,
@@ -244,8 +327,8 @@ async fn lock_and_load_pools(
         Option<String>,
     );
     let lots: Vec<LotRow> = sqlx::query_as(
-        "SELECT lot_id, org_id, product, quantity, remaining, valid_from, expires_at, status,
-                source_kind, source_reference
+        "SELECT lot_id, org_id, product, quantity, remaining, revoked, occurred_at, valid_from,
+                expires_at, status, source_kind, source_reference
            FROM lots WHERE org_id = ANY($1) AND status IN ('pending', 'active')",
     )
     .bind(&names)
@@ -257,6 +340,8 @@ async fn lock_and_load_pools(
         product,
         quantity,
         remaining,
+        revoked,
+        granted_at,
         valid_from,
         expires_at,
         status,
@@ -277,11 +362,8 @@ async fn lock_and_load_pools(
                 product,
                 quantity,
                 remaining,
-                // No revocation reaches the store yet (the decoder takes no
-                // `entitlement-revoked`): no stored lot has revoked units, and the grant's
-                // own `occurred_at`, which only revocations read, is not stored yet.
-                revoked: 0,
-                granted_at: valid_from,
+                revoked,
+                granted_at,
                 valid_from,
                 expires_at,
                 status,

@@ -5,7 +5,9 @@ use sqlx::PgConnection;
 
 use super::StoreError;
 use crate::codec::entry_id;
-use crate::domain::{Book, Consumption, ParticipantId, ParticipantRecord, Product, WorkspaceId};
+use crate::domain::{
+    Book, Consumption, ParticipantId, ParticipantRecord, Product, RevocationTarget, WorkspaceId,
+};
 
 pub(super) async fn write_book(
     connection: &mut PgConnection,
@@ -15,6 +17,7 @@ pub(super) async fn write_book(
     write_organizations(connection, book).await?;
     write_pools(connection, book).await?;
     write_lots(connection, book).await?;
+    write_revocations(connection, book).await?;
     write_consumption(connection, book).await?;
     write_participants(connection, book).await?;
     write_processed(connection, book).await?;
@@ -96,14 +99,18 @@ async fn write_pools(connection: &mut PgConnection, book: &Book) -> Result<(), S
         .map(|(_, pool)| pool.transferred_total)
         .collect();
     let expired: Vec<i64> = dirty.iter().map(|(_, pool)| pool.expired_total).collect();
+    let revoked: Vec<i64> = dirty.iter().map(|(_, pool)| pool.revoked_total).collect();
     sqlx::query(
-        "INSERT INTO pools (org_id, product, available, granted_total, transferred_total, expired_total)
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])
+        "INSERT INTO pools (org_id, product, available, granted_total, transferred_total,
+                            expired_total, revoked_total)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[],
+                              $6::bigint[], $7::bigint[])
          ON CONFLICT (org_id, product) DO UPDATE SET
              available = EXCLUDED.available,
              granted_total = EXCLUDED.granted_total,
              transferred_total = EXCLUDED.transferred_total,
-             expired_total = EXCLUDED.expired_total",
+             expired_total = EXCLUDED.expired_total,
+             revoked_total = EXCLUDED.revoked_total",
     )
     .bind(&orgs)
     .bind(&products)
@@ -111,6 +118,7 @@ async fn write_pools(connection: &mut PgConnection, book: &Book) -> Result<(), S
     .bind(&granted)
     .bind(&transferred)
     .bind(&expired)
+    .bind(&revoked)
     .execute(&mut *connection)
     .await?;
     Ok(())
@@ -131,6 +139,8 @@ async fn write_lots(connection: &mut PgConnection, book: &Book) -> Result<(), St
     let products: Vec<&str> = dirty.iter().map(|lot| lot.product.as_str()).collect();
     let quantities: Vec<i64> = dirty.iter().map(|lot| lot.quantity).collect();
     let remaining: Vec<i64> = dirty.iter().map(|lot| lot.remaining).collect();
+    let revoked: Vec<i64> = dirty.iter().map(|lot| lot.revoked).collect();
+    let granted_at: Vec<DateTime<Utc>> = dirty.iter().map(|lot| lot.granted_at).collect();
     let valid_from: Vec<DateTime<Utc>> = dirty.iter().map(|lot| lot.valid_from).collect();
     let expires_at: Vec<Option<DateTime<Utc>>> = dirty.iter().map(|lot| lot.expires_at).collect();
     let status: Vec<&str> = dirty.iter().map(|lot| lot.status.as_str()).collect();
@@ -141,10 +151,12 @@ async fn write_lots(connection: &mut PgConnection, book: &Book) -> Result<(), St
         .collect();
     sqlx::query(
         "INSERT INTO lots (lot_id, org_id, product, quantity, remaining, valid_from, expires_at,
-                           status, source_kind, source_reference)
+                           status, source_kind, source_reference, revoked, occurred_at)
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
-                              $6::timestamptz[], $7::timestamptz[], $8::text[], $9::text[], $10::text[])
-         ON CONFLICT (org_id, lot_id) DO UPDATE SET remaining = EXCLUDED.remaining, status = EXCLUDED.status",
+                              $6::timestamptz[], $7::timestamptz[], $8::text[], $9::text[], $10::text[],
+                              $11::bigint[], $12::timestamptz[])
+         ON CONFLICT (org_id, lot_id) DO UPDATE SET
+             remaining = EXCLUDED.remaining, status = EXCLUDED.status, revoked = EXCLUDED.revoked",
     )
     .bind(&ids)
     .bind(&orgs)
@@ -156,6 +168,69 @@ async fn write_lots(connection: &mut PgConnection, book: &Book) -> Result<(), St
     .bind(&status)
     .bind(&kinds)
     .bind(&references)
+    .bind(&revoked)
+    .bind(&granted_at)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}
+
+/// New revocations are inserted; a stored one changes only when it is applied.
+async fn write_revocations(connection: &mut PgConnection, book: &Book) -> Result<(), StoreError> {
+    let dirty: Vec<_> = book
+        .revocations
+        .values()
+        .flatten()
+        .filter(|revocation| revocation.dirty)
+        .collect();
+    if dirty.is_empty() {
+        return Ok(());
+    }
+    let orgs: Vec<&str> = dirty.iter().map(|r| r.org_id.as_str()).collect();
+    let ids: Vec<&str> = dirty.iter().map(|r| r.event_id.as_str()).collect();
+    let times: Vec<DateTime<Utc>> = dirty.iter().map(|r| r.occurred_at).collect();
+    let mut grants: Vec<Option<&str>> = Vec::with_capacity(dirty.len());
+    let mut quantities: Vec<Option<i64>> = Vec::with_capacity(dirty.len());
+    let mut kinds: Vec<Option<&str>> = Vec::with_capacity(dirty.len());
+    let mut references: Vec<Option<&str>> = Vec::with_capacity(dirty.len());
+    let mut products: Vec<Option<&str>> = Vec::with_capacity(dirty.len());
+    for revocation in &dirty {
+        match &revocation.target {
+            RevocationTarget::Grant { grant_id, quantity } => {
+                grants.push(Some(grant_id.as_str()));
+                quantities.push(quantity.map(|quantity| quantity.get()));
+                kinds.push(None);
+                references.push(None);
+                products.push(None);
+            }
+            RevocationTarget::Source { source, product } => {
+                grants.push(None);
+                quantities.push(None);
+                kinds.push(Some(source.kind.as_str()));
+                references.push(Some(source.reference.as_str()));
+                products.push(product.as_ref().map(|product| product.as_str()));
+            }
+        }
+    }
+    let reasons: Vec<Option<&str>> = dirty.iter().map(|r| r.reason.as_deref()).collect();
+    let applied: Vec<bool> = dirty.iter().map(|r| r.applied).collect();
+    sqlx::query(
+        "INSERT INTO revocations (org_id, event_id, occurred_at, grant_id, quantity, source_kind,
+                                  source_reference, product, reason, applied)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::bigint[],
+                              $6::text[], $7::text[], $8::text[], $9::text[], $10::bool[])
+         ON CONFLICT (org_id, event_id) DO UPDATE SET applied = EXCLUDED.applied",
+    )
+    .bind(&orgs)
+    .bind(&ids)
+    .bind(&times)
+    .bind(&grants)
+    .bind(&quantities)
+    .bind(&kinds)
+    .bind(&references)
+    .bind(&products)
+    .bind(&reasons)
+    .bind(&applied)
     .execute(&mut *connection)
     .await?;
     Ok(())
@@ -346,14 +421,18 @@ async fn write_ledger(connection: &mut PgConnection, book: &Book) -> Result<(), 
         .collect();
     let after: Vec<i64> = entries.iter().map(|e| e.pool_available_after).collect();
     let causes: Vec<&str> = entries.iter().map(|e| e.caused_by.as_str()).collect();
+    let grants: Vec<Option<&str>> = entries
+        .iter()
+        .map(|e| e.grant_id.as_ref().map(|grant| grant.as_str()))
+        .collect();
     let actors: Vec<Option<&str>> = entries.iter().map(|e| e.actor.as_deref()).collect();
     let recorded: Vec<DateTime<Utc>> = entries.iter().map(|e| e.recorded_at).collect();
     sqlx::query(
         "INSERT INTO ledger (org_id, sequence, entry_id, product, kind, quantity, workspace_id,
-                             pool_available_after, caused_by, actor, recorded_at)
+                             pool_available_after, caused_by, actor, recorded_at, grant_id)
          SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[],
                               $6::bigint[], $7::text[], $8::bigint[], $9::text[], $10::text[],
-                              $11::timestamptz[])",
+                              $11::timestamptz[], $12::text[])",
     )
     .bind(&orgs)
     .bind(&sequences)
@@ -366,6 +445,7 @@ async fn write_ledger(connection: &mut PgConnection, book: &Book) -> Result<(), 
     .bind(&causes)
     .bind(&actors)
     .bind(&recorded)
+    .bind(&grants)
     .execute(&mut *connection)
     .await?;
     Ok(())

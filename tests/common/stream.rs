@@ -290,6 +290,7 @@ pub fn topic_of(topics: &TopicSettings, kind: InputKind) -> &str {
         InputKind::ModuleEnabled => &topics.module_enabled,
         InputKind::EntitlementGranted => &topics.entitlement_granted,
         InputKind::TransferRequested => &topics.transfer_requested,
+        InputKind::EntitlementRevoked => &topics.entitlement_revoked,
     }
 }
 
@@ -459,6 +460,7 @@ pub fn assert_oracle_agrees(scenario: &Scenario) {
             InputKind::ModuleEnabled => "module-enabled",
             InputKind::EntitlementGranted => "entitlement-granted",
             InputKind::TransferRequested => "entitlement-transfer-requested",
+            InputKind::EntitlementRevoked => "entitlement-revoked",
         };
         let decoded = OracleEvent::from_json(kind, &event.body).expect("a valid event");
         oracle.apply(&decoded, now);
@@ -557,7 +559,7 @@ pub async fn check(pool: &PgPool, outputs: &Outputs, expected: &Expected) {
         "SELECT json_build_object('entry_id', entry_id, 'sequence', sequence, 'org_id', org_id,
                 'product', product, 'kind', kind, 'quantity', quantity,
                 'workspace_id', workspace_id, 'pool_available_after', pool_available_after,
-                'caused_by', caused_by, 'actor', actor)
+                'caused_by', caused_by, 'grant_id', grant_id, 'actor', actor)
          FROM ledger ORDER BY org_id, sequence",
     )
     .fetch_all(pool)
