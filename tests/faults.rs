@@ -11,6 +11,8 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::e2e::{Setup, DEADLINE};
@@ -298,7 +300,8 @@ async fn postgres_restarted_twice_mid_stream_loses_and_doubles_nothing() {
     let scenario = stream::scenario(30, knob("FAULT_SCALE", 4) * 5);
     let before = setup.deliver_setup(&scenario).await;
     let mut worker = setup.start_worker();
-    let producer = paced_producer(&setup, before, &scenario.events, 40);
+    let hold = Arc::new(AtomicBool::new(true));
+    let producer = paced_producer(&setup, before, &scenario.events, 40, hold.clone());
     let expected = before + scenario.events.len();
     let database_name: String = sqlx::query_scalar("SELECT current_database()")
         .fetch_one(&setup.database)
@@ -349,6 +352,7 @@ async fn postgres_restarted_twice_mid_stream_loses_and_doubles_nothing() {
             interrupting += 1;
         }
     }
+    hold.store(false, Ordering::SeqCst);
     let total = before + producer.await.expect("the stream is produced");
     setup.wait_until_done(total, &worker).await;
     let (_, metrics) = worker.get("/metrics").expect("/metrics answers");
@@ -384,23 +388,42 @@ fn restart_postgres() {
     assert!(status.success(), "pg_ctlcluster {version} {name} restart");
 }
 
-/// Produces `events` from a task of its own in `chunks` parts, each once the worker has
-/// applied everything before it: however fast the worker is, input keeps coming until the
-/// last part, so a fault injected before then lands mid-stream. Returns how many went out.
+/// Produces `events` in `chunks` steps from a task of its own, each once the worker applied
+/// the one before, so that the worker keeps opening transactions. The last fifth goes one
+/// event at a time until `hold` is cleared, so the stream cannot end while a test still
+/// needs it running. Returns how many went out.
 fn paced_producer(
     setup: &Setup,
     before: usize,
     events: &[stream::Event],
     chunks: usize,
+    hold: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<usize> {
     let settings = setup.settings.clone();
     let database = setup.database.clone();
     let events = events.to_vec();
     tokio::spawn(async move {
         let mut produced = before;
-        for chunk in events.chunks(events.len().div_ceil(chunks)) {
-            let chunk: Vec<_> = chunk.iter().collect();
-            produced += stream::produce(&settings, &chunk, Keys::ByOrganization).await;
+        let (steady, trickle) = events.split_at(events.len() - events.len() / 5);
+        let mut rest = trickle;
+        let steps = steady
+            .chunks(steady.len().div_ceil(chunks).max(1))
+            .map(|chunk| chunk.iter().collect::<Vec<_>>())
+            .chain(std::iter::from_fn(|| {
+                if rest.is_empty() {
+                    return None;
+                }
+                let take = if hold.load(Ordering::SeqCst) {
+                    1
+                } else {
+                    rest.len()
+                };
+                let (step, later) = rest.split_at(take);
+                rest = later;
+                Some(step.iter().collect())
+            }));
+        for step in steps {
+            produced += stream::produce(&settings, &step, Keys::ByOrganization).await;
             common::eventually(
                 "the worker to apply what was produced",
                 common::e2e::DEADLINE,
