@@ -732,6 +732,112 @@ mod tests {
         );
     }
 
+    /// An `entitlement-revoked` from `acme` with these fields besides its envelope.
+    fn revocation(fields: &str) -> Result<Command, Rejection> {
+        let payload = format!(
+            r#"{{"event_id":"r1","occurred_at":"2026-12-01T00:00:00Z","org_id":"acme",{fields}}}"#
+        );
+        decode(InputKind::EntitlementRevoked, Some(payload.as_bytes()))
+    }
+
+    fn revoked(fields: &str) -> (RevocationTarget, Option<String>) {
+        match revocation(fields).unwrap().body {
+            CommandBody::EntitlementRevoked { target, reason } => (target, reason),
+            other => panic!("not a revocation: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_revocation_names_one_grant_or_every_grant_of_a_source() {
+        let (target, reason) = revoked(r#""grant_id":"g1","quantity":200,"reason":"Refund.""#);
+        assert_eq!(
+            target,
+            RevocationTarget::Grant {
+                grant_id: EventId::parse("g1").unwrap(),
+                quantity: Some(Quantity::parse(200).unwrap()),
+            }
+        );
+        assert_eq!(reason.as_deref(), Some("Refund."));
+
+        let (target, reason) = revoked(r#""grant_id":"g1","workspace_id":["not","this"]"#);
+        assert_eq!(
+            target,
+            RevocationTarget::Grant {
+                grant_id: EventId::parse("g1").unwrap(),
+                quantity: None,
+            },
+            "without a quantity, all that is left; fields of other inputs are ignored"
+        );
+        assert_eq!(reason, None);
+
+        let plan = GrantSource {
+            kind: "plan".into(),
+            reference: "plan-pro".into(),
+        };
+        let (target, _) =
+            revoked(r#""source":{"kind":"plan","reference":"plan-pro"},"product":"live-stream""#);
+        assert_eq!(
+            target,
+            RevocationTarget::Source {
+                source: plan.clone(),
+                product: Some(Product::parse("live-stream").unwrap()),
+            }
+        );
+        let (target, _) = revoked(r#""source":{"kind":"plan","reference":"plan-pro"}"#);
+        assert_eq!(
+            target,
+            RevocationTarget::Source {
+                source: plan,
+                product: None,
+            },
+            "without a product, every product of the source"
+        );
+
+        // 256 characters, 512 bytes: the limit counts characters.
+        let longest = "é".repeat(256);
+        let (_, reason) = revoked(&format!(r#""grant_id":"g1","reason":"{longest}""#));
+        assert_eq!(reason, Some(longest));
+    }
+
+    #[test]
+    fn a_revocation_that_names_the_wrong_things_is_refused_saying_why() {
+        let source = r#""source":{"kind":"add_on","reference":"order-42"}"#;
+        let too_long = format!(r#""grant_id":"g1","reason":"{}""#, "x".repeat(257));
+        for (fields, expected) in [
+            (
+                format!(r#""grant_id":"g1",{source}"#),
+                "Fields `grant_id` and `source` are exclusive",
+            ),
+            (
+                r#""reason":"Everything.""#.to_owned(),
+                "field `grant_id` (one grant) or field `source` (every grant of a source) is required",
+            ),
+            (
+                format!(r#"{source},"quantity":2"#),
+                "Field `quantity` goes with `grant_id` only",
+            ),
+            (
+                r#""grant_id":"g1","product":"seat""#.to_owned(),
+                "Field `product` goes with `source` only",
+            ),
+            (too_long, "Field `reason` must be at most 256 characters."),
+            (
+                r#""grant_id":"g1","quantity":0"#.to_owned(),
+                "Field `quantity` must be between 1 and 1000000, not 0.",
+            ),
+        ] {
+            let rejection = revocation(&fields).unwrap_err();
+            assert_eq!(rejection.reason, "schema_violation", "{fields}");
+            assert!(
+                rejection.detail.contains(expected),
+                "{fields}: {}",
+                rejection.detail
+            );
+            assert_eq!(rejection.event_id.as_deref(), Some("r1"));
+            assert_eq!(rejection.org_id.as_deref(), Some("acme"));
+        }
+    }
+
     #[test]
     fn a_dead_letter_refused_as_too_large_is_shortened_once_and_says_so() {
         let rejection = Rejection::new("invalid_json", "The message is not JSON.");

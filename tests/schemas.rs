@@ -8,7 +8,7 @@ use chrono::Utc;
 use entitlement_worker::codec::{self, AlertMessage, DeadLetterMessage, InputKind, LedgerMessage};
 use serde_json::Value;
 
-const INPUTS: [(&str, InputKind); 5] = [
+const INPUTS: [(&str, InputKind); 6] = [
     ("participant-added", InputKind::ParticipantAdded),
     ("participant-cancelled", InputKind::ParticipantCancelled),
     ("module-enabled", InputKind::ModuleEnabled),
@@ -17,6 +17,7 @@ const INPUTS: [(&str, InputKind); 5] = [
         "entitlement-transfer-requested",
         InputKind::TransferRequested,
     ),
+    ("entitlement-revoked", InputKind::EntitlementRevoked),
 ];
 
 fn schema(topic: &str) -> jsonschema::Validator {
@@ -43,6 +44,16 @@ fn examples(topic: &str) -> Vec<(String, Vec<u8>)> {
         .collect();
     found.sort();
     found
+}
+
+#[test]
+fn every_input_the_worker_consumes_has_a_schema() {
+    for kind in InputKind::ALL {
+        assert!(
+            INPUTS.iter().any(|(_, listed)| *listed == kind),
+            "{kind:?} is listed with its schema"
+        );
+    }
 }
 
 #[test]
