@@ -14,10 +14,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Duration, Utc};
 use entitlement_worker::domain::{
-    Actor, AlertStatus, Book, Command, CommandBody, EventId, LedgerEntry, LedgerKind, LotStatus,
-    OrgId, ParticipantId, Policy, Product, Quantity, Verdict, WorkspaceId,
+    Actor, AlertStatus, Book, Command, CommandBody, EventId, GrantSource, LedgerEntry, LedgerKind,
+    LotStatus, OrgId, ParticipantId, Policy, Product, Quantity, RevocationTarget, Verdict,
+    WorkspaceId,
 };
-use oracle::{EntryKind, Oracle, OracleBody, OracleEntry, OracleEvent, OracleVerdict, SEAT};
+use oracle::{
+    EntryKind, Oracle, OracleBody, OracleEntry, OracleEvent, OracleTarget, OracleVerdict, SEAT,
+};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -39,6 +42,12 @@ const WORKSPACES: [(&str, usize); 6] = [
 const MODULES: [&str; 2] = ["gamification", "live-stream"];
 const PARTICIPANTS: usize = 10;
 const USERS: [&str; 2] = ["u1", "u2"];
+/// Where grants come from: few enough that a revocation of a source often reaches several.
+const SOURCES: [(&str, &str); 3] = [("plan", "basic"), ("add_on", "extra"), ("trial", "t1")];
+/// A revocation of one grant names it by a number: [`name_events`] turns it into the
+/// `event_id` of one of the case's grants (before or after the revocation), or, one time
+/// in ten, of no grant at all.
+const UNRESOLVED_GRANT: &str = "pick";
 
 fn minute(minute: i64) -> DateTime<Utc> {
     DateTime::from_timestamp(1_800_000_000, 0).unwrap() + Duration::minutes(minute)
@@ -137,8 +146,9 @@ fn draft() -> impl Strategy<Value = Draft> {
         1..=6i64,
         prop::option::weighted(0.5, 0..=30i64),
         prop::option::weighted(0.5, 1..=25i64),
+        prop::option::weighted(0.6, 0..SOURCES.len()),
     )
-        .prop_map(|(at, org, product, quantity, start, length)| {
+        .prop_map(|(at, org, product, quantity, start, length, source)| {
             let valid_from = start.map(minute);
             let begins = valid_from.unwrap_or(minute(at));
             (
@@ -149,9 +159,36 @@ fn draft() -> impl Strategy<Value = Draft> {
                     quantity,
                     valid_from,
                     expires_at: length.map(|length| begins + Duration::minutes(length)),
+                    source: source.map(|source| {
+                        let (kind, reference) = SOURCES[source];
+                        (kind.to_owned(), reference.to_owned())
+                    }),
                 },
             )
         });
+    let revocation = (
+        0..=6i64,
+        0..ORGS.len(),
+        prop_oneof![
+            (0..1000usize, prop::option::weighted(0.4, 1..=6i64)).prop_map(|(pick, quantity)| {
+                OracleTarget::Grant {
+                    grant_id: format!("{UNRESOLVED_GRANT}{pick}"),
+                    quantity,
+                }
+            }),
+            (0..SOURCES.len(), prop::option::weighted(0.3, product())).prop_map(
+                |(source, product)| {
+                    let (kind, reference) = SOURCES[source];
+                    OracleTarget::Source {
+                        kind: kind.to_owned(),
+                        reference: reference.to_owned(),
+                        product,
+                    }
+                }
+            ),
+        ],
+    )
+        .prop_map(|(at, org, target)| (at, ORGS[org].to_owned(), OracleBody::Revoked { target }));
     let transfer = (
         0..=6i64,
         named_workspace(),
@@ -184,18 +221,39 @@ fn draft() -> impl Strategy<Value = Draft> {
         1 => module,
         2 => grant,
         2 => transfer,
+        1 => revocation,
     ]
 }
 
 fn name_events(drafts: Vec<Draft>) -> Vec<OracleEvent> {
+    let id = |index: usize| format!("e{index:03}");
+    let grants: Vec<usize> = drafts
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, _, body))| matches!(body, OracleBody::Granted { .. }))
+        .map(|(index, _)| index)
+        .collect();
     drafts
         .into_iter()
         .enumerate()
-        .map(|(index, (at, org_id, body))| OracleEvent {
-            event_id: format!("e{index:03}"),
-            occurred_at: minute(at),
-            org_id,
-            body,
+        .map(|(index, (at, org_id, mut body))| {
+            if let OracleBody::Revoked {
+                target: OracleTarget::Grant { grant_id, .. },
+            } = &mut body
+            {
+                let pick: usize = grant_id[UNRESOLVED_GRANT.len()..].parse().unwrap();
+                *grant_id = match grants.len() {
+                    0 => "no-such-grant".to_owned(),
+                    _ if pick % 10 == 0 => "no-such-grant".to_owned(),
+                    count => id(grants[pick % count]),
+                };
+            }
+            OracleEvent {
+                event_id: id(index),
+                occurred_at: minute(at),
+                org_id,
+                body,
+            }
         })
         .collect()
 }
@@ -356,13 +414,31 @@ fn command(event: &OracleEvent) -> Command {
             quantity,
             valid_from,
             expires_at,
+            source,
         } => CommandBody::EntitlementGranted {
             product: product(handle),
             quantity: Quantity::parse(*quantity).unwrap(),
             // As the decoder does: no `valid_from` means valid from `occurred_at`.
             valid_from: Some(valid_from.unwrap_or(event.occurred_at)),
             expires_at: *expires_at,
-            source: None,
+            source: source.as_ref().map(grant_source),
+        },
+        OracleBody::Revoked { target } => CommandBody::EntitlementRevoked {
+            target: match target {
+                OracleTarget::Grant { grant_id, quantity } => RevocationTarget::Grant {
+                    grant_id: EventId::parse(grant_id).unwrap(),
+                    quantity: quantity.map(|quantity| Quantity::parse(quantity).unwrap()),
+                },
+                OracleTarget::Source {
+                    kind,
+                    reference,
+                    product: handle,
+                } => RevocationTarget::Source {
+                    source: grant_source(&(kind.clone(), reference.clone())),
+                    product: handle.as_deref().map(product),
+                },
+            },
+            reason: Some("support".to_owned()),
         },
         OracleBody::TransferRequested {
             workspace_id,
@@ -385,6 +461,13 @@ fn command(event: &OracleEvent) -> Command {
         occurred_at: event.occurred_at,
         org_id: OrgId::parse(&event.org_id).unwrap(),
         body,
+    }
+}
+
+fn grant_source((kind, reference): &(String, String)) -> GrantSource {
+    GrantSource {
+        kind: kind.clone(),
+        reference: reference.clone(),
     }
 }
 
@@ -547,6 +630,7 @@ impl Core {
                         p.granted_total,
                         p.transferred_total,
                         p.expired_total,
+                        p.revoked_total,
                     ),
                 )
             })
@@ -556,9 +640,16 @@ impl Core {
             .lots
             .values()
             .flatten()
-            .map(|lot| (lot.lot_id.clone(), (lot.remaining, lot.status)))
+            .map(|lot| (lot.lot_id.clone(), (lot.remaining, lot.revoked, lot.status)))
             .collect();
         lines.push(format!("{lots:?}"));
+        let revocations: BTreeMap<_, _> = book
+            .revocations
+            .values()
+            .flatten()
+            .map(|revocation| (revocation.event_id.clone(), revocation.applied))
+            .collect();
+        lines.push(format!("{revocations:?}"));
         let participants: BTreeMap<_, _> = book
             .participants
             .iter()
@@ -675,6 +766,12 @@ fn check_core(core: &mut Core) -> Result<(), TestCaseError> {
             "{:?}",
             entry
         );
+        prop_assert_eq!(
+            entry.grant_id.is_some(),
+            !is_transfer,
+            "grant, expiry and revocation entries name their grant: {:?}",
+            entry
+        );
         if let Some(workspace) = &entry.workspace_id {
             *held
                 .entry((workspace.to_string(), entry.product.to_string()))
@@ -765,6 +862,7 @@ type Movement = (
     Option<String>,
     String,
     Option<String>,
+    Option<String>,
 );
 /// With its position: sequence and `pool_available_after`.
 type Positioned = (
@@ -776,6 +874,7 @@ type Positioned = (
     Option<String>,
     i64,
     String,
+    Option<String>,
     Option<String>,
 );
 
@@ -792,6 +891,7 @@ fn core_entry(entry: &LedgerEntry) -> Positioned {
         entry.workspace_id.as_ref().map(ToString::to_string),
         entry.pool_available_after,
         entry.caused_by.to_string(),
+        entry.grant_id.as_ref().map(ToString::to_string),
         entry.actor.clone(),
     )
 }
@@ -806,6 +906,7 @@ fn oracle_entry(entry: &OracleEntry) -> Positioned {
         entry.workspace_id.clone(),
         entry.pool_available_after,
         entry.caused_by.clone(),
+        entry.grant_id.clone(),
         entry.actor.clone(),
     )
 }
@@ -814,7 +915,7 @@ fn movements(entries: &[Positioned]) -> Vec<Movement> {
     let mut movements: Vec<Movement> = entries
         .iter()
         .map(
-            |(org, _, kind, product, quantity, workspace, _, cause, actor)| {
+            |(org, _, kind, product, quantity, workspace, _, cause, grant, actor)| {
                 (
                     org.clone(),
                     *kind,
@@ -822,6 +923,7 @@ fn movements(entries: &[Positioned]) -> Vec<Movement> {
                     *quantity,
                     workspace.clone(),
                     cause.clone(),
+                    grant.clone(),
                     actor.clone(),
                 )
             },
@@ -850,19 +952,18 @@ fn check_agreement(
         .map(|(key, pool)| {
             prop_assert_eq!(
                 pool.available,
-                pool.granted - pool.transferred - pool.expired,
+                pool.granted - pool.transferred - pool.expired - pool.revoked,
                 "the oracle's own pool {:?}",
                 key
             );
             Ok((
                 key,
-                // The oracle has no revocations yet (nor do the generated streams).
                 (
                     pool.available,
                     pool.granted,
                     pool.transferred,
                     pool.expired,
-                    0,
+                    pool.revoked,
                 ),
             ))
         })
@@ -1115,7 +1216,7 @@ proptest! {
 // The oracle's JSON entry point, for the end-to-end tests that build their events as JSON.
 
 #[test]
-fn the_oracle_reads_the_five_input_topics_from_json() {
+fn the_oracle_reads_the_input_topics_from_json() {
     use serde_json::json;
     let base = |extra: serde_json::Value| {
         let mut value =
@@ -1222,4 +1323,32 @@ fn the_oracle_reads_the_five_input_topics_from_json() {
         ]
     );
     assert_eq!(oracle.ledger()[3].actor.as_deref(), Some("u-alice"));
+
+    for refused in [
+        json!({"grant_id": "e1", "source": {"kind": "trial", "reference": "t"}}),
+        json!({}),
+        json!({"source": {"kind": "trial", "reference": "t"}, "quantity": 1}),
+        json!({"grant_id": "e1", "product": "seat"}),
+        json!({"grant_id": "e1", "reason": "x".repeat(257)}),
+    ] {
+        assert!(
+            OracleEvent::from_json("entitlement-revoked", &base(refused.clone())).is_none(),
+            "{refused}"
+        );
+    }
+    let mut revocation = OracleEvent::from_json(
+        "entitlement-revoked",
+        &base(json!({"source": {"kind": "trial", "reference": "t"}, "reason": "over"})),
+    )
+    .unwrap();
+    revocation.event_id = "r1".into();
+    assert_eq!(oracle.apply(&revocation, now), OracleVerdict::Applied);
+    assert_eq!(oracle.apply(&revocation, now), OracleVerdict::Duplicate);
+    let last = oracle.ledger().last().unwrap();
+    assert_eq!(
+        (last.kind, last.quantity, last.grant_id.as_deref()),
+        (EntryKind::Revocation, 2, Some("e1"))
+    );
+    assert_eq!(oracle.pool("acme", SEAT).available, 0);
+    assert_eq!(oracle.pool("acme", SEAT).revoked, 2);
 }

@@ -1,4 +1,5 @@
-//! A reference model of the contract (`CONTRACT.md`, rules 1 to 9), for tests only.
+//! A reference model of the contract (`../shared/CONTRACT.md`: rules 1 to 9, and rule 11 of
+//! version 2), for tests only.
 //!
 //! Written apart from `src/domain` and kept as naive as possible: plain strings, ordered
 //! maps, one event at a time, and state recomputed from scratch where that is simpler
@@ -21,7 +22,12 @@
 //! - validity windows are brought up to `now` for an organization before each of its
 //!   accepted events, and for every organization by [`Oracle::settle`] (the worker's clock):
 //!   expiries first, then the grants whose time has come (a grant already past its end is
-//!   credited and expired at once), then the waiting workspaces are filled.
+//!   credited and expired at once), then the waiting workspaces are filled;
+//! - a revocation reaches the grants it names in the pool in the order of (product, grant
+//!   `event_id`); a grant entering the pool meets the revocations kept for it right after
+//!   its `grant` entry, oldest revocation (by `occurred_at`, then `event_id`) first;
+//! - a revocation of one grant is done once it met that grant after the grant entered the
+//!   pool, whatever it took.
 
 #![allow(dead_code)]
 
@@ -64,6 +70,8 @@ pub enum OracleBody {
         quantity: i64,
         valid_from: Option<DateTime<Utc>>,
         expires_at: Option<DateTime<Utc>>,
+        /// (kind, reference).
+        source: Option<(String, String)>,
     },
     TransferRequested {
         workspace_id: String,
@@ -71,6 +79,23 @@ pub enum OracleBody {
         quantity: i64,
         role: String,
         user_id: String,
+    },
+    Revoked {
+        target: OracleTarget,
+    },
+}
+
+/// What a revocation names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OracleTarget {
+    Grant {
+        grant_id: String,
+        quantity: Option<i64>,
+    },
+    Source {
+        kind: String,
+        reference: String,
+        product: Option<String>,
     },
 }
 
@@ -91,6 +116,7 @@ pub enum EntryKind {
     Transfer,
     Expiry,
     ManualTransfer,
+    Revocation,
 }
 
 impl EntryKind {
@@ -100,6 +126,7 @@ impl EntryKind {
             EntryKind::Transfer => "transfer",
             EntryKind::Expiry => "expiry",
             EntryKind::ManualTransfer => "manual_transfer",
+            EntryKind::Revocation => "revocation",
         }
     }
 }
@@ -115,6 +142,8 @@ pub struct OracleEntry {
     pub workspace_id: Option<String>,
     pub pool_available_after: i64,
     pub caused_by: String,
+    /// The grant whose units moved, for grant, expiry and revocation entries.
+    pub grant_id: Option<String>,
     pub actor: Option<String>,
 }
 
@@ -125,6 +154,7 @@ pub struct OraclePool {
     pub granted: i64,
     pub transferred: i64,
     pub expired: i64,
+    pub revoked: i64,
 }
 
 /// An open shortfall: a (workspace, product) with `required > allocated`.
@@ -138,10 +168,10 @@ pub struct OracleShortfall {
 }
 
 impl OracleEvent {
-    /// Builds an event from the JSON of one of the five input topics; `topic_kind` is the
+    /// Builds an event from the JSON of one of the input topics; `topic_kind` is the
     /// contract's default topic name (`participant-added`, `participant-cancelled`,
-    /// `module-enabled`, `entitlement-granted`, `entitlement-transfer-requested`; `_` for
-    /// `-` is accepted too). None when the message would not reach the core (a missing or
+    /// `module-enabled`, `entitlement-granted`, `entitlement-transfer-requested`,
+    /// `entitlement-revoked`; `_` for `-` is accepted too). None when the message would not reach the core (a missing or
     /// malformed field: the worker dead-letters it as `schema_violation`).
     pub fn from_json(topic_kind: &str, value: &Value) -> Option<OracleEvent> {
         let text = |field: &str| -> Option<String> {
@@ -165,6 +195,24 @@ impl OracleEvent {
         let quantity = || -> Option<i64> {
             let quantity = value.get("quantity")?.as_i64()?;
             (1..=1_000_000).contains(&quantity).then_some(quantity)
+        };
+        // `None`: absent; `Some(None)`: present but not valid.
+        let optional = |field: &str| -> Option<Option<&Value>> {
+            match value.get(field) {
+                None | Some(Value::Null) => None,
+                Some(raw) => Some(Some(raw)),
+            }
+        };
+        let source = || -> Option<Option<(String, String)>> {
+            let Some(raw) = optional("source") else {
+                return Some(None);
+            };
+            let raw = raw?;
+            let kind = raw.get("kind")?.as_str()?;
+            let reference = raw.get("reference")?.as_str()?;
+            let kinds = ["plan", "add_on", "subscription", "trial", "manual"];
+            (kinds.contains(&kind) && (1..=256).contains(&reference.chars().count()))
+                .then(|| Some((kind.to_owned(), reference.to_owned())))
         };
         let event_id = text("event_id")?;
         let org_id = text("org_id")?;
@@ -201,7 +249,36 @@ impl OracleEvent {
                     quantity: quantity()?,
                     valid_from,
                     expires_at,
+                    source: source()?,
                 }
+            }
+            "entitlement-revoked" => {
+                if let Some(reason) = optional("reason") {
+                    if reason?.as_str()?.chars().count() > 256 {
+                        return None;
+                    }
+                }
+                let product = match optional("product") {
+                    None => None,
+                    Some(_) => Some(handle("product")?),
+                };
+                let quantity = match optional("quantity") {
+                    None => None,
+                    Some(_) => Some(quantity()?),
+                };
+                let target = match (optional("grant_id"), source()?) {
+                    (Some(_), None) if product.is_none() => OracleTarget::Grant {
+                        grant_id: text("grant_id")?,
+                        quantity,
+                    },
+                    (None, Some((kind, reference))) if quantity.is_none() => OracleTarget::Source {
+                        kind,
+                        reference,
+                        product,
+                    },
+                    _ => return None,
+                };
+                OracleBody::Revoked { target }
             }
             "entitlement-transfer-requested" | "transfer-requested" => {
                 let product = handle("product")?;
@@ -240,15 +317,18 @@ impl OracleEvent {
             | OracleBody::ParticipantCancelled { workspace_id, .. }
             | OracleBody::ModuleEnabled { workspace_id, .. }
             | OracleBody::TransferRequested { workspace_id, .. } => Some(workspace_id),
-            OracleBody::Granted { .. } => None,
+            OracleBody::Granted { .. } | OracleBody::Revoked { .. } => None,
         }
     }
 
-    /// Grants and transfer requests are remembered by `event_id` whatever became of them.
+    /// Grants, transfer requests and revocations are remembered by `event_id` whatever
+    /// became of them.
     fn is_final_once_seen(&self) -> bool {
         matches!(
             self.body,
-            OracleBody::Granted { .. } | OracleBody::TransferRequested { .. }
+            OracleBody::Granted { .. }
+                | OracleBody::TransferRequested { .. }
+                | OracleBody::Revoked { .. }
         )
     }
 }
@@ -277,13 +357,58 @@ enum GrantState {
 #[derive(Debug, Clone)]
 struct Grant {
     event_id: String,
+    occurred_at: DateTime<Utc>,
     org_id: String,
     product: String,
+    source: Option<(String, String)>,
     quantity: i64,
     remaining: i64,
     valid_from: DateTime<Utc>,
     expires_at: Option<DateTime<Utc>>,
     state: GrantState,
+}
+
+/// A revocation, kept for the grants that enter the pool after it.
+#[derive(Debug, Clone)]
+struct Revocation {
+    event_id: String,
+    occurred_at: DateTime<Utc>,
+    org_id: String,
+    target: OracleTarget,
+    /// A revocation of one grant met it in the pool.
+    done: bool,
+}
+
+impl Revocation {
+    fn reaches(&self, grant: &Grant) -> bool {
+        if grant.org_id != self.org_id {
+            return false;
+        }
+        match &self.target {
+            OracleTarget::Grant { grant_id, .. } => !self.done && grant_id == &grant.event_id,
+            OracleTarget::Source {
+                kind,
+                reference,
+                product,
+            } => {
+                grant.source.as_ref() == Some(&(kind.clone(), reference.clone()))
+                    && product
+                        .as_ref()
+                        .is_none_or(|product| product == &grant.product)
+                    && grant.occurred_at <= self.occurred_at
+            }
+        }
+    }
+
+    fn limit(&self) -> i64 {
+        match &self.target {
+            OracleTarget::Grant {
+                quantity: Some(quantity),
+                ..
+            } => *quantity,
+            _ => i64::MAX,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -312,6 +437,8 @@ pub struct Oracle {
     /// (org, product) -> running totals (available is computed from the grants).
     totals: BTreeMap<(String, String), OraclePool>,
     grants: Vec<Grant>,
+    /// Every revocation applied, in order.
+    revocations: Vec<Revocation>,
     ledger: Vec<OracleEntry>,
     verdicts: Vec<(String, OracleVerdict)>,
 }
@@ -329,6 +456,7 @@ impl Oracle {
             opened_at: BTreeMap::new(),
             totals: BTreeMap::new(),
             grants: Vec::new(),
+            revocations: Vec::new(),
             ledger: Vec::new(),
             verdicts: Vec::new(),
         }
@@ -514,11 +642,14 @@ impl Oracle {
                 quantity,
                 valid_from,
                 expires_at,
+                source,
             } => {
                 self.grants.push(Grant {
                     event_id: event.event_id.clone(),
+                    occurred_at: event.occurred_at,
                     org_id: org.to_owned(),
                     product: product.clone(),
+                    source: source.clone(),
                     quantity: *quantity,
                     remaining: 0,
                     valid_from: valid_from.unwrap_or(event.occurred_at),
@@ -561,10 +692,94 @@ impl Oracle {
                     *quantity,
                     Some(workspace_id),
                     &event.event_id,
+                    None,
                     Some(user_id),
                 );
                 self.track(now);
                 OracleVerdict::Applied
+            }
+            OracleBody::Revoked { target } => {
+                self.revocations.push(Revocation {
+                    event_id: event.event_id.clone(),
+                    occurred_at: event.occurred_at,
+                    org_id: org.to_owned(),
+                    target: target.clone(),
+                    done: false,
+                });
+                let revocation = self.revocations.len() - 1;
+                let mut reached: Vec<(String, String, usize)> = self
+                    .grants
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, grant)| {
+                        grant.state != GrantState::Waiting
+                            && self.revocations[revocation].reaches(grant)
+                    })
+                    .map(|(index, grant)| (grant.product.clone(), grant.event_id.clone(), index))
+                    .collect();
+                reached.sort();
+                for (_, _, grant) in reached {
+                    self.take(revocation, grant);
+                }
+                OracleVerdict::Applied
+            }
+        }
+    }
+
+    /// Rule 11: what `revocation` may take of what `grant` has left in the pool, with one
+    /// `revocation` entry when that is more than nothing.
+    fn take(&mut self, revocation: usize, grant: usize) {
+        let limit = self.revocations[revocation].limit();
+        if matches!(
+            self.revocations[revocation].target,
+            OracleTarget::Grant { .. }
+        ) {
+            self.revocations[revocation].done = true;
+        }
+        let taken = if self.grants[grant].state == GrantState::InPool {
+            limit.min(self.grants[grant].remaining)
+        } else {
+            0
+        };
+        if taken == 0 {
+            return;
+        }
+        self.grants[grant].remaining -= taken;
+        let (org, product, grant_id) = {
+            let grant = &self.grants[grant];
+            (
+                grant.org_id.clone(),
+                grant.product.clone(),
+                grant.event_id.clone(),
+            )
+        };
+        self.total(&org, &product).revoked += taken;
+        let cause = self.revocations[revocation].event_id.clone();
+        self.record(
+            &org,
+            EntryKind::Revocation,
+            &product,
+            taken,
+            None,
+            &cause,
+            Some(&grant_id),
+            None,
+        );
+    }
+
+    /// The revocations kept for a grant that just entered the pool, oldest first.
+    fn revoke_on_arrival(&mut self, grant: usize) {
+        let mut kept: Vec<(DateTime<Utc>, String, usize)> = self
+            .revocations
+            .iter()
+            .enumerate()
+            .filter(|(_, revocation)| revocation.org_id == self.grants[grant].org_id)
+            .map(|(index, revocation)| (revocation.occurred_at, revocation.event_id.clone(), index))
+            .collect();
+        kept.sort();
+        for (_, _, revocation) in kept {
+            if self.revocations[revocation].reaches(&self.grants[grant]) {
+                self.take(revocation, grant);
             }
         }
     }
@@ -635,7 +850,16 @@ impl Oracle {
                 if left > 0 {
                     self.total(org, &product).expired += left;
                     let cause = self.grants[index].event_id.clone();
-                    self.record(org, EntryKind::Expiry, &product, left, None, &cause, None);
+                    self.record(
+                        org,
+                        EntryKind::Expiry,
+                        &product,
+                        left,
+                        None,
+                        &cause,
+                        Some(&cause),
+                        None,
+                    );
                 }
             }
 
@@ -666,6 +890,7 @@ impl Oracle {
                     quantity,
                     None,
                     &cause,
+                    Some(&cause),
                     None,
                 );
                 if self.grants[index].expires_at.is_some_and(|end| end <= now) {
@@ -679,9 +904,12 @@ impl Oracle {
                         quantity,
                         None,
                         &cause,
+                        Some(&cause),
                         None,
                     );
                 } else {
+                    // Rule 11: revocations that came first take their share at once.
+                    self.revoke_on_arrival(index);
                     credited = Some(cause);
                 }
             }
@@ -726,6 +954,7 @@ impl Oracle {
                 moved,
                 Some(&workspace),
                 cause,
+                None,
                 None,
             );
         }
@@ -802,6 +1031,7 @@ impl Oracle {
         quantity: i64,
         workspace: Option<&str>,
         cause: &str,
+        grant: Option<&str>,
         actor: Option<&str>,
     ) {
         let sequence = self
@@ -820,6 +1050,7 @@ impl Oracle {
             workspace_id: workspace.map(str::to_owned),
             pool_available_after,
             caused_by: cause.to_owned(),
+            grant_id: grant.map(str::to_owned),
             actor: actor.map(str::to_owned),
         });
     }

@@ -6,6 +6,8 @@
 //! comes from an activated participant, predates the participant's addition, or names a
 //! participant never added), so each workspace ends with `allocated = required` whenever
 //! its organization's grants cover the total, and the pool ends empty when they do not.
+//! Revocations (rule 11) name only products no workspace uses, so what they take does not
+//! depend on when they arrive either.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -45,6 +47,8 @@ pub struct Expected {
     pub granted: BTreeMap<(String, String), i64>,
     /// (org, product) -> units left in the pool.
     pub available: BTreeMap<(String, String), i64>,
+    /// (org, product) -> units revocations took, where they took any.
+    pub revoked: BTreeMap<(String, String), i64>,
     /// event ids of the manual transfers refused for want of the role.
     pub forbidden: BTreeSet<String>,
 }
@@ -263,11 +267,74 @@ pub fn scenario(seed: u64, scale: usize) -> Scenario {
     expected
         .allocated_by_org
         .insert(("scarce".into(), "live-stream".into()), 0);
+    revocations(&mut events, &mut expected, &mut id);
     events.shuffle(&mut rng);
     Scenario {
         setup,
         events,
         expected,
+    }
+}
+
+/// Rule 11 for `ample`, on products no workspace uses: an add-on of 5 polls of which a
+/// revocation takes 2; a subscription's 4 Q&A and 2 translation units, all taken by the
+/// revocation of its source, and a re-grant of 3 Q&A after it, which stays.
+fn revocations(
+    events: &mut Vec<Event>,
+    expected: &mut Expected,
+    id: &mut impl FnMut(&str) -> String,
+) {
+    let org = "ample";
+    let mut grant =
+        |events: &mut Vec<Event>, product: &str, quantity: i64, at: i64, source: Value| {
+            let grant_id = id("grant");
+            let body =
+                json!({"org_id": org, "product": product, "quantity": quantity, "source": source});
+            events.push(event(
+                InputKind::EntitlementGranted,
+                org,
+                &grant_id,
+                at,
+                &body,
+                json!({}),
+            ));
+            grant_id
+        };
+    let polls = grant(
+        events,
+        "polls",
+        5,
+        10,
+        json!({"kind": "add_on", "reference": "polls-pack"}),
+    );
+    let subscription = json!({"kind": "subscription", "reference": "sub-7"});
+    grant(events, "q-and-a", 4, 10, subscription.clone());
+    grant(events, "translation", 2, 10, subscription.clone());
+    grant(events, "q-and-a", 3, 60, subscription.clone());
+    let revoke_polls =
+        json!({"org_id": org, "grant_id": polls, "quantity": 2, "reason": "downgrade"});
+    events.push(event(
+        InputKind::EntitlementRevoked,
+        org,
+        &id("revoke"),
+        40,
+        &revoke_polls,
+        json!({}),
+    ));
+    let revoke_subscription = json!({"org_id": org, "source": subscription});
+    events.push(event(
+        InputKind::EntitlementRevoked,
+        org,
+        &id("revoke"),
+        50,
+        &revoke_subscription,
+        json!({}),
+    ));
+    for (product, granted, revoked) in [("polls", 5, 2), ("q-and-a", 7, 4), ("translation", 2, 2)] {
+        let key = (org.to_owned(), product.to_owned());
+        expected.granted.insert(key.clone(), granted);
+        expected.revoked.insert(key.clone(), revoked);
+        expected.available.insert(key.clone(), granted - revoked);
     }
 }
 
@@ -496,6 +563,11 @@ pub fn assert_oracle_agrees(scenario: &Scenario) {
             pool.granted, expected.granted[key],
             "the oracle's grants {key:?}"
         );
+        assert_eq!(
+            pool.revoked,
+            expected.revoked.get(key).copied().unwrap_or(0),
+            "the oracle's revocations {key:?}"
+        );
     }
     let forbidden: BTreeSet<String> = oracle
         .verdicts()
@@ -536,23 +608,30 @@ pub async fn check(pool: &PgPool, outputs: &Outputs, expected: &Expected) {
         allocated_by_org, expected.allocated_by_org,
         "allocated units per organization"
     );
-    let pools: Vec<(String, String, i64, i64)> =
-        sqlx::query_as("SELECT org_id, product, available, granted_total FROM pools")
-            .fetch_all(pool)
-            .await
-            .unwrap();
+    let pools: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT org_id, product, available, granted_total, revoked_total FROM pools",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
     let available: BTreeMap<_, _> = pools
         .iter()
-        .filter(|(_, _, _, granted)| *granted > 0)
-        .map(|(o, p, available, _)| ((o.clone(), p.clone()), *available))
+        .filter(|(_, _, _, granted, _)| *granted > 0)
+        .map(|(o, p, available, ..)| ((o.clone(), p.clone()), *available))
         .collect();
     assert_eq!(available, expected.available, "pool balances");
     let granted: BTreeMap<_, _> = pools
         .iter()
-        .filter(|(_, _, _, granted)| *granted > 0)
-        .map(|(o, p, _, granted)| ((o.clone(), p.clone()), *granted))
+        .filter(|(_, _, _, granted, _)| *granted > 0)
+        .map(|(o, p, _, granted, _)| ((o.clone(), p.clone()), *granted))
         .collect();
     assert_eq!(granted, expected.granted, "units granted");
+    let revoked: BTreeMap<_, _> = pools
+        .iter()
+        .filter(|(.., revoked)| *revoked > 0)
+        .map(|(o, p, .., revoked)| ((o.clone(), p.clone()), *revoked))
+        .collect();
+    assert_eq!(revoked, expected.revoked, "units revoked");
 
     // The ledger in PostgreSQL: gapless per organization, summing to the balances.
     let ledger: Vec<Value> = sqlx::query_scalar(
@@ -568,6 +647,7 @@ pub async fn check(pool: &PgPool, outputs: &Outputs, expected: &Expected) {
     let mut sequences: HashMap<String, i64> = HashMap::new();
     let mut moved: BTreeMap<(String, String), i64> = BTreeMap::new();
     let mut grants: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let mut revocations: BTreeMap<(String, String), i64> = BTreeMap::new();
     for entry in &ledger {
         let org = entry["org_id"].as_str().unwrap().to_owned();
         let last = sequences.entry(org.clone()).or_insert(0);
@@ -581,6 +661,13 @@ pub async fn check(pool: &PgPool, outputs: &Outputs, expected: &Expected) {
         let quantity = entry["quantity"].as_i64().unwrap();
         match entry["kind"].as_str().unwrap() {
             "grant" => *grants.entry((org, product)).or_insert(0) += quantity,
+            "revocation" => {
+                assert!(
+                    entry["grant_id"].is_string(),
+                    "a revocation names its grant: {entry}"
+                );
+                *revocations.entry((org, product)).or_insert(0) += quantity;
+            }
             "transfer" | "manual_transfer" => {
                 let workspace = entry["workspace_id"].as_str().unwrap().to_owned();
                 *moved.entry((workspace, product)).or_insert(0) += quantity;
@@ -589,6 +676,10 @@ pub async fn check(pool: &PgPool, outputs: &Outputs, expected: &Expected) {
         }
     }
     assert_eq!(grants, expected.granted, "grant entries sum to the grants");
+    assert_eq!(
+        revocations, expected.revoked,
+        "revocation entries sum to what was revoked"
+    );
     let allocated: BTreeMap<_, _> = consumption
         .iter()
         .filter(|row| row.4 > 0)
