@@ -2,9 +2,11 @@
 
 mod common;
 
-use chrono::{Duration, Utc};
-use entitlement_worker::codec::{decode, InputKind};
-use entitlement_worker::domain::Policy;
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, Utc};
+use entitlement_worker::codec::{decode, entry_id, InputKind};
+use entitlement_worker::domain::{OrgId, Policy};
 use entitlement_worker::store::{Inbound, Store};
 
 fn inbound(topic: &str, offset: i64, kind: InputKind, payload: &str) -> Inbound {
@@ -215,14 +217,13 @@ async fn a_batch_leaves_its_messages_in_one_outbox_row_read_whole_and_in_order()
     assert_eq!(store.outbox_backlog().await.unwrap(), 0);
 }
 
-#[tokio::test]
-async fn the_upgrade_to_event_ids_per_organization_keeps_what_was_applied() {
-    // Given a database of the version before, holding a grant, a manual transfer and a
-    // refused transfer request, all applied,
+/// A new database with only the migrations older than `version`, as a worker of that
+/// version left it: its URL and a connection to fill it.
+async fn database_before(version: i64) -> (String, sqlx::PgPool) {
     use entitlement_worker::store::MIGRATOR;
     let name = common::unique("upgrade");
     let server = common::server_url();
-    let mut maintenance = sqlx::PgPool::connect(&format!("{server}/postgres"))
+    let maintenance = sqlx::PgPool::connect(&format!("{server}/postgres"))
         .await
         .unwrap();
     sqlx::query(&format!("CREATE DATABASE {name}"))
@@ -230,19 +231,33 @@ async fn the_upgrade_to_event_ids_per_organization_keeps_what_was_applied() {
         .await
         .unwrap();
     maintenance.close().await;
-    maintenance = sqlx::PgPool::connect(&format!("{server}/{name}"))
-        .await
-        .unwrap();
+    let url = format!("{server}/{name}");
+    let database = sqlx::PgPool::connect(&url).await.unwrap();
     let before = sqlx::migrate::Migrator {
         migrations: MIGRATOR
             .iter()
-            .filter(|migration| migration.version < 20261201000001)
+            .filter(|migration| migration.version < version)
             .cloned()
             .collect::<Vec<_>>()
             .into(),
         ..sqlx::migrate::Migrator::DEFAULT
     };
-    before.run(&maintenance).await.unwrap();
+    before.run(&database).await.unwrap();
+    (url, database)
+}
+
+/// The worker's store on `url`, which it migrates.
+async fn store_on(url: &str) -> Store {
+    let mut settings = common::settings("unused:9092");
+    settings.database.url = url.to_owned();
+    Store::connect(&settings.database).await.unwrap()
+}
+
+#[tokio::test]
+async fn the_upgrade_to_event_ids_per_organization_keeps_what_was_applied() {
+    // Given a database of the version before, holding a grant, a manual transfer and a
+    // refused transfer request, all applied,
+    let (url, maintenance) = database_before(20261201000001).await;
     sqlx::raw_sql(
         "INSERT INTO organizations (org_id, last_sequence) VALUES ('acme', 2);
          INSERT INTO lots (lot_id, org_id, product, quantity, remaining, valid_from, status)
@@ -258,9 +273,7 @@ async fn the_upgrade_to_event_ids_per_organization_keeps_what_was_applied() {
     maintenance.close().await;
 
     // when the worker starts on it (and migrates it),
-    let mut settings = common::settings("unused:9092");
-    settings.database.url = format!("{server}/{name}");
-    let store = Store::connect(&settings.database).await.unwrap();
+    let store = store_on(&url).await;
 
     // then each applied event has its organization where the data tells it, and the one
     // that left nothing behind still counts as applied, for any organization.
@@ -383,4 +396,423 @@ async fn a_revocation_stored_before_its_grant_takes_its_units_when_the_grant_arr
     .await
     .unwrap();
     assert!(applied, "a revocation of one grant is done once applied");
+}
+
+/// A revocation of a grant whose units are all in workspaces takes nothing and writes no
+/// entry, and is done: it is not kept waiting for a grant that already came.
+#[tokio::test]
+async fn a_revocation_of_a_spent_grant_takes_nothing_and_is_done() {
+    let store = store().await;
+    let now = Utc::now();
+    let at = now.to_rfc3339();
+    let grant = format!(
+        r#"{{"event_id":"g-1","occurred_at":"{at}","org_id":"acme","product":"seat","quantity":2}}"#
+    );
+    let joins: Vec<String> = (0..2)
+        .map(|n| {
+            format!(
+                r#"{{"event_id":"a-{n}","occurred_at":"{at}","org_id":"acme","workspace_id":"summit","participant_id":"p{n}"}}"#
+            )
+        })
+        .collect();
+    let mut first = vec![inbound("granted", 0, InputKind::EntitlementGranted, &grant)];
+    for (offset, join) in joins.iter().enumerate() {
+        first.push(inbound(
+            "added",
+            offset as i64,
+            InputKind::ParticipantAdded,
+            join,
+        ));
+    }
+    store
+        .apply_batch(&first, Policy::default(), now)
+        .await
+        .expect("the first batch commits");
+    let revocation =
+        format!(r#"{{"event_id":"r-1","occurred_at":"{at}","org_id":"acme","grant_id":"g-1"}}"#);
+    let second = store
+        .apply_batch(
+            &[inbound(
+                "revoked",
+                0,
+                InputKind::EntitlementRevoked,
+                &revocation,
+            )],
+            Policy::default(),
+            now,
+        )
+        .await
+        .expect("the second batch commits");
+    assert_eq!(second.ledger_entries.get("revocation"), None);
+    let state: (String, bool, i64) = sqlx::query_as(
+        "SELECT l.status, r.applied, p.revoked_total
+           FROM lots l, revocations r, pools p
+          WHERE l.lot_id = 'g-1' AND r.event_id = 'r-1' AND p.product = 'seat'",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(state, ("spent".to_owned(), true, 0));
+}
+
+/// Each table's columns in their order, by table (the migrator's own table aside).
+async fn columns(database: &sqlx::PgPool) -> BTreeMap<String, Vec<String>> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT table_name::text, column_name::text FROM information_schema.columns
+          WHERE table_schema = 'public' AND table_name <> '_sqlx_migrations'
+          ORDER BY table_name, ordinal_position",
+    )
+    .fetch_all(database)
+    .await
+    .unwrap();
+    let mut tables: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (table, column) in rows {
+        tables.entry(table).or_default().push(column);
+    }
+    tables
+}
+
+/// Every row of `table`, as a JSON object of the `columns` named, in one stable order.
+async fn rows(database: &sqlx::PgPool, table: &str, columns: &[String]) -> serde_json::Value {
+    sqlx::query_scalar(&format!(
+        "SELECT COALESCE(jsonb_agg(r ORDER BY r::text), '[]'::jsonb)
+           FROM (SELECT (SELECT jsonb_object_agg(key, value) FROM jsonb_each(to_jsonb(t))
+                          WHERE key = ANY($1)) AS r
+                   FROM \"{table}\" t) AS picked"
+    ))
+    .bind(columns)
+    .fetch_one(database)
+    .await
+    .unwrap()
+}
+
+/// The constraint that refused `statement`.
+async fn refused_by(database: &sqlx::PgPool, statement: &str) -> Option<String> {
+    let error = sqlx::query(statement)
+        .execute(database)
+        .await
+        .expect_err(statement);
+    error
+        .as_database_error()
+        .and_then(|database| database.constraint().map(str::to_owned))
+}
+
+#[tokio::test]
+async fn the_upgrade_to_revocations_keeps_every_row_and_the_worker_goes_on_from_it() {
+    // Given a database of the version before revocations, as acme's worker left it: a
+    // trial's seats that expired, a starter plan's seats mostly transferred, a pro plan's
+    // seats valid only next month, a gamification add-on a manager moved, a module
+    // shortfall open, an outbox batch not published yet and the consumer's offsets,
+    let (url, database) = database_before(20261202000001).await;
+    let acme = OrgId::parse("acme").unwrap();
+    let id = |sequence| entry_id(&acme, sequence);
+    sqlx::raw_sql(&format!(
+        "INSERT INTO organizations (org_id, last_sequence) VALUES ('acme', 7);
+         INSERT INTO pools (org_id, product, available, granted_total, transferred_total,
+                            expired_total)
+              VALUES ('acme', 'seat', 2, 13, 8, 3), ('acme', 'gamification', 0, 1, 1, 0);
+         INSERT INTO lots (lot_id, org_id, product, quantity, remaining, valid_from, expires_at,
+                           status, source_kind, source_reference, granted_at)
+              VALUES ('g-trial', 'acme', 'seat', 3, 0, '2026-10-01T09:00:00Z',
+                      '2026-10-31T09:00:00Z', 'expired', 'trial', 'october',
+                      '2026-10-01T09:00:01Z'),
+                     ('g-seat', 'acme', 'seat', 10, 2, '2026-11-01T09:00:00Z', NULL, 'active',
+                      'plan', 'starter', '2026-11-01T09:00:02Z'),
+                     ('g-gam', 'acme', 'gamification', 1, 0, '2026-11-01T09:00:00Z', NULL,
+                      'spent', 'add_on', 'gam-1', '2026-11-01T09:00:03Z'),
+                     ('g-later', 'acme', 'seat', 5, 5, now() + interval '30 days', NULL,
+                      'pending', 'plan', 'pro', '2026-11-10T12:00:00Z');
+         INSERT INTO workspaces (workspace_id, org_id, claimed_at)
+              VALUES ('summit', 'acme', '2026-11-02T10:00:00Z'),
+                     ('expo', 'acme', '2026-11-03T10:00:00Z');
+         INSERT INTO consumption (workspace_id, product, org_id, required, allocated,
+                                  shortfall_since, reported_missing, reported_opened_at,
+                                  alert_revision, last_cause)
+              VALUES ('summit', 'seat', 'acme', 5, 5, NULL, 0, NULL, 0, 's-4'),
+                     ('summit', 'gamification', 'acme', 1, 1, NULL, 0, NULL, 2, 't-1'),
+                     ('expo', 'seat', 'acme', 3, 3, NULL, 0, NULL, 0, 'e-2'),
+                     ('expo', 'gamification', 'acme', 1, 0, '2026-11-03T11:00:00Z', 1,
+                      '2026-11-03T11:00:00Z', 1, 'm-2');
+         INSERT INTO participants (workspace_id, participant_id, last_event_at, last_event_id,
+                                   counted)
+              SELECT 'summit', 'p' || n, '2026-11-02T10:00:00Z'::timestamptz + n * interval '1 minute',
+                     's-' || n, true
+                FROM generate_series(0, 4) AS n
+              UNION ALL
+              SELECT 'expo', 'p' || n, '2026-11-03T10:00:00Z'::timestamptz + n * interval '1 minute',
+                     'e-' || n, true
+                FROM generate_series(0, 2) AS n
+              UNION ALL
+              SELECT 'expo', 'p9', '2026-11-03T10:30:00Z', 'c-9', false;
+         INSERT INTO processed_events (event_id, org_id, processed_at)
+              VALUES ('g-trial', 'acme', '2026-10-01T09:00:01Z'),
+                     ('g-seat', 'acme', '2026-11-01T09:00:02Z'),
+                     ('g-gam', 'acme', '2026-11-01T09:00:03Z'),
+                     ('g-later', 'acme', '2026-11-10T12:00:00Z'),
+                     ('t-1', 'acme', '2026-11-03T12:00:00Z');
+         INSERT INTO ledger (org_id, sequence, entry_id, product, kind, quantity, workspace_id,
+                             pool_available_after, caused_by, actor, recorded_at)
+              VALUES ('acme', 1, '{}', 'seat', 'grant', 3, NULL, 3, 'g-trial', NULL,
+                      '2026-10-01T09:00:01Z'),
+                     ('acme', 2, '{}', 'seat', 'expiry', 3, NULL, 0, 'g-trial', NULL,
+                      '2026-10-31T09:00:00Z'),
+                     ('acme', 3, '{}', 'seat', 'grant', 10, NULL, 10, 'g-seat', NULL,
+                      '2026-11-01T09:00:02Z'),
+                     ('acme', 4, '{}', 'gamification', 'grant', 1, NULL, 1, 'g-gam', NULL,
+                      '2026-11-01T09:00:03Z'),
+                     ('acme', 5, '{}', 'seat', 'transfer', 5, 'summit', 5, 's-4', NULL,
+                      '2026-11-02T10:04:00Z'),
+                     ('acme', 6, '{}', 'seat', 'transfer', 3, 'expo', 2, 'e-2', NULL,
+                      '2026-11-03T10:02:00Z'),
+                     ('acme', 7, '{}', 'gamification', 'manual_transfer', 1, 'summit', 0, 't-1',
+                      'u-alice', '2026-11-03T12:00:00Z');
+         INSERT INTO outbox (messages, channels, message_keys, payloads, created_at)
+              VALUES (1, ARRAY['ledger'], ARRAY['acme'], ARRAY['{{\"sequence\":7}}'::bytea],
+                      '2026-11-03T12:00:00Z');
+         INSERT INTO consumer_offsets (topic, partition, next_offset, updated_at)
+              VALUES ('entitlement-granted', 0, 4, '2026-11-10T12:00:00Z'),
+                     ('participant-added', 0, 8, '2026-11-03T10:02:00Z'),
+                     ('entitlement-transfer-requested', 0, 1, '2026-11-03T12:00:00Z');",
+        id(1),
+        id(2),
+        id(3),
+        id(4),
+        id(5),
+        id(6),
+        id(7)
+    ))
+    .execute(&database)
+    .await
+    .unwrap();
+    let before = columns(&database).await;
+    let mut kept = BTreeMap::new();
+    for (table, columns) in &before {
+        let rows = rows(&database, table, columns).await;
+        assert!(
+            rows.as_array().is_some_and(|rows| !rows.is_empty()),
+            "every table of the version before holds data, {table} too"
+        );
+        kept.insert(table.clone(), rows);
+    }
+    database.close().await;
+
+    // when the worker starts on it and migrates it,
+    let store = store_on(&url).await;
+
+    // then every row is still there with the same values, and only what rule 11 needs was
+    // added,
+    let after = columns(store.pool()).await;
+    for (table, columns) in &before {
+        assert_eq!(
+            rows(store.pool(), table, columns).await,
+            kept[table],
+            "{table} after the upgrade"
+        );
+    }
+    let added: Vec<String> = after
+        .iter()
+        .filter_map(|(table, columns)| Some((table, columns, before.get(table)?)))
+        .flat_map(|(table, columns, old)| {
+            columns
+                .iter()
+                .filter(|column| !old.contains(column))
+                .map(move |column| format!("{table}.{column}"))
+        })
+        .collect();
+    assert_eq!(
+        added,
+        [
+            "ledger.grant_id",
+            "lots.revoked",
+            "lots.occurred_at",
+            "pools.revoked_total"
+        ]
+    );
+    let new_tables: Vec<&String> = after
+        .keys()
+        .filter(|table| !before.contains_key(*table))
+        .collect();
+    assert_eq!(new_tables, ["revocations"]);
+
+    // nothing was revoked before: each lot's grant is dated the earlier of its start of
+    // validity and when it was stored, and no old entry names a grant,
+    let pools: Vec<(String, i64)> =
+        sqlx::query_as("SELECT product, revoked_total FROM pools ORDER BY product")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        pools,
+        [("gamification".to_owned(), 0), ("seat".to_owned(), 0)]
+    );
+    let at = |time: &str| time.parse::<DateTime<Utc>>().unwrap();
+    let lots: Vec<(String, i64, DateTime<Utc>)> =
+        sqlx::query_as("SELECT lot_id, revoked, occurred_at FROM lots ORDER BY lot_id")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        lots,
+        [
+            ("g-gam".to_owned(), 0, at("2026-11-01T09:00:00Z")),
+            // Stored before its validity starts: dated when it was stored.
+            ("g-later".to_owned(), 0, at("2026-11-10T12:00:00Z")),
+            ("g-seat".to_owned(), 0, at("2026-11-01T09:00:00Z")),
+            ("g-trial".to_owned(), 0, at("2026-10-01T09:00:00Z")),
+        ]
+    );
+    let (naming,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM ledger WHERE grant_id IS NOT NULL")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(naming, 0);
+
+    // the database refuses what rule 11 forbids: a lot losing more than it had left, a
+    // pool whose balance does not count its revoked units, a revocation entry that does
+    // not name its grant,
+    assert_eq!(
+        refused_by(
+            store.pool(),
+            "UPDATE lots SET revoked = 9 WHERE org_id = 'acme' AND lot_id = 'g-seat'"
+        )
+        .await
+        .as_deref(),
+        Some("lot_units")
+    );
+    assert_eq!(
+        refused_by(
+            store.pool(),
+            "UPDATE pools SET revoked_total = 1 WHERE org_id = 'acme' AND product = 'seat'"
+        )
+        .await
+        .as_deref(),
+        Some("pool_balance")
+    );
+    assert_eq!(
+        refused_by(
+            store.pool(),
+            "INSERT INTO ledger (org_id, sequence, entry_id, product, kind, quantity,
+                                 pool_available_after, caused_by, recorded_at)
+                  VALUES ('acme', 8, gen_random_uuid(), 'seat', 'revocation', 2, 0, 'r-0', now())"
+        )
+        .await
+        .as_deref(),
+        Some("ledger_revocation_names_its_grant")
+    );
+
+    // and the worker goes on from the upgraded state: a new participant draws one of the
+    // starter plan's two seats left, its grant redelivered is still a duplicate, its
+    // revocation takes the last seat, and a revocation of the pro plan reaches the grant
+    // stored before the upgrade (dated before it) once that grant becomes valid.
+    let now = Utc::now();
+    let joined = format!(
+        r#"{{"event_id":"s-5","occurred_at":"{}","org_id":"acme","workspace_id":"summit","participant_id":"p5"}}"#,
+        now.to_rfc3339()
+    );
+    let report = store
+        .apply_batch(
+            &[inbound("added", 8, InputKind::ParticipantAdded, &joined)],
+            Policy::default(),
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.ledger_entries.get("transfer"), Some(&1));
+    let batch = [
+        inbound(
+            "granted",
+            4,
+            InputKind::EntitlementGranted,
+            r#"{"event_id":"g-seat","occurred_at":"2026-11-01T09:00:00Z","org_id":"acme","product":"seat","quantity":10,"source":{"kind":"plan","reference":"starter"}}"#,
+        ),
+        inbound(
+            "revoked",
+            0,
+            InputKind::EntitlementRevoked,
+            &format!(
+                r#"{{"event_id":"r-1","occurred_at":"{}","org_id":"acme","grant_id":"g-seat"}}"#,
+                now.to_rfc3339()
+            ),
+        ),
+        inbound(
+            "revoked",
+            1,
+            InputKind::EntitlementRevoked,
+            &format!(
+                r#"{{"event_id":"r-2","occurred_at":"{}","org_id":"acme","source":{{"kind":"plan","reference":"pro"}}}}"#,
+                now.to_rfc3339()
+            ),
+        ),
+    ];
+    let report = store
+        .apply_batch(&batch, Policy::default(), now)
+        .await
+        .unwrap();
+    assert_eq!(
+        report.duplicates, 1,
+        "g-seat was applied before the upgrade"
+    );
+    assert_eq!(report.ledger_entries.get("revocation"), Some(&1));
+    let report = store
+        .settle_due(Policy::default(), now + Duration::days(31))
+        .await
+        .unwrap();
+    assert_eq!(report.ledger_entries.get("grant"), Some(&1));
+    assert_eq!(report.ledger_entries.get("revocation"), Some(&1));
+
+    type Row = (
+        i64,
+        String,
+        i64,
+        Option<String>,
+        i64,
+        String,
+        Option<String>,
+    );
+    let entries: Vec<Row> = sqlx::query_as(
+        "SELECT sequence, kind, quantity, workspace_id, pool_available_after, caused_by, grant_id
+           FROM ledger WHERE org_id = 'acme' AND sequence > 7 ORDER BY sequence",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    let row = |sequence,
+               kind: &str,
+               quantity,
+               workspace: Option<&str>,
+               after,
+               cause: &str,
+               grant: Option<&str>| {
+        (
+            sequence,
+            kind.to_owned(),
+            quantity,
+            workspace.map(str::to_owned),
+            after,
+            cause.to_owned(),
+            grant.map(str::to_owned),
+        )
+    };
+    assert_eq!(
+        entries,
+        [
+            row(8, "transfer", 1, Some("summit"), 1, "s-5", None),
+            row(9, "revocation", 1, None, 0, "r-1", Some("g-seat")),
+            row(10, "grant", 5, None, 5, "g-later", Some("g-later")),
+            row(11, "revocation", 5, None, 0, "r-2", Some("g-later")),
+        ]
+    );
+    let seats: (i64, i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT available, granted_total, transferred_total, expired_total, revoked_total
+           FROM pools WHERE org_id = 'acme' AND product = 'seat'",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(seats, (0, 18, 9, 3, 6));
+    let verification = entitlement_worker::ops::verify::verify(store.pool())
+        .await
+        .unwrap();
+    assert!(verification.passed(), "{}", verification.to_text());
 }

@@ -87,7 +87,7 @@ pub struct Lot {
     pub revoked: i64,
     /// The grant's `occurred_at`: a revocation of its source reaches it when it is not
     /// after the revocation's own.
-    pub granted_at: DateTime<Utc>,
+    pub occurred_at: DateTime<Utc>,
     pub valid_from: DateTime<Utc>,
     pub expires_at: Option<DateTime<Utc>>,
     pub status: LotStatus,
@@ -308,7 +308,7 @@ impl Revocation {
                     && product
                         .as_ref()
                         .is_none_or(|product| product == &lot.product)
-                    && lot.granted_at <= self.occurred_at
+                    && lot.occurred_at <= self.occurred_at
             }
         }
     }

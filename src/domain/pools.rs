@@ -39,7 +39,7 @@ impl Book {
             quantity: quantity.get(),
             remaining: quantity.get(),
             revoked: 0,
-            granted_at: command.occurred_at,
+            occurred_at: command.occurred_at,
             // The decoder fills `valid_from` with `occurred_at` when the grant has none, and
             // refuses an `expires_at` that is not after it.
             valid_from: valid_from.unwrap_or(command.occurred_at),

@@ -27,6 +27,7 @@ pub(super) async fn load_book<'a>(
     let mut workspaces = BTreeSet::new();
     let mut participants = BTreeSet::new();
     let mut deduplicated = Vec::new();
+    let mut named_grants = BTreeSet::new();
     for command in commands {
         orgs.insert(command.org_id.clone());
         if let Some(workspace_id) = command.workspace_id() {
@@ -41,12 +42,26 @@ pub(super) async fn load_book<'a>(
         if command.needs_deduplication() {
             deduplicated.push((command.event_id.as_str(), command.org_id.as_str()));
         }
-        if matches!(command.body, CommandBody::EntitlementGranted { .. }) {
-            granting.insert(command.org_id.clone());
+        match &command.body {
+            CommandBody::EntitlementGranted { .. } => {
+                granting.insert(command.org_id.clone());
+            }
+            CommandBody::EntitlementRevoked {
+                target: RevocationTarget::Grant { grant_id, .. },
+                ..
+            } => {
+                named_grants.insert((
+                    command.org_id.as_str().to_owned(),
+                    grant_id.as_str().to_owned(),
+                ));
+            }
+            _ => {}
         }
     }
     let orgs: Vec<OrgId> = orgs.into_iter().collect();
     let mut book = lock_and_load_pools(connection, &orgs, policy).await?;
+    let named_grants: Vec<(String, String)> = named_grants.into_iter().collect();
+    load_named_lots(connection, &named_grants, &mut book).await?;
     // Only a pool that gains units fills waiting workspaces (rule 8): a grant in this
     // batch, or a stored lot whose validity starts by `now`. Every other organization's
     // open shortfalls stay in the database; reloading them for each batch made the cost
@@ -312,28 +327,35 @@ async fn lock_and_load_pools(
         );
     }
 
-    type LotRow = (
-        String,
-        String,
-        String,
-        i64,
-        i64,
-        i64,
-        DateTime<Utc>,
-        DateTime<Utc>,
-        Option<DateTime<Utc>>,
-        String,
-        Option<String>,
-        Option<String>,
-    );
-    let lots: Vec<LotRow> = sqlx::query_as(
-        "SELECT lot_id, org_id, product, quantity, remaining, revoked, occurred_at, valid_from,
-                expires_at, status, source_kind, source_reference
-           FROM lots WHERE org_id = ANY($1) AND status IN ('pending', 'active')",
-    )
+    let lots: Vec<LotRow> = sqlx::query_as(&format!(
+        "SELECT {LOT_COLUMNS} FROM lots WHERE org_id = ANY($1) AND status IN ('pending', 'active')"
+    ))
     .bind(&names)
     .fetch_all(&mut *connection)
     .await?;
+    insert_lots(&mut book, lots)?;
+    Ok(book)
+}
+
+const LOT_COLUMNS: &str = "lot_id, org_id, product, quantity, remaining, revoked, occurred_at,
+                           valid_from, expires_at, status, source_kind, source_reference";
+
+type LotRow = (
+    String,
+    String,
+    String,
+    i64,
+    i64,
+    i64,
+    DateTime<Utc>,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+    String,
+    Option<String>,
+    Option<String>,
+);
+
+fn insert_lots(book: &mut Book, lots: Vec<LotRow>) -> Result<(), StoreError> {
     for (
         lot_id,
         org_id,
@@ -341,7 +363,7 @@ async fn lock_and_load_pools(
         quantity,
         remaining,
         revoked,
-        granted_at,
+        occurred_at,
         valid_from,
         expires_at,
         status,
@@ -363,7 +385,7 @@ async fn lock_and_load_pools(
                 quantity,
                 remaining,
                 revoked,
-                granted_at,
+                occurred_at,
                 valid_from,
                 expires_at,
                 status,
@@ -373,7 +395,34 @@ async fn lock_and_load_pools(
                 dirty: false,
             });
     }
-    Ok(book)
+    Ok(())
+}
+
+/// Loads the lots that revocations in the batch name but that are no longer in the pool
+/// (spent, expired or revoked): a revocation that meets its grant is done, whatever it
+/// takes, and is not kept waiting for a grant that already came and went.
+async fn load_named_lots(
+    connection: &mut PgConnection,
+    named: &[(String, String)],
+    book: &mut Book,
+) -> Result<(), StoreError> {
+    if named.is_empty() {
+        return Ok(());
+    }
+    let (orgs, grants): (Vec<&str>, Vec<&str>) = named
+        .iter()
+        .map(|(org, grant)| (org.as_str(), grant.as_str()))
+        .unzip();
+    let lots: Vec<LotRow> = sqlx::query_as(&format!(
+        "SELECT {LOT_COLUMNS} FROM lots
+           JOIN UNNEST($1::text[], $2::text[]) AS named (org_id, lot_id) USING (org_id, lot_id)
+          WHERE status NOT IN ('pending', 'active')"
+    ))
+    .bind(&orgs)
+    .bind(&grants)
+    .fetch_all(&mut *connection)
+    .await?;
+    insert_lots(book, lots)
 }
 
 type ConsumptionRow = (

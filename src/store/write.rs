@@ -140,7 +140,7 @@ async fn write_lots(connection: &mut PgConnection, book: &Book) -> Result<(), St
     let quantities: Vec<i64> = dirty.iter().map(|lot| lot.quantity).collect();
     let remaining: Vec<i64> = dirty.iter().map(|lot| lot.remaining).collect();
     let revoked: Vec<i64> = dirty.iter().map(|lot| lot.revoked).collect();
-    let granted_at: Vec<DateTime<Utc>> = dirty.iter().map(|lot| lot.granted_at).collect();
+    let occurred_at: Vec<DateTime<Utc>> = dirty.iter().map(|lot| lot.occurred_at).collect();
     let valid_from: Vec<DateTime<Utc>> = dirty.iter().map(|lot| lot.valid_from).collect();
     let expires_at: Vec<Option<DateTime<Utc>>> = dirty.iter().map(|lot| lot.expires_at).collect();
     let status: Vec<&str> = dirty.iter().map(|lot| lot.status.as_str()).collect();
@@ -169,7 +169,7 @@ async fn write_lots(connection: &mut PgConnection, book: &Book) -> Result<(), St
     .bind(&kinds)
     .bind(&references)
     .bind(&revoked)
-    .bind(&granted_at)
+    .bind(&occurred_at)
     .execute(&mut *connection)
     .await?;
     Ok(())
