@@ -126,6 +126,45 @@ enum Command {
         #[arg(long)]
         event_id: Option<String>,
     },
+    /// Removes units from an organization's pool: publishes an `entitlement-revoked` message
+    /// for the worker to apply. It removes the units of one grant (`--grant`, at most
+    /// `--quantity`) or of every grant of a source (`--source-kind` and `--reference`, of one
+    /// `--product` if given) that are still in the pool or not yet valid; units already in
+    /// workspaces stay there. A grant that arrives later loses its units then.
+    ///
+    /// Example: entitlement-worker revoke --org acme --source-kind trial --reference T-77 --product live-stream --reason "event over"
+    Revoke {
+        /// The organization (`org_id`) whose pool loses the units.
+        #[arg(long)]
+        org: String,
+        /// The `event_id` of the one grant whose units are removed.
+        #[arg(
+            long,
+            value_name = "GRANT_ID",
+            required_unless_present = "source_kind",
+            conflicts_with = "source_kind"
+        )]
+        grant: Option<String>,
+        /// At most this many of the grant's units; all that are left if absent.
+        #[arg(long, conflicts_with = "source_kind")]
+        quantity: Option<i64>,
+        /// plan, add_on, subscription, trial or manual: every grant of this source.
+        #[arg(long, requires = "reference")]
+        source_kind: Option<String>,
+        /// The source's reference (order, plan, subscription or ticket).
+        #[arg(long, requires = "source_kind")]
+        reference: Option<String>,
+        /// Only this product of the source's grants.
+        #[arg(long, conflicts_with = "grant")]
+        product: Option<String>,
+        /// Why, for the people reading the ledger (at most 256 characters).
+        #[arg(long)]
+        reason: Option<String>,
+        /// The event id; a new one if absent. Reuse one to retry safely: the worker applies
+        /// an event id once.
+        #[arg(long)]
+        event_id: Option<String>,
+    },
     /// Moves units from an organization's pool to a workspace by hand: publishes an
     /// `entitlement-transfer-requested` message and waits for the worker's answer, the
     /// ledger entry or the dead-letter reason. Exits 0 when the units moved, 1 otherwise.
@@ -321,6 +360,40 @@ async fn ops_command(settings: &Settings, command: Command) -> anyhow::Result<Ex
             println!(
                 "Published grant {} to {} (partition {}, offset {}); the worker credits it \
                  when it consumes it.",
+                published.event_id, published.topic, published.partition, published.offset
+            );
+        }
+        Command::Revoke {
+            org,
+            grant,
+            quantity,
+            source_kind,
+            reference,
+            product,
+            reason,
+            event_id,
+        } => {
+            let target = match (grant, source_kind, reference) {
+                (Some(grant_id), _, _) => ops::publish::RevokeTarget::Grant { grant_id, quantity },
+                (None, Some(kind), Some(reference)) => ops::publish::RevokeTarget::Source {
+                    kind,
+                    reference,
+                    product,
+                },
+                _ => unreachable!("the arguments name a grant or a source"),
+            };
+            let published = ops::publish::revoke(
+                settings,
+                ops::publish::RevokeRequest {
+                    org_id: org,
+                    target,
+                    reason,
+                    event_id,
+                },
+            )
+            .await?;
+            println!(
+                "Published revocation {} to {} (partition {}, offset {}); the worker removes                  the units when it consumes it.",
                 published.event_id, published.topic, published.partition, published.offset
             );
         }

@@ -211,7 +211,7 @@ fn assert_headers(range: &Range<Data>, row: u32, headers: &[&str]) {
 async fn ledger(pool: &PgPool, org_id: &str) -> Vec<LedgerRow> {
     sqlx::query_as(
         "SELECT sequence, recorded_at, kind, product, quantity, workspace_id,
-                pool_available_after, caused_by, actor, entry_id
+                pool_available_after, caused_by, grant_id, actor, entry_id
            FROM ledger WHERE org_id = $1 ORDER BY sequence DESC",
     )
     .bind(org_id)
@@ -547,12 +547,16 @@ async fn the_workbook_holds_the_pools_the_workspaces_and_every_transaction() {
             "row {row}"
         );
         assert_eq!(text(&transactions, row, 7), entry.caused_by, "row {row}");
-        match &entry.actor {
-            Some(actor) => assert_eq!(&text(&transactions, row, 8), actor),
+        match &entry.grant_id {
+            Some(grant) => assert_eq!(&text(&transactions, row, 8), grant),
             None => assert_eq!(cell(&transactions, row, 8), Data::Empty, "row {row}"),
         }
+        match &entry.actor {
+            Some(actor) => assert_eq!(&text(&transactions, row, 9), actor),
+            None => assert_eq!(cell(&transactions, row, 9), Data::Empty, "row {row}"),
+        }
         assert_eq!(
-            text(&transactions, row, 9),
+            text(&transactions, row, 10),
             entry.entry_id.to_string(),
             "row {row}"
         );
@@ -603,7 +607,7 @@ async fn the_workbook_holds_the_pools_the_workspaces_and_every_transaction() {
     let sheet_xml = package_file(&path, "xl/worksheets/sheet3.xml");
     assert_frozen_header_and_filter(
         &sheet_xml,
-        &format!("A1:J{}", stored.len() + 1),
+        &format!("A1:K{}", stored.len() + 1),
         "Transactions",
     );
     let cells = cell_styles(&sheet_xml);

@@ -58,11 +58,16 @@ async fn known_ledger() -> (Settings, Store) {
     messages.push((InputKind::ModuleEnabled, json!({"event_id": "m-1", "occurred_at": at, "org_id": "acme", "workspace_id": "summit", "module": "gamification"})));
     messages.push((InputKind::TransferRequested, json!({"event_id": "t-1", "occurred_at": at, "org_id": "acme", "workspace_id": "summit", "product": "gamification", "quantity": 1, "requested_by": {"user_id": "u-alice", "role": "entitlement_manager"}})));
     messages.push((InputKind::ModuleEnabled, json!({"event_id": "m-2", "occurred_at": at, "org_id": "acme", "workspace_id": "expo", "module": "gamification"})));
-    // One message per batch, in order, as a worker would commit them.
+    apply_one_by_one(&store, "inputs", &messages).await;
+    (settings, store)
+}
+
+/// Applies one message per batch, in order, as a worker would commit them.
+async fn apply_one_by_one(store: &Store, topic: &str, messages: &[(InputKind, Value)]) {
     for (offset, (kind, body)) in messages.iter().enumerate() {
         let payload = body.to_string().into_bytes();
         let inbound = Inbound {
-            topic: "inputs".into(),
+            topic: topic.into(),
             partition: 0,
             offset: offset as i64,
             decoded: decode(*kind, Some(&payload)),
@@ -73,6 +78,65 @@ async fn known_ledger() -> (Settings, Store) {
             .await
             .expect("the batch commits");
     }
+}
+
+/// The known ledger, and globex's seats revoked every way rule 11 allows: 1 of g-globex's
+/// 4 (r-part); all of plan pro's g-plan (r-plan, by source); g-late, whose revocation
+/// (r-early) came first; and a trial grant not valid yet, whose source revocation waits.
+/// globex keeps 3 of its 12 seats: 9 revoked.
+async fn ledger_with_revocations() -> (Settings, Store) {
+    let (settings, store) = known_ledger().await;
+    let grant = |id: &str, at: &str, quantity: i64, extra: Value| {
+        let mut body = json!({"event_id": id, "occurred_at": at, "org_id": "globex", "product": "seat", "quantity": quantity});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        (InputKind::EntitlementGranted, body)
+    };
+    let revoke = |id: &str, at: &str, target: Value| {
+        let mut body =
+            json!({"event_id": id, "occurred_at": at, "org_id": "globex", "reason": "plan change"});
+        body.as_object_mut()
+            .unwrap()
+            .extend(target.as_object().unwrap().clone());
+        (InputKind::EntitlementRevoked, body)
+    };
+    let messages = [
+        revoke(
+            "r-part",
+            "2026-01-01T09:10:00Z",
+            json!({"grant_id": "g-globex", "quantity": 1}),
+        ),
+        grant(
+            "g-plan",
+            "2026-01-01T09:20:00Z",
+            6,
+            json!({"source": {"kind": "plan", "reference": "pro"}}),
+        ),
+        revoke(
+            "r-plan",
+            "2026-01-01T09:30:00Z",
+            json!({"source": {"kind": "plan", "reference": "pro"}, "product": "seat"}),
+        ),
+        revoke(
+            "r-early",
+            "2026-01-01T09:40:00Z",
+            json!({"grant_id": "g-late"}),
+        ),
+        grant("g-late", "2026-01-01T09:35:00Z", 2, json!({})),
+        grant(
+            "g-future",
+            "2026-01-01T09:50:00Z",
+            5,
+            json!({"valid_from": "2099-01-01T00:00:00Z", "source": {"kind": "trial", "reference": "t-1"}}),
+        ),
+        revoke(
+            "r-trial",
+            "2026-01-01T10:00:00Z",
+            json!({"source": {"kind": "trial", "reference": "t-1"}}),
+        ),
+    ];
+    apply_one_by_one(&store, "more-inputs", &messages).await;
     (settings, store)
 }
 
@@ -243,6 +307,122 @@ async fn verify_fails_on_a_pool_balance_edited_by_hand() {
 }
 
 #[tokio::test]
+async fn verify_agrees_with_a_ledger_holding_revocations() {
+    let (settings, store) = ledger_with_revocations().await;
+    let pool: (i64, i64, i64) = sqlx::query_as(
+        "SELECT available, granted_total, revoked_total FROM pools
+          WHERE org_id = 'globex' AND product = 'seat'",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(pool, (3, 12, 9), "the scenario revoked what it meant to");
+
+    let output = run(&settings, &["verify", "--format", "json"]);
+    assert!(output.status.success(), "{}", stdout(&output));
+    let verification: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let checked = |prefix: &str| -> u64 {
+        let check = verification["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|check| check["name"].as_str().unwrap().starts_with(prefix))
+            .unwrap_or_else(|| panic!("no check {prefix:?}: {verification}"));
+        assert_eq!(check["failure_count"], 0, "{check}");
+        check["checked"].as_u64().unwrap()
+    };
+    // Three revocation entries (r-part, r-plan, r-early) of three grants.
+    assert_eq!(checked("every revocation takes units its grant"), 3);
+    assert_eq!(
+        checked("every revocation entry comes from a stored revocation"),
+        3
+    );
+    // Every grant (acme's two, globex's four) is compared, and each one in the pool with
+    // the kept revocations: g-globex still has 3 seats under r-part, which is done.
+    assert_eq!(checked("each grant's revoked units equal"), 6);
+    assert_eq!(checked("no grant in the pool keeps units"), 1);
+    let text = stdout(&run(&settings, &["verify"]));
+    assert!(text.contains("The ledger and the state agree."), "{text}");
+}
+
+#[tokio::test]
+async fn verify_fails_on_a_grant_whose_revoked_units_were_edited_by_hand() {
+    let (settings, _store) = ledger_with_revocations().await;
+    let mut connection = superuser(&settings).await;
+    sqlx::raw_sql("UPDATE lots SET revoked = 0 WHERE org_id = 'globex' AND lot_id = 'g-globex';")
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    let output = run(&settings, &["verify"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+    let text = stdout(&output);
+    assert!(
+        text.contains("FAIL each grant's revoked units equal the revocation entries naming it"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "globex grant g-globex (seat): revoked 0, the revocation entries naming it take 1"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("MISMATCH"), "{text}");
+}
+
+#[tokio::test]
+async fn verify_fails_on_a_pool_whose_revoked_total_was_edited_by_hand() {
+    let (settings, _store) = ledger_with_revocations().await;
+    let mut connection = superuser(&settings).await;
+    // The pool's balance constraint holds: only the ledger can tell.
+    sqlx::raw_sql(
+        "UPDATE pools SET revoked_total = revoked_total + 2, available = available - 2
+          WHERE org_id = 'globex' AND product = 'seat';",
+    )
+    .execute(&mut connection)
+    .await
+    .unwrap();
+    let output = run(&settings, &["verify"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+    let text = stdout(&output);
+    assert!(
+        text.contains(
+            "globex seat: stored available 1 (granted 12, transferred 0, expired 0, revoked 11); \
+             the ledger gives 3 (12, 0, 0, 9)"
+        ),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn verify_fails_on_revocations_edited_by_hand() {
+    let (settings, _store) = ledger_with_revocations().await;
+    let mut connection = superuser(&settings).await;
+    // g-late's revocation entry made to name g-globex (past the append-only guard), and
+    // r-part, which took 1 of g-globex's seats, made to look still waiting for it.
+    sqlx::raw_sql(
+        "SET session_replication_role = replica;
+         UPDATE ledger SET grant_id = 'g-globex'
+          WHERE org_id = 'globex' AND kind = 'revocation' AND grant_id = 'g-late';
+         UPDATE revocations SET applied = false WHERE org_id = 'globex' AND event_id = 'r-part';",
+    )
+    .execute(&mut connection)
+    .await
+    .unwrap();
+    let output = run(&settings, &["verify"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+    let text = stdout(&output);
+    for failure in [
+        "globex grant g-late (seat): revoked 2, the revocation entries naming it take 0",
+        "revocation r-early names grant g-late, the entry took units of grant g-globex",
+        "revocation r-part took units of grant g-globex, yet is stored as still waiting for it",
+        "globex grant g-globex keeps 3 units of seat in the pool, while revocation r-part naming it \
+         still waits for it",
+    ] {
+        assert!(text.contains(failure), "{failure:?} in:\n{text}");
+    }
+}
+
+#[tokio::test]
 async fn commands_fail_clearly_on_bad_arguments_and_an_unreachable_database() {
     let (settings, _store) = known_ledger().await;
     let output = run(&settings, &["report", "--org", "nobody"]);
@@ -355,6 +535,142 @@ async fn grant_and_transfer_go_through_the_worker_and_print_its_answer() {
     .unwrap();
     assert_eq!(report["totals"][0]["product"], "gamification");
     assert_eq!(report["totals"][0]["missing"], 0, "the shortfall resolved");
+    assert!(worker.terminate(Duration::from_secs(30)).success());
+    let output = run(settings, &["verify"]);
+    assert!(output.status.success(), "{}", stdout(&output));
+}
+
+/// `revoke` publishes what the worker applies: part of one grant, then the rest of a
+/// source's grants of one product; arguments that name both a grant and a source, or a
+/// quantity with a source, are refused before anything is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_goes_through_the_worker() {
+    let setup = common::e2e::Setup::new().await;
+    let settings = &setup.settings;
+    let mut worker = setup.start_worker();
+    for (id, product, quantity) in [("g-seats", "seat", "10"), ("g-polls", "polls", "3")] {
+        let output = run(
+            settings,
+            &[
+                "grant",
+                "--org",
+                "acme",
+                "--product",
+                product,
+                "--quantity",
+                quantity,
+                "--source-kind",
+                "add_on",
+                "--reference",
+                "PO-9",
+                "--event-id",
+                id,
+            ],
+        );
+        assert!(output.status.success(), "{output:?}");
+    }
+    let output = run(
+        settings,
+        &[
+            "revoke",
+            "--org",
+            "acme",
+            "--grant",
+            "g-seats",
+            "--quantity",
+            "4",
+            "--reason",
+            "support ticket 12",
+        ],
+    );
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        stdout(&output).contains("Published revocation ops-"),
+        "{}",
+        stdout(&output)
+    );
+    let output = run(
+        settings,
+        &[
+            "revoke",
+            "--org",
+            "acme",
+            "--source-kind",
+            "add_on",
+            "--reference",
+            "PO-9",
+            "--product",
+            "seat",
+        ],
+    );
+    assert!(output.status.success(), "{output:?}");
+    setup.wait_until_done(4, &worker).await;
+    for refused in [
+        &[
+            "--grant",
+            "g-seats",
+            "--source-kind",
+            "add_on",
+            "--reference",
+            "PO-9",
+        ][..],
+        &[
+            "--source-kind",
+            "add_on",
+            "--reference",
+            "PO-9",
+            "--quantity",
+            "1",
+        ][..],
+        &["--grant", "g-seats", "--product", "seat"][..],
+        &[][..],
+    ] {
+        let mut arguments = vec!["revoke", "--org", "acme"];
+        arguments.extend_from_slice(refused);
+        let output = run(settings, &arguments);
+        assert_eq!(output.status.code(), Some(2), "{arguments:?}: {output:?}");
+    }
+    let output = run(
+        settings,
+        &[
+            "revoke",
+            "--org",
+            "acme",
+            "--grant",
+            "g-seats",
+            "--quantity",
+            "0",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("the worker would refuse this request")
+    );
+
+    let revocations: Vec<(String, i64, Option<String>)> = sqlx::query_as(
+        "SELECT product, quantity, grant_id FROM ledger WHERE kind = 'revocation' ORDER BY sequence",
+    )
+    .fetch_all(&setup.database)
+    .await
+    .unwrap();
+    assert_eq!(
+        revocations,
+        [
+            ("seat".to_owned(), 4, Some("g-seats".to_owned())),
+            ("seat".to_owned(), 6, Some("g-seats".to_owned())),
+        ],
+        "4 of the grant, then the 6 left of the source's seats; its polls stay"
+    );
+    let pools: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT product, available, revoked_total FROM pools WHERE org_id = 'acme' ORDER BY product",
+    )
+    .fetch_all(&setup.database)
+    .await
+    .unwrap();
+    assert_eq!(
+        pools,
+        [("polls".to_owned(), 3, 0), ("seat".to_owned(), 0, 10)]
+    );
     assert!(worker.terminate(Duration::from_secs(30)).success());
     let output = run(settings, &["verify"]);
     assert!(output.status.success(), "{}", stdout(&output));

@@ -1,5 +1,5 @@
-//! The real worker, in process, against real PostgreSQL and librdkafka's mock cluster:
-//! the contract's stories end to end.
+//! The real worker, in process, against real PostgreSQL and Apache Kafka (one broker shared
+//! by this binary's tests, topics of each test's own): the contract's stories end to end.
 
 mod common;
 
@@ -10,7 +10,6 @@ use entitlement_worker::pipeline::{self, Started};
 use entitlement_worker::settings::Settings;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use serde_json::{json, Value};
@@ -28,8 +27,6 @@ struct Harness {
     ledger: Vec<LedgerMessage>,
     alerts: Vec<AlertMessage>,
     dead_letters: Vec<DeadLetterMessage>,
-    /// Last, so that the clients above are dropped while the broker still answers.
-    _cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
 }
 
 impl Harness {
@@ -43,12 +40,10 @@ impl Harness {
             format: "text".into(),
             level: "info".into(),
         });
-        let cluster = MockCluster::new(1).expect("the mock cluster starts");
-        let mut settings = common::settings(&cluster.bootstrap_servers());
+        let kafka = common::kafka::Kafka::shared();
+        let mut settings = common::settings(&kafka.brokers);
         configure(&mut settings);
-        for topic in settings.topics.all() {
-            cluster.create_topic(topic, 3, 1).expect("topic created");
-        }
+        kafka.create_topics(&settings, 3).await;
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &settings.kafka.brokers)
             .create()
@@ -81,7 +76,6 @@ impl Harness {
         })
         .await;
         Self {
-            _cluster: cluster,
             settings,
             producer,
             stop,
@@ -496,5 +490,237 @@ async fn a_trial_fills_the_waiting_workspace_when_it_starts_and_expires_on_time(
         topics.participant_added
     );
     assert!(metrics.contains(&consumed_added), "{metrics}");
+    harness.stop().await;
+}
+
+/// (kind, product, quantity, pool_available_after, grant_id) of each entry.
+fn movements(ledger: &[LedgerMessage]) -> Vec<(&str, &str, i64, i64, Option<&str>)> {
+    ledger
+        .iter()
+        .map(|entry| {
+            (
+                entry.kind.as_str(),
+                entry.product.as_str(),
+                entry.quantity,
+                entry.pool_available_after,
+                entry.grant_id.as_deref(),
+            )
+        })
+        .collect()
+}
+
+/// A grant of `product` at `at` from `source`.
+fn grant_at(id: &str, at: &str, product: &str, quantity: i64, source: Value) -> Value {
+    let mut message = event(
+        id,
+        json!({"org_id": "acme", "product": product, "quantity": quantity, "source": source}),
+    );
+    message["occurred_at"] = json!(at);
+    message
+}
+
+/// Rule 11, through the `revoke` operator's path: given a plan of 100 seats and an add-on
+/// of 20 bought later, when 110 participants join and the add-on is then revoked, then
+/// the 10 seats it still had leave the pool with one `revocation` entry and the 110 stay
+/// where they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_an_add_on_takes_only_the_seats_still_in_the_pool() {
+    let mut harness = Harness::start().await;
+    let topic = harness.settings.topics.entitlement_granted.clone();
+    let plan = json!({"kind": "plan", "reference": "pro"});
+    let add_on = json!({"kind": "add_on", "reference": "PO-7"});
+    harness
+        .send_json(
+            &topic,
+            grant_at("g-plan", "2026-01-01T09:00:00Z", "seat", 100, plan),
+        )
+        .await;
+    harness
+        .send_json(
+            &topic,
+            grant_at("g-addon", "2026-01-01T10:00:00Z", "seat", 20, add_on),
+        )
+        .await;
+    for n in 0..110 {
+        harness
+            .join(&format!("a-{n}"), "acme", &format!("p{n}"))
+            .await;
+    }
+    harness
+        .read_until("110 seats in the workspace", |h| {
+            seats_moved_to(&h.ledger, "summit") == 110
+        })
+        .await;
+    let published = entitlement_worker::ops::publish::revoke(
+        &harness.settings,
+        entitlement_worker::ops::publish::RevokeRequest {
+            org_id: "acme".into(),
+            target: entitlement_worker::ops::publish::RevokeTarget::Grant {
+                grant_id: "g-addon".into(),
+                quantity: None,
+            },
+            reason: Some("downgrade".into()),
+            event_id: None,
+        },
+    )
+    .await
+    .expect("the revocation is published");
+    harness
+        .read_until("the revocation entry", |h| {
+            h.ledger.iter().any(|entry| entry.kind == "revocation")
+        })
+        .await;
+    let revocations: Vec<_> = harness
+        .ledger
+        .iter()
+        .filter(|entry| entry.kind == "revocation")
+        .collect();
+    assert_eq!(revocations.len(), 1, "one entry for the one grant");
+    let revocation = revocations[0];
+    assert_eq!(
+        (
+            revocation.quantity,
+            revocation.pool_available_after,
+            revocation.grant_id.as_deref(),
+            revocation.caused_by.as_str()
+        ),
+        (10, 0, Some("g-addon"), published.event_id.as_str())
+    );
+    assert_eq!(seats_moved_to(&harness.ledger, "summit"), 110);
+    let database = sqlx::PgPool::connect(&harness.settings.database.url)
+        .await
+        .unwrap();
+    let pool: (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT available, granted_total, transferred_total, revoked_total FROM pools
+          WHERE org_id = 'acme' AND product = 'seat'",
+    )
+    .fetch_one(&database)
+    .await
+    .unwrap();
+    assert_eq!(pool, (0, 120, 110, 10));
+    let allocated: i64 = sqlx::query_scalar(
+        "SELECT allocated FROM consumption WHERE workspace_id = 'summit' AND product = 'seat'",
+    )
+    .fetch_one(&database)
+    .await
+    .unwrap();
+    assert_eq!(allocated, 110, "transfers are final");
+    harness.stop().await;
+}
+
+/// Rule 11 whatever the order: a revocation that arrives before its grant leaves the grant
+/// nothing in the pool (its `grant` entry, then at once the `revocation`); a revocation of
+/// a subscription's source removes its grants of every product granted before it, but not
+/// a re-grant after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_reach_grants_that_arrive_later_and_every_product_of_a_source() {
+    let mut harness = Harness::start().await;
+    let topics = harness.settings.topics.clone();
+    let revoke = |id: &str, at: &str, target: Value| {
+        let mut message = event(id, json!({"org_id": "acme"}));
+        message["occurred_at"] = json!(at);
+        message
+            .as_object_mut()
+            .unwrap()
+            .extend(target.as_object().unwrap().clone());
+        message
+    };
+    harness
+        .send_json(
+            &topics.entitlement_revoked,
+            revoke(
+                "r-early",
+                "2026-01-01T09:00:00Z",
+                json!({"grant_id": "g-late"}),
+            ),
+        )
+        .await;
+    // Applied before its grant is published: kept in PostgreSQL, with nothing to take yet.
+    let database = sqlx::PgPool::connect(&harness.settings.database.url)
+        .await
+        .unwrap();
+    common::eventually("the early revocation to be kept", DEADLINE, || async {
+        let kept: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM revocations WHERE event_id = 'r-early' AND NOT applied",
+        )
+        .fetch_one(&database)
+        .await
+        .unwrap_or(0);
+        (kept == 1).then_some(())
+    })
+    .await;
+    let subscription = json!({"kind": "subscription", "reference": "sub-1"});
+    for (id, at, product, quantity) in [
+        ("g-late", "2026-01-01T08:00:00Z", "seat", 30),
+        ("g-sub-seat", "2026-01-01T09:00:00Z", "seat", 10),
+        ("g-sub-module", "2026-01-01T09:00:00Z", "gamification", 2),
+    ] {
+        let source = if id == "g-late" {
+            json!({"kind": "manual", "reference": "ticket-1"})
+        } else {
+            subscription.clone()
+        };
+        harness
+            .send_json(
+                &topics.entitlement_granted,
+                grant_at(id, at, product, quantity, source),
+            )
+            .await;
+    }
+    harness
+        .read_until("three grants and the early revocation", |h| {
+            h.ledger.len() == 4
+        })
+        .await;
+    harness
+        .send_json(
+            &topics.entitlement_revoked,
+            revoke(
+                "r-sub",
+                "2026-01-01T10:00:00Z",
+                json!({"source": subscription, "reason": "cancelled"}),
+            ),
+        )
+        .await;
+    harness
+        .read_until("the source's two revocations", |h| h.ledger.len() == 6)
+        .await;
+    // The revocation of the source is kept too; a grant of the source after it is not its.
+    harness
+        .send_json(
+            &topics.entitlement_granted,
+            grant_at("g-regrant", "2026-01-01T11:00:00Z", "seat", 5, subscription),
+        )
+        .await;
+    harness
+        .read_until("the re-grant", |h| h.ledger.len() == 7)
+        .await;
+    let mut seats: Vec<_> = movements(&harness.ledger);
+    // Gamification has a pool of its own; its entries interleave with the seats'.
+    let gamification: Vec<_> = seats
+        .iter()
+        .filter(|entry| entry.1 == "gamification")
+        .cloned()
+        .collect();
+    seats.retain(|entry| entry.1 == "seat");
+    assert_eq!(
+        gamification,
+        [
+            ("grant", "gamification", 2, 2, Some("g-sub-module")),
+            ("revocation", "gamification", 2, 0, Some("g-sub-module")),
+        ]
+    );
+    assert_eq!(
+        seats,
+        [
+            ("grant", "seat", 30, 30, Some("g-late")),
+            ("revocation", "seat", 30, 0, Some("g-late")),
+            ("grant", "seat", 10, 10, Some("g-sub-seat")),
+            ("revocation", "seat", 10, 0, Some("g-sub-seat")),
+            ("grant", "seat", 5, 5, Some("g-regrant")),
+        ]
+    );
+    let sequences: Vec<i64> = harness.ledger.iter().map(|entry| entry.sequence).collect();
+    assert_eq!(sequences, (1..=7).collect::<Vec<_>>(), "gapless");
     harness.stop().await;
 }

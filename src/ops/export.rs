@@ -98,7 +98,7 @@ pub const WORKSPACE_HEADERS: [&str; 6] = [
     "Missing since (UTC)",
 ];
 /// The headers of the Transactions sheet.
-pub const TRANSACTION_HEADERS: [&str; 10] = [
+pub const TRANSACTION_HEADERS: [&str; 11] = [
     "Sequence",
     "Recorded at (UTC)",
     "Kind",
@@ -107,12 +107,15 @@ pub const TRANSACTION_HEADERS: [&str; 10] = [
     "Workspace",
     "Pool available after",
     "Caused by",
+    "Grant",
     "Actor",
     "Entry ID",
 ];
 
 const WORKSPACE_WIDTHS: [f64; 6] = [34.0, 20.0, 11.0, 11.0, 11.0, 21.0];
-const TRANSACTION_WIDTHS: [f64; 10] = [11.0, 21.0, 17.0, 20.0, 10.0, 34.0, 20.0, 36.0, 24.0, 38.0];
+const TRANSACTION_WIDTHS: [f64; 11] = [
+    11.0, 21.0, 17.0, 20.0, 10.0, 34.0, 20.0, 36.0, 36.0, 24.0, 38.0,
+];
 const OVERVIEW_WIDTHS: [f64; 7] = [24.0, 21.0, 13.0, 11.0, 20.0, 23.0, 11.0];
 
 /// Where the Overview's tables start (zero-based rows): the title rows come first.
@@ -556,10 +559,13 @@ fn write_entry(
     }
     sheet.write_number_with_format(row, 6, entry.pool_available_after as f64, &formats.integer)?;
     sheet.write_string(row, 7, &entry.caused_by)?;
-    if let Some(actor) = &entry.actor {
-        sheet.write_string(row, 8, actor)?;
+    if let Some(grant) = &entry.grant_id {
+        sheet.write_string(row, 8, grant)?;
     }
-    sheet.write_string(row, 9, entry.entry_id.to_string())?;
+    if let Some(actor) = &entry.actor {
+        sheet.write_string(row, 9, actor)?;
+    }
+    sheet.write_string(row, 10, entry.entry_id.to_string())?;
     Ok(())
 }
 

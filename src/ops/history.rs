@@ -19,6 +19,8 @@ pub struct LedgerRow {
     pub workspace_id: Option<String>,
     pub pool_available_after: i64,
     pub caused_by: String,
+    /// The grant whose units moved, for grant, expiry and revocation entries.
+    pub grant_id: Option<String>,
     pub actor: Option<String>,
     pub entry_id: Uuid,
 }
@@ -36,7 +38,7 @@ pub struct HistoryQuery {
 }
 
 const SELECT_ENTRIES: &str = "SELECT sequence, recorded_at, kind, product, quantity, workspace_id,
-        pool_available_after, caused_by, actor, entry_id
+        pool_available_after, caused_by, grant_id, actor, entry_id
    FROM ledger
   WHERE org_id = $1
     AND ($2::text IS NULL OR workspace_id = $2)
@@ -86,7 +88,7 @@ pub fn to_table(rows: &[LedgerRow], query: &HistoryQuery) -> String {
         cell("kind", 15),
         cell("product", 14),
         "quantity",
-        cell("workspace", 20),
+        cell("workspace / grant", 20),
         "pool after",
         "caused by / actor"
     );
@@ -102,7 +104,13 @@ pub fn to_table(rows: &[LedgerRow], query: &HistoryQuery) -> String {
             cell(&row.kind, 15),
             cell(&row.product, 14),
             row.quantity,
-            cell(row.workspace_id.as_deref().unwrap_or("-"), 20),
+            cell(
+                row.workspace_id
+                    .as_deref()
+                    .or(row.grant_id.as_deref())
+                    .unwrap_or("-"),
+                20
+            ),
             row.pool_available_after,
             cause
         ));

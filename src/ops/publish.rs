@@ -1,5 +1,5 @@
-//! `entitlement-worker grant` and `transfer`: a person's change, published as the input
-//! message the worker consumes, so it goes through the same single path as the event
+//! `entitlement-worker grant`, `revoke` and `transfer`: a person's change, published as the
+//! input message the worker consumes, so it goes through the same single path as the event
 //! platform's. `transfer` then waits for the worker's answer on the output topics.
 
 use std::time::{Duration, Instant};
@@ -35,6 +35,27 @@ pub struct GrantRequest {
     pub expires_at: Option<DateTime<Utc>>,
     pub source_kind: String,
     pub source_reference: Option<String>,
+    pub event_id: Option<String>,
+}
+
+/// What a revocation removes: one grant (at most `quantity` of its units) or every grant
+/// of a source (of one product, when given).
+pub enum RevokeTarget {
+    Grant {
+        grant_id: String,
+        quantity: Option<i64>,
+    },
+    Source {
+        kind: String,
+        reference: String,
+        product: Option<String>,
+    },
+}
+
+pub struct RevokeRequest {
+    pub org_id: String,
+    pub target: RevokeTarget,
+    pub reason: Option<String>,
     pub event_id: Option<String>,
 }
 
@@ -125,6 +146,46 @@ pub async fn grant(settings: &Settings, request: GrantRequest) -> anyhow::Result
     publish(
         settings,
         &settings.topics.entitlement_granted,
+        &request.org_id,
+        &payload,
+        event_id,
+    )
+    .await
+}
+
+/// Publishes an `entitlement-revoked` message.
+pub async fn revoke(settings: &Settings, request: RevokeRequest) -> anyhow::Result<Published> {
+    let event_id = new_event_id(request.event_id);
+    let mut message = json!({
+        "event_id": event_id,
+        "occurred_at": Utc::now().to_rfc3339(),
+        "org_id": request.org_id,
+    });
+    match request.target {
+        RevokeTarget::Grant { grant_id, quantity } => {
+            message["grant_id"] = json!(grant_id);
+            if let Some(quantity) = quantity {
+                message["quantity"] = json!(quantity);
+            }
+        }
+        RevokeTarget::Source {
+            kind,
+            reference,
+            product,
+        } => {
+            message["source"] = json!({"kind": kind, "reference": reference});
+            if let Some(product) = product {
+                message["product"] = json!(product);
+            }
+        }
+    }
+    if let Some(reason) = request.reason {
+        message["reason"] = json!(reason);
+    }
+    let payload = validated(InputKind::EntitlementRevoked, &message)?;
+    publish(
+        settings,
+        &settings.topics.entitlement_revoked,
         &request.org_id,
         &payload,
         event_id,
