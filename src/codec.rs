@@ -9,8 +9,8 @@ use uuid::Uuid;
 
 use crate::domain::shortfalls::{alert_id, ID_NAMESPACE};
 use crate::domain::{
-    Actor, Alert, Command, CommandBody, EventId, GrantSource, IdError, LedgerEntry, OrgId,
-    ParticipantId, Product, Quantity, RevocationTarget, WorkspaceId,
+    Actor, Alert, Command, CommandBody, EventId, GrantSource, GrantUnits, IdError, LedgerEntry,
+    OrgId, ParticipantId, Product, Quantity, RevocationTarget, WorkspaceId,
 };
 
 /// The largest input message accepted, in bytes (the contract's 64 KiB).
@@ -92,6 +92,7 @@ struct RawEnvelope {
     module: Option<String>,
     product: Option<String>,
     quantity: Option<i64>,
+    unlimited: Option<bool>,
     valid_from: Option<String>,
     expires_at: Option<String>,
     source: Option<RawSource>,
@@ -202,9 +203,14 @@ fn fields_of(kind: InputKind) -> &'static [&'static str] {
         InputKind::ParticipantAdded => &["workspace_id", "participant_id"],
         InputKind::ParticipantCancelled => &["workspace_id", "participant_id", "activated"],
         InputKind::ModuleEnabled => &["workspace_id", "module"],
-        InputKind::EntitlementGranted => {
-            &["product", "quantity", "valid_from", "expires_at", "source"]
-        }
+        InputKind::EntitlementGranted => &[
+            "product",
+            "quantity",
+            "unlimited",
+            "valid_from",
+            "expires_at",
+            "source",
+        ],
         InputKind::TransferRequested => &["workspace_id", "product", "quantity", "requested_by"],
         InputKind::EntitlementRevoked => &["grant_id", "source", "product", "quantity", "reason"],
     }
@@ -270,7 +276,7 @@ fn decode_value(kind: InputKind, mut value: serde_json::Value) -> Result<Command
             let source = raw.source.map(grant_source).transpose()?;
             CommandBody::EntitlementGranted {
                 product: product("product", raw.product.as_deref())?,
-                quantity: quantity(raw.quantity)?,
+                units: grant_units(raw.quantity, raw.unlimited)?,
                 valid_from: Some(start),
                 expires_at,
                 source,
@@ -403,6 +409,28 @@ fn product(field: &str, value: Option<&str>) -> Result<Product, String> {
     Product::parse(value).map_err(|error| format!("Field `{field}` ({value:?}) {error}."))
 }
 
+/// Rule 12: a grant has exactly one of `quantity` or `"unlimited": true`.
+fn grant_units(units: Option<i64>, unlimited: Option<bool>) -> Result<GrantUnits, String> {
+    match (units, unlimited.unwrap_or(false)) {
+        (Some(_), true) => Err(
+            "Fields `quantity` and `\"unlimited\": true` are exclusive: an \
+                                unlimited grant has no quantity."
+                .into(),
+        ),
+        (None, true) => Ok(GrantUnits::Unlimited),
+        (units, false) => {
+            if units.is_none() {
+                return Err(
+                    "Field `quantity` is required, or `\"unlimited\": true` for a \
+                            grant without a limit."
+                        .into(),
+                );
+            }
+            quantity(units).map(GrantUnits::Counted)
+        }
+    }
+}
+
 fn quantity(value: Option<i64>) -> Result<Quantity, String> {
     let value = value.ok_or("Field `quantity` is required.")?;
     Quantity::parse(value).map_err(|error| format!("Field `quantity` {error}."))
@@ -506,6 +534,10 @@ pub struct LedgerMessage {
     pub grant_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub actor: Option<String>,
+    /// Rule 12: present (true) on the entries of an unlimited grant and on the transfers
+    /// that drew on one; their quantity is not counted in `pool_available_after`.
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub unlimited: bool,
     pub recorded_at: DateTime<Utc>,
 }
 
@@ -531,6 +563,7 @@ impl From<&LedgerEntry> for LedgerMessage {
             caused_by: entry.caused_by.to_string(),
             grant_id: entry.grant_id.as_ref().map(ToString::to_string),
             actor: entry.actor.clone(),
+            unlimited: entry.unlimited,
             recorded_at: entry.recorded_at,
         }
     }
@@ -835,6 +868,43 @@ mod tests {
             );
             assert_eq!(rejection.event_id.as_deref(), Some("r1"));
             assert_eq!(rejection.org_id.as_deref(), Some("acme"));
+        }
+    }
+
+    #[test]
+    fn a_grant_has_a_quantity_or_is_unlimited_never_both() {
+        let grant = |fields: &str| {
+            let payload = format!(
+                r#"{{"event_id":"g1","occurred_at":"2026-01-01T09:00:00Z","org_id":"acme","product":"seat",{fields}}}"#
+            );
+            decode(InputKind::EntitlementGranted, Some(payload.as_bytes()))
+        };
+        let units = |fields: &str| match grant(fields).unwrap().body {
+            CommandBody::EntitlementGranted { units, .. } => units,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(units(r#""unlimited":true"#), GrantUnits::Unlimited);
+        assert_eq!(
+            units(r#""quantity":5,"unlimited":false"#),
+            GrantUnits::Counted(Quantity::parse(5).unwrap())
+        );
+        for (fields, expected) in [
+            (
+                r#""unlimited":true,"quantity":5000"#,
+                "an unlimited grant has no quantity",
+            ),
+            (r#""unlimited":false"#, "Field `quantity` is required"),
+            (r#""source":null"#, "Field `quantity` is required"),
+            (r#""unlimited":"yes""#, "does not match its schema"),
+        ] {
+            let rejection = grant(fields).unwrap_err();
+            assert_eq!(rejection.reason, "schema_violation", "{fields}");
+            assert!(
+                rejection.detail.contains(expected),
+                "{fields}: {}",
+                rejection.detail
+            );
+            assert_eq!(rejection.event_id.as_deref(), Some("g1"));
         }
     }
 

@@ -14,9 +14,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Duration, Utc};
 use entitlement_worker::domain::{
-    Actor, AlertStatus, Book, Command, CommandBody, EventId, GrantSource, LedgerEntry, LedgerKind,
-    LotStatus, OrgId, ParticipantId, Policy, Product, Quantity, RevocationTarget, Verdict,
-    WorkspaceId,
+    Actor, AlertStatus, Book, Command, CommandBody, EventId, GrantSource, GrantUnits, LedgerEntry,
+    LedgerKind, LotStatus, OrgId, ParticipantId, Policy, Product, Quantity, RevocationTarget,
+    Verdict, WorkspaceId,
 };
 use oracle::{
     EntryKind, Oracle, OracleBody, OracleEntry, OracleEvent, OracleTarget, OracleVerdict, SEAT,
@@ -143,7 +143,8 @@ fn draft() -> impl Strategy<Value = Draft> {
         0..=6i64,
         0..ORGS.len(),
         prop_oneof![3 => Just(SEAT.to_owned()), 1 => Just(MODULES[0].to_owned()), 1 => Just(MODULES[1].to_owned())],
-        1..=6i64,
+        // One grant in eight is unlimited (rule 12).
+        prop::option::weighted(0.875, 1..=6i64),
         prop::option::weighted(0.5, 0..=30i64),
         prop::option::weighted(0.5, 1..=25i64),
         prop::option::weighted(0.6, 0..SOURCES.len()),
@@ -417,7 +418,10 @@ fn command(event: &OracleEvent) -> Command {
             source,
         } => CommandBody::EntitlementGranted {
             product: product(handle),
-            quantity: Quantity::parse(*quantity).unwrap(),
+            units: match quantity {
+                Some(quantity) => GrantUnits::Counted(Quantity::parse(*quantity).unwrap()),
+                None => GrantUnits::Unlimited,
+            },
             // As the decoder does: no `valid_from` means valid from `occurred_at`.
             valid_from: Some(valid_from.unwrap_or(event.occurred_at)),
             expires_at: *expires_at,
@@ -577,11 +581,11 @@ impl Core {
     }
 
     /// (org, product) -> (available, granted, transferred, expired), pools that saw a grant.
-    fn pools(&self) -> BTreeMap<(String, String), Totals> {
+    fn pools(&self) -> BTreeMap<(String, String), PoolState> {
         self.book
             .pools
             .iter()
-            .filter(|(_, pool)| pool.granted_total != 0)
+            .filter(|(_, pool)| pool.granted_total != 0 || pool.unlimited)
             .map(|((org, product), pool)| {
                 (
                     (org.to_string(), product.to_string()),
@@ -591,6 +595,7 @@ impl Core {
                         pool.transferred_total,
                         pool.expired_total,
                         pool.revoked_total,
+                        pool.unlimited,
                     ),
                 )
             })
@@ -631,6 +636,7 @@ impl Core {
                         p.transferred_total,
                         p.expired_total,
                         p.revoked_total,
+                        p.unlimited,
                     ),
                 )
             })
@@ -640,7 +646,18 @@ impl Core {
             .lots
             .values()
             .flatten()
-            .map(|lot| (lot.lot_id.clone(), (lot.remaining, lot.revoked, lot.status)))
+            .map(|lot| {
+                (
+                    lot.lot_id.clone(),
+                    (
+                        lot.remaining,
+                        lot.revoked,
+                        lot.drawn,
+                        lot.expired,
+                        lot.status,
+                    ),
+                )
+            })
             .collect();
         lines.push(format!("{lots:?}"));
         let revocations: BTreeMap<_, _> = book
@@ -676,6 +693,8 @@ impl Core {
 
 /// A pool's available units and its totals: granted, transferred, expired, revoked.
 type Totals = (i64, i64, i64, i64, i64);
+/// With whether the product is unlimited now.
+type PoolState = (i64, i64, i64, i64, i64, bool);
 
 fn sign(kind: LedgerKind) -> i64 {
     match kind {
@@ -742,12 +761,14 @@ fn check_core(core: &mut Core) -> Result<(), TestCaseError> {
         let pool = balance
             .entry((entry.org_id.to_string(), entry.product.to_string()))
             .or_default();
-        pool.0 += sign(entry.kind) * entry.quantity;
+        // Rule 12: a consumer ignores the quantity of unlimited entries.
+        let counted = if entry.unlimited { 0 } else { entry.quantity };
+        pool.0 += sign(entry.kind) * counted;
         match entry.kind {
-            LedgerKind::Grant => pool.1 += entry.quantity,
-            LedgerKind::Transfer | LedgerKind::ManualTransfer => pool.2 += entry.quantity,
-            LedgerKind::Expiry => pool.3 += entry.quantity,
-            LedgerKind::Revocation => pool.4 += entry.quantity,
+            LedgerKind::Grant => pool.1 += counted,
+            LedgerKind::Transfer | LedgerKind::ManualTransfer => pool.2 += counted,
+            LedgerKind::Expiry => pool.3 += counted,
+            LedgerKind::Revocation => pool.4 += counted,
         }
         prop_assert_eq!(
             entry.pool_available_after,
@@ -787,7 +808,15 @@ fn check_core(core: &mut Core) -> Result<(), TestCaseError> {
             org
         );
     }
-    let pools = core.pools();
+    let pools: BTreeMap<(String, String), Totals> = core
+        .pools()
+        .into_iter()
+        .map(
+            |(key, (available, granted, transferred, expired, revoked, _))| {
+                (key, (available, granted, transferred, expired, revoked))
+            },
+        )
+        .collect();
     for ((org, product), pool) in &pools {
         let from_ledger = balance
             .get(&(org.clone(), product.clone()))
@@ -813,8 +842,16 @@ fn check_core(core: &mut Core) -> Result<(), TestCaseError> {
         );
     }
 
-    // Rule 5 (and 6 under auto-assign): nothing waits while its pool has units.
+    // Rule 5 (and 6 under auto-assign): nothing waits while its pool has units; rule 12:
+    // nothing at all waits while the product is unlimited.
     for ((workspace, product), consumption) in &book.consumption {
+        prop_assert!(
+            !(consumption.missing() > 0 && book.pool(&consumption.org_id, product).unlimited),
+            "{}/{} misses {} while unlimited",
+            workspace,
+            product,
+            consumption.missing()
+        );
         let moves_by_itself = product.is_seat() || book.policy.modules_auto_assign;
         if moves_by_itself && consumption.missing() > 0 {
             let available = book.pool(&consumption.org_id, product).available;
@@ -863,6 +900,7 @@ type Movement = (
     String,
     Option<String>,
     Option<String>,
+    bool,
 );
 /// With its position: sequence and `pool_available_after`.
 type Positioned = (
@@ -876,6 +914,7 @@ type Positioned = (
     String,
     Option<String>,
     Option<String>,
+    bool,
 );
 
 /// (workspace, product) -> (missing, when the shortfall opened).
@@ -893,6 +932,7 @@ fn core_entry(entry: &LedgerEntry) -> Positioned {
         entry.caused_by.to_string(),
         entry.grant_id.as_ref().map(ToString::to_string),
         entry.actor.clone(),
+        entry.unlimited,
     )
 }
 
@@ -908,6 +948,7 @@ fn oracle_entry(entry: &OracleEntry) -> Positioned {
         entry.caused_by.clone(),
         entry.grant_id.clone(),
         entry.actor.clone(),
+        entry.unlimited,
     )
 }
 
@@ -915,7 +956,7 @@ fn movements(entries: &[Positioned]) -> Vec<Movement> {
     let mut movements: Vec<Movement> = entries
         .iter()
         .map(
-            |(org, _, kind, product, quantity, workspace, _, cause, grant, actor)| {
+            |(org, _, kind, product, quantity, workspace, _, cause, grant, actor, unlimited)| {
                 (
                     org.clone(),
                     *kind,
@@ -925,6 +966,7 @@ fn movements(entries: &[Positioned]) -> Vec<Movement> {
                     cause.clone(),
                     grant.clone(),
                     actor.clone(),
+                    *unlimited,
                 )
             },
         )
@@ -948,7 +990,7 @@ fn check_agreement(
     let oracle_pools: BTreeMap<_, _> = oracle
         .pools()
         .into_iter()
-        .filter(|(_, pool)| pool.granted != 0)
+        .filter(|(_, pool)| pool.granted != 0 || pool.unlimited)
         .map(|(key, pool)| {
             prop_assert_eq!(
                 pool.available,
@@ -964,6 +1006,7 @@ fn check_agreement(
                     pool.transferred,
                     pool.expired,
                     pool.revoked,
+                    pool.unlimited,
                 ),
             ))
         })
@@ -1265,7 +1308,7 @@ fn the_oracle_reads_the_input_topics_from_json() {
     assert!(matches!(
         grant.body,
         OracleBody::Granted {
-            quantity: 3,
+            quantity: Some(3),
             valid_from: None,
             expires_at: Some(_),
             ..

@@ -349,10 +349,15 @@ async fn verify_agrees_with_a_ledger_holding_revocations() {
 async fn verify_fails_on_a_grant_whose_revoked_units_were_edited_by_hand() {
     let (settings, _store) = ledger_with_revocations().await;
     let mut connection = superuser(&settings).await;
-    sqlx::raw_sql("UPDATE lots SET revoked = 0 WHERE org_id = 'globex' AND lot_id = 'g-globex';")
-        .execute(&mut connection)
-        .await
-        .unwrap();
+    // The lot still accounts for every unit (the database refuses otherwise): the revoked
+    // unit is made to look transferred, which only the ledger can contradict.
+    sqlx::raw_sql(
+        "UPDATE lots SET revoked = 0, drawn = drawn + 1
+          WHERE org_id = 'globex' AND lot_id = 'g-globex';",
+    )
+    .execute(&mut connection)
+    .await
+    .unwrap();
     let output = run(&settings, &["verify"]);
     assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
     let text = stdout(&output);
@@ -386,8 +391,8 @@ async fn verify_fails_on_a_pool_whose_revoked_total_was_edited_by_hand() {
     let text = stdout(&output);
     assert!(
         text.contains(
-            "globex seat: stored available 1 (granted 12, transferred 0, expired 0, revoked 11); \
-             the ledger gives 3 (12, 0, 0, 9)"
+            "globex seat: stored available 1 (granted 12, transferred 0, expired 0, revoked 11, \
+             unlimited false); the ledger gives 3 (12, 0, 0, 9, false)"
         ),
         "{text}"
     );

@@ -174,6 +174,7 @@ fn the_messages_the_worker_publishes_validate() {
             caused_by: cause.clone(),
             grant_id: Some(cause.clone()),
             actor: None,
+            unlimited: false,
             recorded_at: now,
         },
         LedgerEntry {
@@ -187,6 +188,7 @@ fn the_messages_the_worker_publishes_validate() {
             caused_by: cause.clone(),
             grant_id: None,
             actor: Some("u-alice".into()),
+            unlimited: false,
             recorded_at: now,
         },
         LedgerEntry {
@@ -200,6 +202,21 @@ fn the_messages_the_worker_publishes_validate() {
             caused_by: EventId::parse("r-1").unwrap(),
             grant_id: Some(cause.clone()),
             actor: None,
+            unlimited: false,
+            recorded_at: now,
+        },
+        LedgerEntry {
+            org_id: org.clone(),
+            sequence: 4,
+            product: Product::seat(),
+            kind: LedgerKind::Transfer,
+            quantity: 250,
+            workspace_id: Some(workspace.clone()),
+            pool_available_after: 6,
+            caused_by: cause.clone(),
+            grant_id: None,
+            actor: None,
+            unlimited: true,
             recorded_at: now,
         },
     ];

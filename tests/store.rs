@@ -498,8 +498,9 @@ async fn refused_by(database: &sqlx::PgPool, statement: &str) -> Option<String> 
 }
 
 #[tokio::test]
-async fn the_upgrade_to_revocations_keeps_every_row_and_the_worker_goes_on_from_it() {
-    // Given a database of the version before revocations, as acme's worker left it: a
+async fn the_upgrade_from_version_1_keeps_every_row_and_the_worker_goes_on_from_it() {
+    // Given a database of version 1 (before revocations and unlimited grants), as acme's
+    // worker left it: a
     // trial's seats that expired, a starter plan's seats mostly transferred, a pro plan's
     // seats valid only next month, a gamification add-on a manager moved, a module
     // shortfall open, an outbox batch not published yet and the consumer's offsets,
@@ -599,8 +600,8 @@ async fn the_upgrade_to_revocations_keeps_every_row_and_the_worker_goes_on_from_
     // when the worker starts on it and migrates it,
     let store = store_on(&url).await;
 
-    // then every row is still there with the same values, and only what rule 11 needs was
-    // added,
+    // then every row is still there with the same values, and only what rules 11 and 12
+    // need was added,
     let after = columns(store.pool()).await;
     for (table, columns) in &before {
         assert_eq!(
@@ -623,9 +624,14 @@ async fn the_upgrade_to_revocations_keeps_every_row_and_the_worker_goes_on_from_
         added,
         [
             "ledger.grant_id",
+            "ledger.unlimited",
             "lots.revoked",
             "lots.occurred_at",
-            "pools.revoked_total"
+            "lots.unlimited",
+            "lots.drawn",
+            "lots.expired",
+            "pools.revoked_total",
+            "pools.unlimited",
         ]
     );
     let new_tables: Vec<&String> = after
@@ -646,21 +652,62 @@ async fn the_upgrade_to_revocations_keeps_every_row_and_the_worker_goes_on_from_
         [("gamification".to_owned(), 0), ("seat".to_owned(), 0)]
     );
     let at = |time: &str| time.parse::<DateTime<Utc>>().unwrap();
-    let lots: Vec<(String, i64, DateTime<Utc>)> =
-        sqlx::query_as("SELECT lot_id, revoked, occurred_at FROM lots ORDER BY lot_id")
-            .fetch_all(store.pool())
-            .await
-            .unwrap();
+    // and each lot says what became of its units: the trial's 3 expired (its expiry
+    // entry), 8 of the starter plan's seats and the gamification unit were transferred,
+    // nothing is unlimited,
+    type LotRow = (String, i64, DateTime<Utc>, i64, i64, bool);
+    let lots: Vec<LotRow> = sqlx::query_as(
+        "SELECT lot_id, revoked, occurred_at, drawn, expired, unlimited FROM lots ORDER BY lot_id",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
     assert_eq!(
         lots,
         [
-            ("g-gam".to_owned(), 0, at("2026-11-01T09:00:00Z")),
+            (
+                "g-gam".to_owned(),
+                0,
+                at("2026-11-01T09:00:00Z"),
+                1,
+                0,
+                false
+            ),
             // Stored before its validity starts: dated when it was stored.
-            ("g-later".to_owned(), 0, at("2026-11-10T12:00:00Z")),
-            ("g-seat".to_owned(), 0, at("2026-11-01T09:00:00Z")),
-            ("g-trial".to_owned(), 0, at("2026-10-01T09:00:00Z")),
+            (
+                "g-later".to_owned(),
+                0,
+                at("2026-11-10T12:00:00Z"),
+                0,
+                0,
+                false
+            ),
+            (
+                "g-seat".to_owned(),
+                0,
+                at("2026-11-01T09:00:00Z"),
+                8,
+                0,
+                false
+            ),
+            (
+                "g-trial".to_owned(),
+                0,
+                at("2026-10-01T09:00:00Z"),
+                0,
+                3,
+                false
+            ),
         ]
     );
+    let (unlimited,): (i64,) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM pools WHERE unlimited)
+              + (SELECT count(*) FROM ledger WHERE unlimited)",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(unlimited, 0);
     let (naming,): (i64,) =
         sqlx::query_as("SELECT count(*) FROM ledger WHERE grant_id IS NOT NULL")
             .fetch_one(store.pool())
@@ -668,17 +715,37 @@ async fn the_upgrade_to_revocations_keeps_every_row_and_the_worker_goes_on_from_
             .unwrap();
     assert_eq!(naming, 0);
 
-    // the database refuses what rule 11 forbids: a lot losing more than it had left, a
-    // pool whose balance does not count its revoked units, a revocation entry that does
-    // not name its grant,
+    // the database refuses what rules 11 and 12 forbid: a lot losing more than it had
+    // left or not accounting for its units, an unlimited lot counting units, a pool whose
+    // balance does not count its revoked units, a revocation entry that does not name its
+    // grant,
     assert_eq!(
         refused_by(
             store.pool(),
-            "UPDATE lots SET revoked = 9 WHERE org_id = 'acme' AND lot_id = 'g-seat'"
+            "UPDATE lots SET drawn = 9 WHERE org_id = 'acme' AND lot_id = 'g-seat'"
         )
         .await
         .as_deref(),
-        Some("lot_units")
+        Some("lot_accounted")
+    );
+    assert_eq!(
+        refused_by(
+            store.pool(),
+            "UPDATE lots SET unlimited = true WHERE org_id = 'acme' AND lot_id = 'g-seat'"
+        )
+        .await
+        .as_deref(),
+        Some("lot_quantity")
+    );
+    // (Both constraints refuse it; PostgreSQL names the first it checks.)
+    let refusal = refused_by(
+        store.pool(),
+        "UPDATE lots SET revoked = 9 WHERE org_id = 'acme' AND lot_id = 'g-seat'",
+    )
+    .await;
+    assert!(
+        matches!(refusal.as_deref(), Some("lot_units" | "lot_accounted")),
+        "{refusal:?}"
     );
     assert_eq!(
         refused_by(

@@ -68,7 +68,13 @@ impl Harness {
             stop.clone().cancelled_owned(),
             Some(sender),
         ));
-        let started = receiver.await.expect("the worker starts");
+        let started = match receiver.await {
+            Ok(started) => started,
+            Err(_) => panic!(
+                "the worker did not start: {:?}",
+                worker.await.expect("the worker's task")
+            ),
+        };
         let health = started.health.clone();
         common::eventually("the worker to be assigned its partitions", DEADLINE, || {
             let health = health.clone();
@@ -722,5 +728,197 @@ async fn revocations_reach_grants_that_arrive_later_and_every_product_of_a_sourc
     );
     let sequences: Vec<i64> = harness.ledger.iter().map(|entry| entry.sequence).collect();
     assert_eq!(sequences, (1..=7).collect::<Vec<_>>(), "gapless");
+    harness.stop().await;
+}
+
+/// Rule 12 end to end: given a plan of 100 counted seats and an unlimited plan that ends
+/// in 20 seconds, when 5,000 participants join, then every one of them gets a seat at once
+/// (transfers marked unlimited, the 100 counted seats untouched) and no shortfall opens;
+/// when the unlimited plan expires nothing moves back, and the next participants draw on
+/// the counted seats until a shortfall opens again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unlimited_plan_covers_5000_participants_and_its_end_leaves_the_counted_seats() {
+    let mut harness = Harness::start().await;
+    let topics = harness.settings.topics.clone();
+    let ends = chrono::Utc::now() + chrono::Duration::seconds(20);
+    harness
+        .send_json(
+            &topics.entitlement_granted,
+            grant_at(
+                "g-counted",
+                "2026-01-01T09:00:00Z",
+                "seat",
+                100,
+                json!({"kind": "plan", "reference": "team"}),
+            ),
+        )
+        .await;
+    let mut top = event(
+        "g-unlimited",
+        json!({"org_id": "acme", "product": "seat", "unlimited": true,
+               "expires_at": ends.to_rfc3339(),
+               "source": {"kind": "plan", "reference": "enterprise"}}),
+    );
+    top["occurred_at"] = json!("2026-01-01T09:00:00Z");
+    harness.send_json(&topics.entitlement_granted, top).await;
+    harness
+        .read_until("both grant entries", |h| h.ledger.len() == 2)
+        .await;
+    let payloads: Vec<String> = (0..5000)
+        .map(|n| {
+            event(
+                &format!("a-{n}"),
+                json!({"org_id": "acme", "workspace_id": "summit", "participant_id": format!("p{n}")}),
+            )
+            .to_string()
+        })
+        .collect();
+    let sends = payloads.iter().map(|payload| {
+        harness.producer.send(
+            FutureRecord::<str, str>::to(&topics.participant_added)
+                .key("acme")
+                .payload(payload),
+            Duration::from_secs(30),
+        )
+    });
+    for delivery in futures::future::join_all(sends).await {
+        delivery.expect("delivered");
+    }
+    harness
+        .read_until("5,000 seats in the workspace", |h| {
+            seats_moved_to(&h.ledger, "summit") == 5000
+        })
+        .await;
+    assert!(
+        chrono::Utc::now() < ends,
+        "the unlimited plan must still be valid for this story; the machine was too slow"
+    );
+    assert!(
+        harness.alerts.is_empty(),
+        "no shortfall opened: {:?}",
+        harness.alerts
+    );
+    let grants = &harness.ledger[..2];
+    assert_eq!(
+        grants
+            .iter()
+            .map(|entry| (entry.quantity, entry.pool_available_after, entry.unlimited))
+            .collect::<Vec<_>>(),
+        [(100, 100, false), (1, 100, true)],
+        "the counted grant, then the mark of the unlimited one"
+    );
+    assert!(harness.ledger[2..]
+        .iter()
+        .all(|entry| entry.kind == "transfer"
+            && entry.unlimited
+            && entry.pool_available_after == 100));
+
+    harness
+        .read_until("the unlimited plan's expiry", |h| {
+            h.ledger.iter().any(|entry| entry.kind == "expiry")
+        })
+        .await;
+    let expiry = harness.ledger.last().unwrap();
+    assert_eq!(
+        (
+            expiry.quantity,
+            expiry.pool_available_after,
+            expiry.unlimited,
+            expiry.grant_id.as_deref()
+        ),
+        (1, 100, true, Some("g-unlimited"))
+    );
+    for n in 5000..5110 {
+        harness
+            .join(&format!("a-{n}"), "acme", &format!("p{n}"))
+            .await;
+    }
+    harness
+        .read_until("the counted seats drawn and 10 missing", |h| {
+            seats_moved_to(&h.ledger, "summit") == 5100
+                && h.alerts.last().is_some_and(|alert| alert.missing == 10)
+        })
+        .await;
+    let counted: i64 = harness
+        .ledger
+        .iter()
+        .filter(|entry| entry.kind == "transfer" && !entry.unlimited)
+        .map(|entry| entry.quantity)
+        .sum();
+    assert_eq!(counted, 100, "the counted seats kept for when it ended");
+    assert_eq!(harness.ledger.last().unwrap().pool_available_after, 0);
+    let database = sqlx::PgPool::connect(&harness.settings.database.url)
+        .await
+        .unwrap();
+    let verification = entitlement_worker::ops::verify::verify(&database)
+        .await
+        .unwrap();
+    assert!(verification.passed(), "{}", verification.to_text());
+    harness.stop().await;
+}
+
+/// Version 2's bad input goes to the dead-letter topic with a detail saying what is wrong,
+/// and nothing of it reaches the pool: a revocation naming both a grant and a source, one
+/// with a quantity for a source, and an unlimited grant with a quantity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_revocations_and_unlimited_grants_are_dead_lettered_saying_why() {
+    let mut harness = Harness::start().await;
+    let topics = harness.settings.topics.clone();
+    let source = json!({"kind": "plan", "reference": "pro"});
+    let cases = [
+        (
+            &topics.entitlement_revoked,
+            event(
+                "r-both",
+                json!({"org_id": "acme", "grant_id": "g-1", "source": source}),
+            ),
+            "Fields `grant_id` and `source` are exclusive",
+        ),
+        (
+            &topics.entitlement_revoked,
+            event(
+                "r-quantity",
+                json!({"org_id": "acme", "source": source, "quantity": 3}),
+            ),
+            "Field `quantity` goes with `grant_id` only",
+        ),
+        (
+            &topics.entitlement_granted,
+            event(
+                "g-both",
+                json!({"org_id": "acme", "product": "seat", "unlimited": true, "quantity": 10}),
+            ),
+            "an unlimited grant has no quantity",
+        ),
+    ];
+    for (topic, message, _) in &cases {
+        harness.send_json(topic, message.clone()).await;
+    }
+    harness.grant("g-1", "acme", 1).await;
+    harness
+        .read_until("three dead letters and the good grant", |h| {
+            h.dead_letters.len() == 3 && h.ledger.len() == 1
+        })
+        .await;
+    for (topic, message, detail) in &cases {
+        let event_id = message["event_id"].as_str().unwrap();
+        let letter = harness
+            .dead_letters
+            .iter()
+            .find(|letter| letter.event_id.as_deref() == Some(event_id))
+            .unwrap_or_else(|| panic!("no dead letter for {event_id}"));
+        assert_eq!(letter.reason, "schema_violation", "{letter:?}");
+        assert_eq!(&&letter.topic, topic);
+        assert!(
+            letter.detail.contains(detail),
+            "{event_id}: {}",
+            letter.detail
+        );
+    }
+    let entry = &harness.ledger[0];
+    assert_eq!(
+        (entry.kind.as_str(), entry.quantity, entry.unlimited),
+        ("grant", 1, false)
+    );
     harness.stop().await;
 }

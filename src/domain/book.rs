@@ -25,8 +25,8 @@ pub struct Organization {
     pub dirty: bool,
 }
 
-/// An organization's pool of one product: the units available now and the running totals
-/// that explain them (`available = granted - transferred - expired - revoked`).
+/// An organization's pool of one product: the counted units available now and the running
+/// totals that explain them (`available = granted - transferred - expired - revoked`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Pool {
     pub available: i64,
@@ -34,6 +34,9 @@ pub struct Pool {
     pub transferred_total: i64,
     pub expired_total: i64,
     pub revoked_total: i64,
+    /// An unlimited grant of the product is valid now (rule 12); the counted units and
+    /// totals above are kept apart from it.
+    pub unlimited: bool,
     pub dirty: bool,
 }
 
@@ -74,7 +77,9 @@ impl LotStatus {
     }
 }
 
-/// The units of one grant, with their validity window.
+/// The units of one grant, with their validity window. An unlimited grant's lot counts no
+/// units (`quantity`, `remaining`, `revoked` and `expired` are 0): while it is active, its
+/// product has no limit, and `drawn` says how many units it gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lot {
     /// The grant's `event_id`.
@@ -85,6 +90,12 @@ pub struct Lot {
     pub remaining: i64,
     /// Units revocations took out of the pool (rule 11); never more than the lot had left.
     pub revoked: i64,
+    /// Units transferred to workspaces from this lot.
+    pub drawn: i64,
+    /// Units that left the pool when the lot expired.
+    pub expired: i64,
+    /// An unlimited grant (rule 12).
+    pub unlimited: bool,
     /// The grant's `occurred_at`: a revocation of its source reaches it when it is not
     /// after the revocation's own.
     pub occurred_at: DateTime<Utc>,
@@ -202,6 +213,10 @@ pub struct LedgerEntry {
     /// entries (a revocation's `caused_by` is the revocation, not the grant).
     pub grant_id: Option<EventId>,
     pub actor: Option<String>,
+    /// Rule 12: the entry is about an unlimited grant (it became valid, expired or was
+    /// revoked), or the transfer drew on one. Its quantity does not count in the pool's
+    /// balance, and `pool_available_after` counts counted units only.
+    pub unlimited: bool,
     pub recorded_at: DateTime<Utc>,
 }
 
@@ -486,6 +501,7 @@ impl Book {
             caused_by: movement.caused_by.clone(),
             grant_id: movement.grant_id.cloned(),
             actor: movement.actor.map(str::to_owned),
+            unlimited: movement.unlimited,
             recorded_at: now,
         });
     }
@@ -500,4 +516,5 @@ pub(crate) struct Movement<'a> {
     pub caused_by: &'a EventId,
     pub grant_id: Option<&'a EventId>,
     pub actor: Option<&'a str>,
+    pub unlimited: bool,
 }

@@ -32,7 +32,8 @@ pub enum CommandBody {
     },
     EntitlementGranted {
         product: Product,
-        quantity: Quantity,
+        /// How many units, or unlimited (rule 12).
+        units: GrantUnits,
         /// When the units become available; `occurred_at` when the grant names none.
         valid_from: Option<DateTime<Utc>>,
         expires_at: Option<DateTime<Utc>>,
@@ -51,6 +52,15 @@ pub enum CommandBody {
         /// Why, for the people reading the ledger; at most 256 characters.
         reason: Option<String>,
     },
+}
+
+/// What a grant brings to the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantUnits {
+    /// A number of counted units.
+    Counted(Quantity),
+    /// No limit while the grant is valid (rule 12).
+    Unlimited,
 }
 
 /// What a revocation removes.

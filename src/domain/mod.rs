@@ -28,7 +28,7 @@ pub use book::{
     Alert, AlertStatus, Book, Consumption, LedgerEntry, LedgerKind, Lot, LotStatus, Organization,
     ParticipantRecord, Policy, Pool, Refusal, Revocation, Verdict,
 };
-pub use commands::{Actor, Command, CommandBody, GrantSource, RevocationTarget};
+pub use commands::{Actor, Command, CommandBody, GrantSource, GrantUnits, RevocationTarget};
 pub use ids::{EventId, IdError, OrgId, ParticipantId, Product, Quantity, WorkspaceId};
 
 #[cfg(test)]

@@ -1,12 +1,19 @@
 //! Pools: grants credit them (rule 8 refills waiting workspaces), units are drawn
 //! earliest-expiring first and a pool never goes negative (rule 9), units become available
-//! at `valid_from` and leave the pool at `expires_at`.
+//! at `valid_from` and leave the pool at `expires_at`. An unlimited grant (rule 12) is a lot
+//! of no counted units: while it is active its product has no limit, transfers draw on it
+//! before any counted units, and its `grant`, `expiry` and `revocation` entries mark when
+//! the product became unlimited and when it stopped.
 
 use chrono::{DateTime, Utc};
 
 use super::book::{Book, LedgerKind, Lot, LotStatus, Movement, Verdict};
-use super::commands::{Command, CommandBody};
+use super::commands::{Command, CommandBody, GrantUnits};
 use super::ids::{EventId, OrgId, Product};
+
+/// The quantity of the entries that mark an unlimited grant becoming valid, expiring or
+/// being revoked: always positive, like every entry's, and not counted in any balance.
+pub const UNLIMITED_MARK_QUANTITY: i64 = 1;
 
 /// The order in which a pool's lots are drawn: the earliest expiry first, units that never
 /// expire last; ties by start of validity, then by grant.
@@ -24,7 +31,7 @@ impl Book {
     pub(crate) fn grant(&mut self, command: &Command, now: DateTime<Utc>) -> Verdict {
         let CommandBody::EntitlementGranted {
             product,
-            quantity,
+            units,
             valid_from,
             expires_at,
             source,
@@ -32,13 +39,20 @@ impl Book {
         else {
             unreachable!("grant() is called for grants only");
         };
+        let (quantity, unlimited) = match units {
+            GrantUnits::Counted(quantity) => (quantity.get(), false),
+            GrantUnits::Unlimited => (0, true),
+        };
         let lot = Lot {
             lot_id: command.event_id.clone(),
             org_id: command.org_id.clone(),
             product: product.clone(),
-            quantity: quantity.get(),
-            remaining: quantity.get(),
+            quantity,
+            remaining: quantity,
             revoked: 0,
+            drawn: 0,
+            expired: 0,
+            unlimited,
             occurred_at: command.occurred_at,
             // The decoder fills `valid_from` with `occurred_at` when the grant has none, and
             // refuses an `expires_at` that is not after it.
@@ -84,20 +98,40 @@ impl Book {
     /// Units left when a grant expires leave the pool with an expiry entry (rule 9).
     fn expire_lots(&mut self, org_id: &OrgId, product: &Product, now: DateTime<Utc>) {
         let key = (org_id.clone(), product.clone());
-        let mut expired: Vec<(EventId, i64)> = Vec::new();
+        let mut expired: Vec<(EventId, i64, bool)> = Vec::new();
         if let Some(lots) = self.lots.get_mut(&key) {
             lots.sort_by(|left, right| draw_order(left).cmp(&draw_order(right)));
             for lot in lots.iter_mut() {
                 let due = lot.expires_at.is_some_and(|expires_at| expires_at <= now);
                 if lot.status == LotStatus::Active && due {
-                    expired.push((lot.lot_id.clone(), lot.remaining));
+                    expired.push((lot.lot_id.clone(), lot.remaining, lot.unlimited));
+                    lot.expired += lot.remaining;
                     lot.remaining = 0;
                     lot.status = LotStatus::Expired;
                     lot.dirty = true;
                 }
             }
         }
-        for (lot_id, remaining) in expired {
+        for (lot_id, remaining, unlimited) in expired {
+            if unlimited {
+                // Rule 12: nothing moves back; counted units are drawn again from now on.
+                self.refresh_unlimited(org_id, product);
+                self.record(
+                    org_id,
+                    Movement {
+                        product,
+                        kind: LedgerKind::Expiry,
+                        quantity: UNLIMITED_MARK_QUANTITY,
+                        workspace_id: None,
+                        caused_by: &lot_id,
+                        grant_id: Some(&lot_id),
+                        actor: None,
+                        unlimited: true,
+                    },
+                    now,
+                );
+                continue;
+            }
             if remaining == 0 {
                 continue;
             }
@@ -115,6 +149,7 @@ impl Book {
                     caused_by: &lot_id,
                     grant_id: Some(&lot_id),
                     actor: None,
+                    unlimited: false,
                 },
                 now,
             );
@@ -131,7 +166,7 @@ impl Book {
         now: DateTime<Utc>,
     ) -> Option<EventId> {
         let key = (org_id.clone(), product.clone());
-        let mut due: Vec<(EventId, i64, bool)> = Vec::new();
+        let mut due: Vec<(EventId, i64, bool, bool)> = Vec::new();
         if let Some(lots) = self.lots.get_mut(&key) {
             lots.sort_by(|left, right| {
                 (left.valid_from, &left.lot_id).cmp(&(right.valid_from, &right.lot_id))
@@ -146,46 +181,62 @@ impl Book {
                         LotStatus::Active
                     };
                     if already_expired {
+                        lot.expired = lot.remaining;
                         lot.remaining = 0;
                     }
                     lot.dirty = true;
-                    due.push((lot.lot_id.clone(), lot.quantity, already_expired));
+                    due.push((
+                        lot.lot_id.clone(),
+                        lot.quantity,
+                        lot.unlimited,
+                        already_expired,
+                    ));
                 }
             }
         }
         let mut credited = None;
-        for (lot_id, quantity, already_expired) in due {
-            let pool = self.pool_mut(org_id, product);
-            pool.available += quantity;
-            pool.granted_total += quantity;
-            pool.dirty = true;
+        for (lot_id, quantity, unlimited, already_expired) in due {
+            let marked = if unlimited {
+                self.refresh_unlimited(org_id, product);
+                UNLIMITED_MARK_QUANTITY
+            } else {
+                let pool = self.pool_mut(org_id, product);
+                pool.available += quantity;
+                pool.granted_total += quantity;
+                pool.dirty = true;
+                quantity
+            };
             self.record(
                 org_id,
                 Movement {
                     product,
                     kind: LedgerKind::Grant,
-                    quantity,
+                    quantity: marked,
                     workspace_id: None,
                     caused_by: &lot_id,
                     grant_id: Some(&lot_id),
                     actor: None,
+                    unlimited,
                 },
                 now,
             );
             if already_expired {
-                let pool = self.pool_mut(org_id, product);
-                pool.available -= quantity;
-                pool.expired_total += quantity;
+                if !unlimited {
+                    let pool = self.pool_mut(org_id, product);
+                    pool.available -= quantity;
+                    pool.expired_total += quantity;
+                }
                 self.record(
                     org_id,
                     Movement {
                         product,
                         kind: LedgerKind::Expiry,
-                        quantity,
+                        quantity: marked,
                         workspace_id: None,
                         caused_by: &lot_id,
                         grant_id: Some(&lot_id),
                         actor: None,
+                        unlimited,
                     },
                     now,
                 );
@@ -225,6 +276,7 @@ impl Book {
             }
             let take = left.min(lot.remaining);
             lot.remaining -= take;
+            lot.drawn += take;
             left -= take;
             if lot.remaining == 0 {
                 lot.status = LotStatus::Spent;
@@ -232,6 +284,51 @@ impl Book {
             lot.dirty = true;
         }
         assert_eq!(left, 0, "the pool's available units match its lots");
+    }
+
+    /// Rule 12: whether an unlimited grant of the product is valid now.
+    pub(crate) fn is_unlimited(&self, org_id: &OrgId, product: &Product) -> bool {
+        self.pools
+            .get(&(org_id.clone(), product.clone()))
+            .is_some_and(|pool| pool.unlimited)
+    }
+
+    /// Rule 12: records `quantity` units transferred from the active unlimited grant that
+    /// is drawn first (the earliest to expire); the counted units stay in the pool.
+    pub(crate) fn draw_unlimited(
+        &mut self,
+        org_id: &OrgId,
+        product: &Product,
+        quantity: i64,
+    ) -> EventId {
+        let lots = self
+            .lots
+            .get_mut(&(org_id.clone(), product.clone()))
+            .expect("an unlimited pool has its lot");
+        lots.sort_by(|left, right| draw_order(left).cmp(&draw_order(right)));
+        let lot = lots
+            .iter_mut()
+            .find(|lot| lot.unlimited && lot.status == LotStatus::Active)
+            .expect("an unlimited pool has an active unlimited lot");
+        lot.drawn += quantity;
+        lot.dirty = true;
+        lot.lot_id.clone()
+    }
+
+    /// Sets the pool's `unlimited` from its lots: true while an unlimited lot is active.
+    pub(crate) fn refresh_unlimited(&mut self, org_id: &OrgId, product: &Product) {
+        let unlimited = self
+            .lots
+            .get(&(org_id.clone(), product.clone()))
+            .is_some_and(|lots| {
+                lots.iter()
+                    .any(|lot| lot.unlimited && lot.status == LotStatus::Active)
+            });
+        let pool = self.pool_mut(org_id, product);
+        if pool.unlimited != unlimited {
+            pool.unlimited = unlimited;
+            pool.dirty = true;
+        }
     }
 
     /// Rule 8: new units fill the organization's open shortfalls of the product at once,
@@ -243,7 +340,8 @@ impl Book {
         cause: &EventId,
         now: DateTime<Utc>,
     ) {
-        if !product.is_seat() && !self.policy.modules_auto_assign {
+        let unlimited = self.is_unlimited(org_id, product);
+        if !product.is_seat() && !self.policy.modules_auto_assign && !unlimited {
             return;
         }
         assert!(
@@ -262,7 +360,7 @@ impl Book {
             .collect();
         waiting.sort();
         for (_, workspace_id) in waiting {
-            if self.pool(org_id, product).available == 0 {
+            if self.pool(org_id, product).available == 0 && !unlimited {
                 break;
             }
             self.top_up(&workspace_id, product, org_id, cause, now);

@@ -98,6 +98,32 @@ impl Book {
         else {
             return;
         };
+        if lot.unlimited {
+            // Rule 12: an unlimited grant revoked ends at once, whatever the quantity named;
+            // nothing moves back.
+            if lot.status != LotStatus::Active {
+                return;
+            }
+            lot.status = LotStatus::Revoked;
+            lot.dirty = true;
+            self.refresh_unlimited(&org_id, product);
+            let caused_by = revocation.event_id.clone();
+            self.record(
+                &org_id,
+                Movement {
+                    product,
+                    kind: LedgerKind::Revocation,
+                    quantity: super::pools::UNLIMITED_MARK_QUANTITY,
+                    workspace_id: None,
+                    caused_by: &caused_by,
+                    grant_id: Some(lot_id),
+                    actor: None,
+                    unlimited: true,
+                },
+                now,
+            );
+            return;
+        }
         let taken = if lot.status == LotStatus::Active {
             limit.min(lot.remaining)
         } else {
@@ -127,6 +153,7 @@ impl Book {
                 caused_by: &caused_by,
                 grant_id: Some(lot_id),
                 actor: None,
+                unlimited: false,
             },
             now,
         );

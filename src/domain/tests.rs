@@ -89,7 +89,7 @@ fn grant_window(
 ) -> CommandBody {
     CommandBody::EntitlementGranted {
         product: Product::parse(product).unwrap(),
-        quantity: Quantity::parse(quantity).unwrap(),
+        units: GrantUnits::Counted(Quantity::parse(quantity).unwrap()),
         valid_from,
         expires_at,
         source: None,
@@ -511,7 +511,7 @@ fn alerts_are_published_only_when_the_shortfall_changes() {
 fn sourced(product: &str, quantity: i64, kind: &str, reference: &str) -> CommandBody {
     CommandBody::EntitlementGranted {
         product: Product::parse(product).unwrap(),
-        quantity: Quantity::parse(quantity).unwrap(),
+        units: GrantUnits::Counted(Quantity::parse(quantity).unwrap()),
         valid_from: None,
         expires_at: None,
         source: Some(GrantSource {
@@ -666,4 +666,201 @@ fn a_grant_not_yet_valid_gives_up_its_units_when_they_become_valid() {
         ]
     );
     assert_eq!(world.available("acme", "seat"), 24);
+}
+
+// Rule 12: unlimited grants.
+
+fn unlimited(product: &str, expires_at: Option<DateTime<Utc>>) -> CommandBody {
+    CommandBody::EntitlementGranted {
+        product: Product::parse(product).unwrap(),
+        units: GrantUnits::Unlimited,
+        valid_from: None,
+        expires_at,
+        source: Some(GrantSource {
+            kind: "plan".into(),
+            reference: "enterprise".into(),
+        }),
+    }
+}
+
+/// (kind, quantity, pool_available_after, unlimited) of the batch's entries.
+fn marked(world: &World) -> Vec<(LedgerKind, i64, i64, bool)> {
+    world
+        .book
+        .ledger
+        .iter()
+        .map(|entry| {
+            (
+                entry.kind,
+                entry.quantity,
+                entry.pool_available_after,
+                entry.unlimited,
+            )
+        })
+        .collect()
+}
+
+fn is_unlimited(world: &World, product: &str) -> bool {
+    world
+        .book
+        .pool(
+            &OrgId::parse("acme").unwrap(),
+            &Product::parse(product).unwrap(),
+        )
+        .unlimited
+}
+
+#[test]
+fn an_unlimited_grant_covers_5000_participants_and_its_end_leaves_the_counted_units() {
+    let mut world = World::new();
+    let plan = world.command("acme", grant("seat", 100), at(0));
+    let top = world.command("acme", unlimited("seat", Some(at(10))), at(0));
+    world.batch(&[plan, top], at(0));
+    assert_eq!(
+        marked(&world),
+        [
+            (LedgerKind::Grant, 100, 100, false),
+            (LedgerKind::Grant, 1, 100, true)
+        ],
+        "the grant entry marks the product unlimited and counts nothing"
+    );
+    assert!(is_unlimited(&world, "seat"));
+    let joins: Vec<_> = (0..5000)
+        .map(|n| world.command("acme", join("summit", &format!("p{n}")), at(1)))
+        .collect();
+    world.batch(&joins, at(1));
+    let summit = world.consumption("summit", "seat");
+    assert_eq!((summit.required, summit.allocated), (5000, 5000));
+    assert!(world.book.alerts.is_empty(), "no shortfall ever opened");
+    assert!(world
+        .book
+        .ledger
+        .iter()
+        .all(|entry| entry.unlimited && entry.pool_available_after == 100));
+    assert_eq!(
+        world.book.ledger.iter().map(|e| e.quantity).sum::<i64>(),
+        5000
+    );
+    assert_eq!(world.available("acme", "seat"), 100, "counted units kept");
+    // A person's transfer draws on the unlimited grant too, whatever the counted units.
+    let person = world.command(
+        "acme",
+        transfer("expo", "seat", 500, "entitlement_manager"),
+        at(1),
+    );
+    assert_eq!(world.batch(&[person], at(1)), [Verdict::Applied]);
+    assert_eq!(
+        marked(&world),
+        [(LedgerKind::ManualTransfer, 500, 100, true)]
+    );
+
+    // It expires: nothing moves back, and the next participants draw counted units.
+    world.batch(&[], at(10));
+    world
+        .book
+        .settle_time(&OrgId::parse("acme").unwrap(), at(10));
+    assert_eq!(marked(&world), [(LedgerKind::Expiry, 1, 100, true)]);
+    assert!(!is_unlimited(&world, "seat"));
+    let late: Vec<_> = (5000..5110)
+        .map(|n| world.command("acme", join("summit", &format!("p{n}")), at(11)))
+        .collect();
+    world.batch(&late, at(11));
+    let summit = world.consumption("summit", "seat");
+    assert_eq!((summit.required, summit.allocated), (5110, 5100));
+    assert_eq!(world.available("acme", "seat"), 0);
+    assert_eq!(
+        world.book.alerts.len(),
+        1,
+        "a shortfall opens again: {:?}",
+        world.book.alerts
+    );
+    assert!(world.book.ledger.iter().all(|entry| !entry.unlimited));
+}
+
+#[test]
+fn unlimited_modules_move_at_once_and_a_revoked_unlimited_grant_ends_without_taking_back() {
+    let mut world = World::new();
+    let top = world.command("acme", unlimited("live-stream", None), at(0));
+    let counted = world.command("acme", grant("live-stream", 1), at(0));
+    world.batch(&[top.clone(), counted], at(0));
+    // Modules wait for a person under the default policy, but not while unlimited.
+    let enabled: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|workspace| world.command("acme", enable(workspace, "live-stream"), at(1)))
+        .collect();
+    world.batch(&enabled, at(1));
+    assert_eq!(world.consumption("a", "live-stream").allocated, 1);
+    assert_eq!(world.consumption("b", "live-stream").allocated, 1);
+    assert_eq!(world.available("acme", "live-stream"), 1);
+    // Rule 7 still holds while unlimited: a workspace holding the module gets no second.
+    let person = world.command(
+        "acme",
+        transfer("a", "live-stream", 1, "entitlement_manager"),
+        at(1),
+    );
+    assert!(matches!(
+        world.batch(&[person], at(1))[0],
+        Verdict::Refused {
+            refusal: Refusal::AlreadyAllocated,
+            ..
+        }
+    ));
+
+    let revocation = world.command("acme", revoke_grant(&top, Some(3)), at(2));
+    world.batch(&[revocation], at(2));
+    assert_eq!(marked(&world), [(LedgerKind::Revocation, 1, 1, true)]);
+    assert!(!is_unlimited(&world, "live-stream"));
+    assert_eq!(
+        world.consumption("a", "live-stream").allocated,
+        1,
+        "nothing moves back"
+    );
+    let more: Vec<_> = ["c", "d"]
+        .iter()
+        .map(|workspace| world.command("acme", enable(workspace, "live-stream"), at(3)))
+        .collect();
+    world.batch(&more, at(3));
+    assert_eq!(
+        world.consumption("c", "live-stream").allocated,
+        0,
+        "waits for a person again"
+    );
+    let person = world.command(
+        "acme",
+        transfer("c", "live-stream", 1, "entitlement_manager"),
+        at(3),
+    );
+    assert_eq!(world.batch(&[person], at(3)), [Verdict::Applied]);
+    let person = world.command(
+        "acme",
+        transfer("d", "live-stream", 1, "entitlement_manager"),
+        at(3),
+    );
+    assert!(matches!(
+        world.batch(&[person], at(3))[0],
+        Verdict::Refused {
+            refusal: Refusal::InsufficientPool,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn an_unlimited_grant_revoked_before_it_arrives_ends_right_after_its_grant_entry() {
+    let mut world = World::new();
+    let top = world.command("acme", unlimited("seat", None), at(0));
+    let revocation = world.command("acme", revoke_grant(&top, None), at(0));
+    world.batch(&[revocation], at(0));
+    world.batch(&[top], at(1));
+    assert_eq!(
+        marked(&world),
+        [
+            (LedgerKind::Grant, 1, 0, true),
+            (LedgerKind::Revocation, 1, 0, true)
+        ]
+    );
+    assert!(!is_unlimited(&world, "seat"));
+    let join = world.command("acme", join("summit", "p1"), at(2));
+    world.batch(&[join], at(2));
+    assert_eq!(world.consumption("summit", "seat").missing(), 1);
 }

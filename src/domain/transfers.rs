@@ -25,9 +25,19 @@ impl Book {
         let missing = self
             .consumption_mut(workspace_id, product, org_id)
             .missing();
-        let moved = missing.min(self.pool(org_id, product).available);
+        // Rule 12: an unlimited product moves whatever is missing, on its unlimited grant.
+        let unlimited = self.is_unlimited(org_id, product);
+        let moved = if unlimited {
+            missing
+        } else {
+            missing.min(self.pool(org_id, product).available)
+        };
         if moved > 0 {
-            self.draw(org_id, product, moved);
+            if unlimited {
+                self.draw_unlimited(org_id, product, moved);
+            } else {
+                self.draw(org_id, product, moved);
+            }
             let consumption = self.consumption_mut(workspace_id, product, org_id);
             consumption.allocated += moved;
             consumption.last_cause = Some(cause.clone());
@@ -42,6 +52,7 @@ impl Book {
                     caused_by: cause,
                     grant_id: None,
                     actor: None,
+                    unlimited,
                 },
                 now,
             );
@@ -66,7 +77,8 @@ impl Book {
         consumption.required = 1;
         consumption.last_cause = Some(command.event_id.clone());
         consumption.dirty = true;
-        if self.policy.modules_auto_assign {
+        // Rule 12: while the module is unlimited there is nothing to wait for.
+        if self.policy.modules_auto_assign || self.is_unlimited(&command.org_id, module) {
             self.top_up(
                 workspace_id,
                 module,
@@ -118,8 +130,9 @@ impl Book {
                 ),
             };
         }
+        let unlimited = self.is_unlimited(org_id, product);
         let available = self.pool(org_id, product).available;
-        if available < quantity {
+        if !unlimited && available < quantity {
             return Verdict::Refused {
                 refusal: Refusal::InsufficientPool,
                 detail: format!(
@@ -129,7 +142,11 @@ impl Book {
                 ),
             };
         }
-        self.draw(org_id, product, quantity);
+        if unlimited {
+            self.draw_unlimited(org_id, product, quantity);
+        } else {
+            self.draw(org_id, product, quantity);
+        }
         let consumption = self.consumption_mut(workspace_id, product, org_id);
         consumption.allocated += quantity;
         consumption.last_cause = Some(command.event_id.clone());
@@ -144,6 +161,7 @@ impl Book {
                 caused_by: &command.event_id,
                 grant_id: None,
                 actor: Some(&requested_by.user_id),
+                unlimited,
             },
             now,
         );

@@ -3,7 +3,7 @@
 //! memory bounded by the number of pools, workspaces and revocations, not of entries. It
 //! reads one snapshot, so a worker committing meanwhile causes no false mismatch.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt as _;
@@ -104,6 +104,18 @@ struct Balance {
     transferred: i64,
     expired: i64,
     revoked: i64,
+    /// Unlimited grants whose grant entry came and whose expiry or revocation did not.
+    unlimited_grants: i64,
+}
+
+/// A pool's totals as its lots add them up: granted (lots no longer pending), transferred,
+/// expired and revoked counted units.
+#[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
+struct LotTotals {
+    granted: i64,
+    drawn: i64,
+    expired: i64,
+    revoked: i64,
 }
 
 #[derive(sqlx::FromRow)]
@@ -118,6 +130,7 @@ struct Entry {
     pool_available_after: i64,
     caused_by: String,
     grant_id: Option<String>,
+    unlimited: bool,
 }
 
 /// What the ledger says of one grant so far: its product and the units its entries moved.
@@ -126,6 +139,7 @@ struct GrantUnits {
     granted: i64,
     expired: i64,
     revoked: i64,
+    unlimited: bool,
 }
 
 /// A `revocation` entry, kept to compare with the revocation that caused it.
@@ -170,8 +184,12 @@ struct StoredLot {
     org_id: String,
     lot_id: String,
     product: String,
+    quantity: i64,
     remaining: i64,
     revoked: i64,
+    drawn: i64,
+    expired: i64,
+    unlimited: bool,
     status: String,
     source_kind: Option<String>,
     source_reference: Option<String>,
@@ -187,7 +205,11 @@ pub async fn verify(pool: &PgPool) -> anyhow::Result<Verification> {
     let mut never_negative = Check::new("no pool balance is ever negative");
     let mut running = Check::new("every entry's pool_available_after equals the replayed balance");
     let mut pools_match = Check::new(
-        "each pool's balance equals grants - transfers - expiries - revocations, and its totals match",
+        "each pool's balance equals grants - transfers - expiries - revocations, its totals \
+         match, and it is unlimited exactly while an unlimited grant is",
+    );
+    let mut lots_account = Check::new(
+        "each pool's grants add up to its totals: granted, transferred, expired and revoked units",
     );
     let mut revocations_follow =
         Check::new("every revocation takes units its grant put in the pool and still had");
@@ -221,7 +243,7 @@ pub async fn verify(pool: &PgPool) -> anyhow::Result<Verification> {
     let mut entries = 0_u64;
     let mut rows = sqlx::query_as::<_, Entry>(
         "SELECT org_id, sequence, entry_id, product, kind, quantity, workspace_id,
-                pool_available_after, caused_by, grant_id
+                pool_available_after, caused_by, grant_id, unlimited
            FROM ledger ORDER BY org_id, sequence",
     )
     .fetch(&mut *transaction);
@@ -237,8 +259,11 @@ pub async fn verify(pool: &PgPool) -> anyhow::Result<Verification> {
             pool_available_after: after,
             caused_by,
             grant_id,
+            unlimited,
         } = entry;
         entries += 1;
+        // Rule 12: the quantity of an unlimited entry is in no counted balance.
+        let counted = if unlimited { 0 } else { quantity };
         let previous = last.get(&org).copied().unwrap_or(0);
         if previous == 0 {
             // A new organization: the grants of the one before are done with.
@@ -259,8 +284,9 @@ pub async fn verify(pool: &PgPool) -> anyhow::Result<Verification> {
         let balance = balances.entry((org.clone(), product.clone())).or_default();
         match kind.as_str() {
             "grant" => {
-                balance.available += quantity;
-                balance.granted += quantity;
+                balance.available += counted;
+                balance.granted += counted;
+                balance.unlimited_grants += i64::from(unlimited);
                 grants
                     .entry(grant)
                     .or_insert_with(|| GrantUnits {
@@ -268,26 +294,29 @@ pub async fn verify(pool: &PgPool) -> anyhow::Result<Verification> {
                         granted: 0,
                         expired: 0,
                         revoked: 0,
+                        unlimited,
                     })
-                    .granted += quantity;
+                    .granted += counted;
             }
             "transfer" | "manual_transfer" => {
-                balance.available -= quantity;
-                balance.transferred += quantity;
+                balance.available -= counted;
+                balance.transferred += counted;
                 if let Some(workspace) = workspace {
                     *moved.entry((workspace, product.clone())).or_default() += quantity;
                 }
             }
             "expiry" => {
-                balance.available -= quantity;
-                balance.expired += quantity;
+                balance.available -= counted;
+                balance.expired += counted;
+                balance.unlimited_grants -= i64::from(unlimited);
                 if let Some(units) = grants.get_mut(&grant) {
-                    units.expired += quantity;
+                    units.expired += counted;
                 }
             }
             "revocation" => {
-                balance.available -= quantity;
-                balance.revoked += quantity;
+                balance.available -= counted;
+                balance.revoked += counted;
+                balance.unlimited_grants -= i64::from(unlimited);
                 let problem = match grants.get_mut(&grant) {
                     None => Some(format!(
                         "{org} #{sequence}: revocation {caused_by} took {quantity} {product} of \
@@ -298,6 +327,12 @@ pub async fn verify(pool: &PgPool) -> anyhow::Result<Verification> {
                          grant {grant}, a grant of {}",
                         units.product
                     )),
+                    Some(units) if units.unlimited != unlimited => Some(format!(
+                        "{org} #{sequence}: revocation {caused_by} of grant {grant}: the entry \
+                         says unlimited {unlimited}, the grant {}",
+                        units.unlimited
+                    )),
+                    Some(units) if units.unlimited => None,
                     Some(units) => {
                         // Transfers do not say which grant they drew on: this is the most
                         // the grant can still have had.
@@ -314,7 +349,7 @@ pub async fn verify(pool: &PgPool) -> anyhow::Result<Verification> {
                 revocations_follow.expect_none(problem);
                 *revoked_by_grant
                     .entry((org.clone(), grant.clone()))
-                    .or_default() += quantity;
+                    .or_default() += counted;
                 revocation_entries.push(RevocationEntry {
                     org_id: org.clone(),
                     sequence,
@@ -336,40 +371,56 @@ pub async fn verify(pool: &PgPool) -> anyhow::Result<Verification> {
     drop(rows);
     drop(grants);
 
-    let stored_pools: Vec<(String, String, i64, i64, i64, i64, i64)> = sqlx::query_as(
+    /// org, product, available, granted, transferred, expired, revoked, unlimited.
+    type PoolRow = (String, String, i64, i64, i64, i64, i64, bool);
+    let stored_pools: Vec<PoolRow> = sqlx::query_as(
         "SELECT org_id, product, available, granted_total, transferred_total, expired_total,
-                revoked_total
+                revoked_total, unlimited
            FROM pools ORDER BY org_id, product",
     )
     .fetch_all(&mut *transaction)
     .await?;
     let mut seen = 0;
-    for (org, product, available, granted, transferred, expired, revoked) in stored_pools {
+    // Each pool's totals, to compare with what its lots add up to.
+    let mut pool_totals: BTreeMap<(String, String), LotTotals> = BTreeMap::new();
+    for (org, product, available, granted, transferred, expired, revoked, unlimited) in stored_pools
+    {
         let replayed = balances
             .get(&(org.clone(), product.clone()))
             .copied()
             .unwrap_or_default();
         seen += 1;
         pools_match.expect(
-            (available, granted, transferred, expired, revoked)
+            (available, granted, transferred, expired, revoked, unlimited)
                 == (
                     replayed.available,
                     replayed.granted,
                     replayed.transferred,
                     replayed.expired,
                     replayed.revoked,
+                    replayed.unlimited_grants > 0,
                 ),
             || {
                 format!(
                     "{org} {product}: stored available {available} (granted {granted}, \
-                     transferred {transferred}, expired {expired}, revoked {revoked}); \
-                     the ledger gives {} ({}, {}, {}, {})",
+                     transferred {transferred}, expired {expired}, revoked {revoked}, \
+                     unlimited {unlimited}); the ledger gives {} ({}, {}, {}, {}, {})",
                     replayed.available,
                     replayed.granted,
                     replayed.transferred,
                     replayed.expired,
-                    replayed.revoked
+                    replayed.revoked,
+                    replayed.unlimited_grants > 0
                 )
+            },
+        );
+        pool_totals.insert(
+            (org, product),
+            LotTotals {
+                granted,
+                drawn: transferred,
+                expired,
+                revoked,
             },
         );
     }
@@ -410,21 +461,36 @@ pub async fn verify(pool: &PgPool) -> anyhow::Result<Verification> {
     // The grants that revocation entries name, for comparing with their revocations.
     let mut revoked_lots: HashMap<(String, String), StoredLot> = HashMap::new();
     let mut lots = sqlx::query_as::<_, StoredLot>(
-        "SELECT org_id, lot_id, product, remaining, revoked, status, source_kind,
-                source_reference, occurred_at
+        "SELECT org_id, lot_id, product, quantity, remaining, revoked, drawn, expired,
+                unlimited, status, source_kind, source_reference, occurred_at
            FROM lots ORDER BY org_id, lot_id",
     )
     .fetch(&mut *transaction);
+    let mut lot_totals: BTreeMap<(String, String), LotTotals> = BTreeMap::new();
     while let Some(lot) = lots.try_next().await? {
         let StoredLot {
             org_id: org,
             lot_id: grant,
             product,
+            quantity,
             remaining,
             revoked,
+            drawn,
+            expired,
+            unlimited,
             status,
             ..
         } = &lot;
+        // An unlimited grant's transfers are not counted units of its pool.
+        if !unlimited && status != "pending" {
+            let totals = lot_totals
+                .entry((org.clone(), product.clone()))
+                .or_default();
+            totals.granted += quantity;
+            totals.drawn += drawn;
+            totals.expired += expired;
+            totals.revoked += revoked;
+        }
         let key = (org.clone(), grant.clone());
         let by_ledger = revoked_by_grant.remove(&key);
         let taken = by_ledger.unwrap_or(0);
@@ -435,7 +501,7 @@ pub async fn verify(pool: &PgPool) -> anyhow::Result<Verification> {
             )
         });
         revoked_status.expect_none(match status.as_str() {
-            "revoked" if *remaining != 0 || *revoked == 0 => Some(format!(
+            "revoked" if !unlimited && (*remaining != 0 || *revoked == 0) => Some(format!(
                 "{org} grant {grant} ({product}): revoked with {remaining} left and \
                  {revoked} revoked"
             )),
@@ -472,6 +538,27 @@ pub async fn verify(pool: &PgPool) -> anyhow::Result<Verification> {
         }
     }
     drop(lots);
+    let keys: BTreeSet<&(String, String)> = pool_totals.keys().chain(lot_totals.keys()).collect();
+    for key in keys {
+        let stored = pool_totals.get(key).copied().unwrap_or_default();
+        let added = lot_totals.get(key).copied().unwrap_or_default();
+        lots_account.expect(stored == added, || {
+            format!(
+                "{} {}: the pool says granted {}, transferred {}, expired {}, revoked {}; its \
+                 grants add up to {}, {}, {}, {}",
+                key.0,
+                key.1,
+                stored.granted,
+                stored.drawn,
+                stored.expired,
+                stored.revoked,
+                added.granted,
+                added.drawn,
+                added.expired,
+                added.revoked
+            )
+        });
+    }
     for ((org, grant), taken) in &revoked_by_grant {
         lots_revoked.expect(false, || {
             format!(
@@ -594,6 +681,7 @@ pub async fn verify(pool: &PgPool) -> anyhow::Result<Verification> {
             never_negative,
             running,
             pools_match,
+            lots_account,
             revocations_follow,
             lots_revoked,
             revoked_status,

@@ -293,9 +293,11 @@ async fn lock_and_load_pools(
         );
     }
 
-    let pools: Vec<(String, String, i64, i64, i64, i64, i64)> = sqlx::query_as(
+    /// org, product, available, granted, transferred, expired, revoked, unlimited.
+    type PoolRow = (String, String, i64, i64, i64, i64, i64, bool);
+    let pools: Vec<PoolRow> = sqlx::query_as(
         "SELECT org_id, product, available, granted_total, transferred_total, expired_total,
-                revoked_total
+                revoked_total, unlimited
            FROM pools WHERE org_id = ANY($1)",
     )
     .bind(&names)
@@ -309,6 +311,7 @@ async fn lock_and_load_pools(
         transferred_total,
         expired_total,
         revoked_total,
+        unlimited,
     ) in pools
     {
         book.pools.insert(
@@ -322,6 +325,7 @@ async fn lock_and_load_pools(
                 transferred_total,
                 expired_total,
                 revoked_total,
+                unlimited,
                 dirty: false,
             },
         );
@@ -338,7 +342,8 @@ async fn lock_and_load_pools(
 }
 
 const LOT_COLUMNS: &str = "lot_id, org_id, product, quantity, remaining, revoked, occurred_at,
-                           valid_from, expires_at, status, source_kind, source_reference";
+                           valid_from, expires_at, status, source_kind, source_reference,
+                           drawn, expired, unlimited";
 
 type LotRow = (
     String,
@@ -353,6 +358,9 @@ type LotRow = (
     String,
     Option<String>,
     Option<String>,
+    i64,
+    i64,
+    bool,
 );
 
 fn insert_lots(book: &mut Book, lots: Vec<LotRow>) -> Result<(), StoreError> {
@@ -369,6 +377,9 @@ fn insert_lots(book: &mut Book, lots: Vec<LotRow>) -> Result<(), StoreError> {
         status,
         kind,
         reference,
+        drawn,
+        expired,
+        unlimited,
     ) in lots
     {
         let org_id = parse(OrgId::parse(&org_id))?;
@@ -385,6 +396,9 @@ fn insert_lots(book: &mut Book, lots: Vec<LotRow>) -> Result<(), StoreError> {
                 quantity,
                 remaining,
                 revoked,
+                drawn,
+                expired,
+                unlimited,
                 occurred_at,
                 valid_from,
                 expires_at,

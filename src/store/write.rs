@@ -100,17 +100,19 @@ async fn write_pools(connection: &mut PgConnection, book: &Book) -> Result<(), S
         .collect();
     let expired: Vec<i64> = dirty.iter().map(|(_, pool)| pool.expired_total).collect();
     let revoked: Vec<i64> = dirty.iter().map(|(_, pool)| pool.revoked_total).collect();
+    let unlimited: Vec<bool> = dirty.iter().map(|(_, pool)| pool.unlimited).collect();
     sqlx::query(
         "INSERT INTO pools (org_id, product, available, granted_total, transferred_total,
-                            expired_total, revoked_total)
+                            expired_total, revoked_total, unlimited)
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[],
-                              $6::bigint[], $7::bigint[])
+                              $6::bigint[], $7::bigint[], $8::boolean[])
          ON CONFLICT (org_id, product) DO UPDATE SET
              available = EXCLUDED.available,
              granted_total = EXCLUDED.granted_total,
              transferred_total = EXCLUDED.transferred_total,
              expired_total = EXCLUDED.expired_total,
-             revoked_total = EXCLUDED.revoked_total",
+             revoked_total = EXCLUDED.revoked_total,
+             unlimited = EXCLUDED.unlimited",
     )
     .bind(&orgs)
     .bind(&products)
@@ -119,6 +121,7 @@ async fn write_pools(connection: &mut PgConnection, book: &Book) -> Result<(), S
     .bind(&transferred)
     .bind(&expired)
     .bind(&revoked)
+    .bind(&unlimited)
     .execute(&mut *connection)
     .await?;
     Ok(())
@@ -140,6 +143,9 @@ async fn write_lots(connection: &mut PgConnection, book: &Book) -> Result<(), St
     let quantities: Vec<i64> = dirty.iter().map(|lot| lot.quantity).collect();
     let remaining: Vec<i64> = dirty.iter().map(|lot| lot.remaining).collect();
     let revoked: Vec<i64> = dirty.iter().map(|lot| lot.revoked).collect();
+    let drawn: Vec<i64> = dirty.iter().map(|lot| lot.drawn).collect();
+    let expired: Vec<i64> = dirty.iter().map(|lot| lot.expired).collect();
+    let unlimited: Vec<bool> = dirty.iter().map(|lot| lot.unlimited).collect();
     let occurred_at: Vec<DateTime<Utc>> = dirty.iter().map(|lot| lot.occurred_at).collect();
     let valid_from: Vec<DateTime<Utc>> = dirty.iter().map(|lot| lot.valid_from).collect();
     let expires_at: Vec<Option<DateTime<Utc>>> = dirty.iter().map(|lot| lot.expires_at).collect();
@@ -151,12 +157,15 @@ async fn write_lots(connection: &mut PgConnection, book: &Book) -> Result<(), St
         .collect();
     sqlx::query(
         "INSERT INTO lots (lot_id, org_id, product, quantity, remaining, valid_from, expires_at,
-                           status, source_kind, source_reference, revoked, occurred_at)
+                           status, source_kind, source_reference, revoked, occurred_at,
+                           drawn, expired, unlimited)
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
                               $6::timestamptz[], $7::timestamptz[], $8::text[], $9::text[], $10::text[],
-                              $11::bigint[], $12::timestamptz[])
+                              $11::bigint[], $12::timestamptz[], $13::bigint[], $14::bigint[],
+                              $15::boolean[])
          ON CONFLICT (org_id, lot_id) DO UPDATE SET
-             remaining = EXCLUDED.remaining, status = EXCLUDED.status, revoked = EXCLUDED.revoked",
+             remaining = EXCLUDED.remaining, status = EXCLUDED.status, revoked = EXCLUDED.revoked,
+             drawn = EXCLUDED.drawn, expired = EXCLUDED.expired",
     )
     .bind(&ids)
     .bind(&orgs)
@@ -170,6 +179,9 @@ async fn write_lots(connection: &mut PgConnection, book: &Book) -> Result<(), St
     .bind(&references)
     .bind(&revoked)
     .bind(&occurred_at)
+    .bind(&drawn)
+    .bind(&expired)
+    .bind(&unlimited)
     .execute(&mut *connection)
     .await?;
     Ok(())
@@ -427,12 +439,14 @@ async fn write_ledger(connection: &mut PgConnection, book: &Book) -> Result<(), 
         .collect();
     let actors: Vec<Option<&str>> = entries.iter().map(|e| e.actor.as_deref()).collect();
     let recorded: Vec<DateTime<Utc>> = entries.iter().map(|e| e.recorded_at).collect();
+    let unlimited: Vec<bool> = entries.iter().map(|e| e.unlimited).collect();
     sqlx::query(
         "INSERT INTO ledger (org_id, sequence, entry_id, product, kind, quantity, workspace_id,
-                             pool_available_after, caused_by, actor, recorded_at, grant_id)
+                             pool_available_after, caused_by, actor, recorded_at, grant_id,
+                             unlimited)
          SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[],
                               $6::bigint[], $7::text[], $8::bigint[], $9::text[], $10::text[],
-                              $11::timestamptz[], $12::text[])",
+                              $11::timestamptz[], $12::text[], $13::boolean[])",
     )
     .bind(&orgs)
     .bind(&sequences)
@@ -446,6 +460,7 @@ async fn write_ledger(connection: &mut PgConnection, book: &Book) -> Result<(), 
     .bind(&actors)
     .bind(&recorded)
     .bind(&grants)
+    .bind(&unlimited)
     .execute(&mut *connection)
     .await?;
     Ok(())

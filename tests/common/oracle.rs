@@ -1,5 +1,5 @@
-//! A reference model of the contract (`../shared/CONTRACT.md`: rules 1 to 9, and rule 11 of
-//! version 2), for tests only.
+//! A reference model of the contract (`../shared/CONTRACT.md`: rules 1 to 9, and rules 11
+//! and 12 of version 2), for tests only.
 //!
 //! Written apart from `src/domain` and kept as naive as possible: plain strings, ordered
 //! maps, one event at a time, and state recomputed from scratch where that is simpler
@@ -27,7 +27,11 @@
 //!   `event_id`); a grant entering the pool meets the revocations kept for it right after
 //!   its `grant` entry, oldest revocation (by `occurred_at`, then `event_id`) first;
 //! - a revocation of one grant is done once it met that grant after the grant entered the
-//!   pool, whatever it took.
+//!   pool, whatever it took;
+//! - an unlimited grant's `grant`, `expiry` and `revocation` entries have quantity 1 and
+//!   leave the balance as it is; while one is in the pool every product moves by itself,
+//!   modules too, and a revocation ends it whatever quantity it names; transfers draw on
+//!   the unlimited grant that would be drawn first among them (earliest expiry...).
 
 #![allow(dead_code)]
 
@@ -67,7 +71,8 @@ pub enum OracleBody {
     },
     Granted {
         product: String,
-        quantity: i64,
+        /// None for an unlimited grant (rule 12).
+        quantity: Option<i64>,
         valid_from: Option<DateTime<Utc>>,
         expires_at: Option<DateTime<Utc>>,
         /// (kind, reference).
@@ -145,6 +150,8 @@ pub struct OracleEntry {
     /// The grant whose units moved, for grant, expiry and revocation entries.
     pub grant_id: Option<String>,
     pub actor: Option<String>,
+    /// Rule 12: an unlimited grant's own entry, or a transfer that drew on one.
+    pub unlimited: bool,
 }
 
 /// One pool: `available` is what is left of its grants; the totals explain it.
@@ -155,6 +162,8 @@ pub struct OraclePool {
     pub transferred: i64,
     pub expired: i64,
     pub revoked: i64,
+    /// An unlimited grant of the product is in the pool.
+    pub unlimited: bool,
 }
 
 /// An open shortfall: a (workspace, product) with `required > allocated`.
@@ -195,6 +204,21 @@ impl OracleEvent {
         let quantity = || -> Option<i64> {
             let quantity = value.get("quantity")?.as_i64()?;
             (1..=1_000_000).contains(&quantity).then_some(quantity)
+        };
+        // Some(None) for `"unlimited": true` without a quantity.
+        let units = || -> Option<Option<i64>> {
+            let unlimited = match value.get("unlimited") {
+                None | Some(Value::Null) => false,
+                Some(flag) => flag.as_bool()?,
+            };
+            match (
+                unlimited,
+                value.get("quantity").is_some_and(|q| !q.is_null()),
+            ) {
+                (true, false) => Some(None),
+                (false, _) => Some(Some(quantity()?)),
+                (true, true) => None,
+            }
         };
         // `None`: absent; `Some(None)`: present but not valid.
         let optional = |field: &str| -> Option<Option<&Value>> {
@@ -246,7 +270,7 @@ impl OracleEvent {
                 }
                 OracleBody::Granted {
                     product: handle("product")?,
-                    quantity: quantity()?,
+                    quantity: units()?,
                     valid_from,
                     expires_at,
                     source: source()?,
@@ -361,8 +385,10 @@ struct Grant {
     org_id: String,
     product: String,
     source: Option<(String, String)>,
+    /// 0 for an unlimited grant.
     quantity: i64,
     remaining: i64,
+    unlimited: bool,
     valid_from: DateTime<Utc>,
     expires_at: Option<DateTime<Utc>>,
     state: GrantState,
@@ -552,7 +578,18 @@ impl Oracle {
             })
             .map(|grant| grant.remaining)
             .sum();
+        pool.unlimited = self.is_unlimited(org, product);
         pool
+    }
+
+    /// Rule 12: an unlimited grant of the product is in the pool.
+    pub fn is_unlimited(&self, org: &str, product: &str) -> bool {
+        self.grants.iter().any(|grant| {
+            grant.org_id == org
+                && grant.product == product
+                && grant.unlimited
+                && grant.state == GrantState::InPool
+        })
     }
 
     /// Every pool that ever received a grant, by (org, product).
@@ -650,8 +687,9 @@ impl Oracle {
                     org_id: org.to_owned(),
                     product: product.clone(),
                     source: source.clone(),
-                    quantity: *quantity,
+                    quantity: quantity.unwrap_or(0),
                     remaining: 0,
+                    unlimited: quantity.is_none(),
                     valid_from: valid_from.unwrap_or(event.occurred_at),
                     expires_at: *expires_at,
                     state: GrantState::Waiting,
@@ -676,11 +714,14 @@ impl Oracle {
                 if product != SEAT && self.allocated(workspace_id, product) >= 1 {
                     return OracleVerdict::Refused("already_allocated");
                 }
-                if self.pool(org, product).available < *quantity {
+                let unlimited = self.is_unlimited(org, product);
+                if !unlimited && self.pool(org, product).available < *quantity {
                     return OracleVerdict::Refused("insufficient_pool");
                 }
                 self.claim(workspace_id, org);
-                self.draw(org, product, *quantity);
+                if !unlimited {
+                    self.draw(org, product, *quantity);
+                }
                 *self
                     .allocated
                     .entry((workspace_id.clone(), product.clone()))
@@ -695,6 +736,7 @@ impl Oracle {
                     None,
                     Some(user_id),
                 );
+                self.mark_unlimited(unlimited);
                 self.track(now);
                 OracleVerdict::Applied
             }
@@ -735,6 +777,34 @@ impl Oracle {
             OracleTarget::Grant { .. }
         ) {
             self.revocations[revocation].done = true;
+        }
+        if self.grants[grant].unlimited {
+            // Rule 12: a revoked unlimited grant ends, whatever the quantity named.
+            if self.grants[grant].state != GrantState::InPool {
+                return;
+            }
+            self.grants[grant].state = GrantState::Over;
+            let (org, product, grant_id) = {
+                let grant = &self.grants[grant];
+                (
+                    grant.org_id.clone(),
+                    grant.product.clone(),
+                    grant.event_id.clone(),
+                )
+            };
+            let cause = self.revocations[revocation].event_id.clone();
+            self.record(
+                &org,
+                EntryKind::Revocation,
+                &product,
+                1,
+                None,
+                &cause,
+                Some(&grant_id),
+                None,
+            );
+            self.mark_unlimited(true);
+            return;
         }
         let taken = if self.grants[grant].state == GrantState::InPool {
             limit.min(self.grants[grant].remaining)
@@ -847,7 +917,20 @@ impl Oracle {
                 let left = self.grants[index].remaining;
                 self.grants[index].remaining = 0;
                 self.grants[index].state = GrantState::Over;
-                if left > 0 {
+                if self.grants[index].unlimited {
+                    let cause = self.grants[index].event_id.clone();
+                    self.record(
+                        org,
+                        EntryKind::Expiry,
+                        &product,
+                        1,
+                        None,
+                        &cause,
+                        Some(&cause),
+                        None,
+                    );
+                    self.mark_unlimited(true);
+                } else if left > 0 {
                     self.total(org, &product).expired += left;
                     let cause = self.grants[index].event_id.clone();
                     self.record(
@@ -878,11 +961,19 @@ impl Oracle {
             });
             let mut credited = None;
             for index in starting {
-                let quantity = self.grants[index].quantity;
+                let unlimited = self.grants[index].unlimited;
+                // An unlimited grant's entries move 1 unit that no balance counts.
+                let quantity = if unlimited {
+                    1
+                } else {
+                    self.grants[index].quantity
+                };
                 let cause = self.grants[index].event_id.clone();
                 self.grants[index].state = GrantState::InPool;
-                self.grants[index].remaining = quantity;
-                self.total(org, &product).granted += quantity;
+                if !unlimited {
+                    self.grants[index].remaining = quantity;
+                    self.total(org, &product).granted += quantity;
+                }
                 self.record(
                     org,
                     EntryKind::Grant,
@@ -893,10 +984,13 @@ impl Oracle {
                     Some(&cause),
                     None,
                 );
+                self.mark_unlimited(unlimited);
                 if self.grants[index].expires_at.is_some_and(|end| end <= now) {
                     self.grants[index].state = GrantState::Over;
                     self.grants[index].remaining = 0;
-                    self.total(org, &product).expired += quantity;
+                    if !unlimited {
+                        self.total(org, &product).expired += quantity;
+                    }
                     self.record(
                         org,
                         EntryKind::Expiry,
@@ -907,6 +1001,7 @@ impl Oracle {
                         Some(&cause),
                         None,
                     );
+                    self.mark_unlimited(unlimited);
                 } else {
                     // Rule 11: revocations that came first take their share at once.
                     self.revoke_on_arrival(index);
@@ -922,7 +1017,8 @@ impl Oracle {
     /// Rule 5 (and 6 under auto-assign): every waiting workspace of the organization gets
     /// `min(missing, available)`, oldest shortfall first.
     fn fill(&mut self, org: &str, product: &str, cause: &str, now: DateTime<Utc>) {
-        if product != SEAT && !self.auto_assign {
+        let unlimited = self.is_unlimited(org, product);
+        if product != SEAT && !self.auto_assign && !unlimited {
             return;
         }
         self.track(now);
@@ -936,13 +1032,18 @@ impl Oracle {
             .collect();
         waiting.sort();
         for (_, workspace) in waiting {
-            let moved = self
-                .missing(&workspace, product)
-                .min(self.pool(org, product).available);
+            let missing = self.missing(&workspace, product);
+            let moved = if unlimited {
+                missing
+            } else {
+                missing.min(self.pool(org, product).available)
+            };
             if moved == 0 {
                 continue;
             }
-            self.draw(org, product, moved);
+            if !unlimited {
+                self.draw(org, product, moved);
+            }
             *self
                 .allocated
                 .entry((workspace.clone(), product.to_owned()))
@@ -957,6 +1058,7 @@ impl Oracle {
                 None,
                 None,
             );
+            self.mark_unlimited(unlimited);
         }
         self.track(now);
     }
@@ -1052,6 +1154,15 @@ impl Oracle {
             caused_by: cause.to_owned(),
             grant_id: grant.map(str::to_owned),
             actor: actor.map(str::to_owned),
+            unlimited: false,
         });
+    }
+
+    /// Rule 12: marks the entry just recorded as an unlimited grant's, or as a transfer
+    /// that drew on one.
+    fn mark_unlimited(&mut self, unlimited: bool) {
+        if let Some(entry) = self.ledger.last_mut() {
+            entry.unlimited |= unlimited;
+        }
     }
 }

@@ -638,7 +638,8 @@ pub async fn check(pool: &PgPool, outputs: &Outputs, expected: &Expected) {
         "SELECT json_build_object('entry_id', entry_id, 'sequence', sequence, 'org_id', org_id,
                 'product', product, 'kind', kind, 'quantity', quantity,
                 'workspace_id', workspace_id, 'pool_available_after', pool_available_after,
-                'caused_by', caused_by, 'grant_id', grant_id, 'actor', actor)
+                'caused_by', caused_by, 'grant_id', grant_id, 'actor', actor,
+                'unlimited', CASE WHEN unlimited THEN true END)
          FROM ledger ORDER BY org_id, sequence",
     )
     .fetch_all(pool)
