@@ -331,19 +331,27 @@ async fn lock_and_load_pools(
         );
     }
 
-    let lots: Vec<LotRow> = sqlx::query_as(&format!(
-        "SELECT {LOT_COLUMNS} FROM lots WHERE org_id = ANY($1) AND status IN ('pending', 'active')"
-    ))
-    .bind(&names)
-    .fetch_all(&mut *connection)
-    .await?;
+    let lots: Vec<LotRow> = sqlx::query_as(LOTS_IN_THE_POOL)
+        .bind(&names)
+        .fetch_all(&mut *connection)
+        .await?;
     insert_lots(&mut book, lots)?;
     Ok(book)
 }
 
-const LOT_COLUMNS: &str = "lot_id, org_id, product, quantity, remaining, revoked, occurred_at,
-                           valid_from, expires_at, status, source_kind, source_reference,
-                           drawn, expired, unlimited";
+/// The organizations' pending and active lots: what a batch can draw, credit or expire.
+const LOTS_IN_THE_POOL: &str =
+    "SELECT lot_id, org_id, product, quantity, remaining, revoked, occurred_at, valid_from,
+            expires_at, status, source_kind, source_reference, drawn, expired, unlimited
+       FROM lots WHERE org_id = ANY($1) AND status IN ('pending', 'active')";
+
+/// The named lots no longer in the pool (same columns as [`LOTS_IN_THE_POOL`]).
+const LOTS_NAMED_OUT_OF_THE_POOL: &str =
+    "SELECT lot_id, org_id, product, quantity, remaining, revoked, occurred_at, valid_from,
+            expires_at, status, source_kind, source_reference, drawn, expired, unlimited
+       FROM lots
+       JOIN UNNEST($1::text[], $2::text[]) AS named (org_id, lot_id) USING (org_id, lot_id)
+      WHERE status NOT IN ('pending', 'active')";
 
 type LotRow = (
     String,
@@ -427,15 +435,11 @@ async fn load_named_lots(
         .iter()
         .map(|(org, grant)| (org.as_str(), grant.as_str()))
         .unzip();
-    let lots: Vec<LotRow> = sqlx::query_as(&format!(
-        "SELECT {LOT_COLUMNS} FROM lots
-           JOIN UNNEST($1::text[], $2::text[]) AS named (org_id, lot_id) USING (org_id, lot_id)
-          WHERE status NOT IN ('pending', 'active')"
-    ))
-    .bind(&orgs)
-    .bind(&grants)
-    .fetch_all(&mut *connection)
-    .await?;
+    let lots: Vec<LotRow> = sqlx::query_as(LOTS_NAMED_OUT_OF_THE_POOL)
+        .bind(&orgs)
+        .bind(&grants)
+        .fetch_all(&mut *connection)
+        .await?;
     insert_lots(book, lots)
 }
 
