@@ -21,8 +21,8 @@ use crate::settings::Settings;
 
 /// The pause between two steps of the story, so a person can follow it.
 const STEP_PAUSE: Duration = Duration::from_millis(700);
-/// When the trial's units become valid, from the start of the story.
-const TRIAL_START_SECONDS: i64 = 10;
+/// When the trial's units become valid, counted from when its grant is sent.
+const TRIAL_START_SECONDS: i64 = 4;
 /// How long the trial grant of the story lasts before its units expire.
 const TRIAL_SECONDS: i64 = 4;
 /// The longest the demo waits for the story's last entry before giving up.
@@ -161,8 +161,6 @@ async fn play_story(
         message
     };
     let summit = "summit-2026";
-    // After the last step, so the trial's credit and expiry are both seen happening.
-    let trial_start = Utc::now() + chrono::Duration::seconds(TRIAL_START_SECONDS);
     // Each step: what a person reads, an unused note, and the (topic, message) pairs.
     type Step<'a> = (&'a str, &'a str, Vec<(String, Value)>);
     let steps: Vec<Step> = vec![
@@ -230,37 +228,79 @@ async fn play_story(
             ],
         ),
         (
-            "acme gets a trial of 3 seats valid in a few seconds, for a few seconds: the timer credits, then expires them.",
+            "After the event, acme's add-on of 5 seats is removed: the 4 still in the pool leave, the seat in summit-2026 stays.",
             "",
-            vec![(topics.entitlement_granted.clone(), event(json!({"org_id": "acme", "product": "seat", "quantity": 3, "valid_from": trial_start.to_rfc3339_opts(SecondsFormat::Millis, true), "expires_at": (trial_start + chrono::Duration::seconds(TRIAL_SECONDS)).to_rfc3339_opts(SecondsFormat::Millis, true), "source": {"kind": "trial", "reference": "TRIAL-1"}})))],
+            vec![(topics.entitlement_revoked.clone(), event(json!({"org_id": "acme", "source": {"kind": "add_on", "reference": "ADD-77"}, "reason": "event over"})))],
+        ),
+        (
+            "acme upgrades to the unlimited Enterprise plan: the old plan is removed (nothing of it is left), the new one has no limit.",
+            "",
+            vec![
+                (topics.entitlement_revoked.clone(), event(json!({"org_id": "acme", "source": {"kind": "plan", "reference": "PLAN-2026"}, "reason": "upgrade"}))),
+                (topics.entitlement_granted.clone(), event(json!({"org_id": "acme", "product": "seat", "unlimited": true, "source": {"kind": "plan", "reference": "ENTERPRISE"}}))),
+            ],
+        ),
+        (
+            "5 participants join expo-2026: each gets a seat at once, on the unlimited plan; no shortfall opens.",
+            "",
+            (1..=5)
+                .map(|n| (topics.participant_added.clone(), event(json!({"org_id": "acme", "workspace_id": "expo-2026", "participant_id": format!("x-{n:04}")}))))
+                .collect(),
         ),
     ];
     let mut produced: i64 = 0;
     for (title, _, messages) in steps {
-        println!("\n== {title}");
-        for (topic, message) in messages {
-            let payload = match &message {
-                Value::String(text) => text.clone(),
-                other => other.to_string(),
-            };
-            let key = message
-                .get("org_id")
-                .and_then(Value::as_str)
-                .unwrap_or("unknown")
-                .to_owned();
-            producer
-                .send(
-                    FutureRecord::to(&topic).key(&key).payload(&payload),
-                    Duration::from_secs(5),
-                )
-                .await
-                .map_err(|(error, _)| error)?;
-            produced += 1;
-        }
-        wait_until_published(database, produced).await?;
-        outputs.print_caught_up()?;
-        tokio::time::sleep(STEP_PAUSE).await;
+        play_step(&producer, database, outputs, &mut produced, title, messages).await?;
     }
+    // Last, and timed from now, so the trial's credit and expiry are both seen happening.
+    let trial_start = Utc::now() + chrono::Duration::seconds(TRIAL_START_SECONDS);
+    let trial = event(
+        json!({"org_id": "acme", "product": "seat", "quantity": 3, "valid_from": trial_start.to_rfc3339_opts(SecondsFormat::Millis, true), "expires_at": (trial_start + chrono::Duration::seconds(TRIAL_SECONDS)).to_rfc3339_opts(SecondsFormat::Millis, true), "source": {"kind": "trial", "reference": "TRIAL-1"}}),
+    );
+    play_step(
+        &producer,
+        database,
+        outputs,
+        &mut produced,
+        "acme gets a trial of 3 seats valid in a few seconds, for a few seconds: the timer credits, then expires them.",
+        vec![(topics.entitlement_granted.clone(), trial)],
+    )
+    .await
+}
+
+/// Sends one step's messages, waits until the worker has committed and published their
+/// effects, and prints them under the step's title.
+async fn play_step(
+    producer: &FutureProducer,
+    database: &sqlx::PgPool,
+    outputs: &mut Outputs,
+    produced: &mut i64,
+    title: &str,
+    messages: Vec<(String, Value)>,
+) -> anyhow::Result<()> {
+    println!("\n== {title}");
+    for (topic, message) in messages {
+        let payload = match &message {
+            Value::String(text) => text.clone(),
+            other => other.to_string(),
+        };
+        let key = message
+            .get("org_id")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown")
+            .to_owned();
+        producer
+            .send(
+                FutureRecord::to(&topic).key(&key).payload(&payload),
+                Duration::from_secs(5),
+            )
+            .await
+            .map_err(|(error, _)| error)?;
+        *produced += 1;
+    }
+    wait_until_published(database, *produced).await?;
+    outputs.print_caught_up()?;
+    tokio::time::sleep(STEP_PAUSE).await;
     Ok(())
 }
 
@@ -411,12 +451,13 @@ impl Outputs {
                 rank: 0,
                 sequence: (entry.org_id.clone(), entry.sequence),
                 line: format!(
-                    "   ledger   {} #{:<3} {:<15} {:>3} {}{place}{actor}; pool now {}",
+                    "   ledger   {} #{:<3} {:<15} {:>3} {}{place}{actor}{}; pool now {}",
                     entry.org_id,
                     entry.sequence,
                     entry.kind,
                     entry.quantity,
                     entry.product,
+                    if entry.unlimited { " (unlimited)" } else { "" },
                     entry.pool_available_after
                 ),
                 expiry: entry.kind == "expiry",

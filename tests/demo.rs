@@ -75,7 +75,7 @@ fn the_demo_prints_each_steps_effects_under_it_in_the_order_they_happened() {
         "the story ends:\n{stdout}"
     );
     let steps = steps(&stdout);
-    assert_eq!(steps.len(), 12, "twelve steps:\n{stdout}");
+    assert_eq!(steps.len(), 15, "fifteen steps:\n{stdout}");
 
     let plan = step(&steps, "acme buys a plan with 10 seats");
     assert_eq!(plan.len(), 1, "{plan:#?}");
@@ -140,6 +140,38 @@ fn the_demo_prints_each_steps_effects_under_it_in_the_order_they_happened() {
     assert!(
         not_json.iter().any(|line| line.starts_with("DLQ")),
         "{not_json:#?}"
+    );
+
+    let removed = step(
+        &steps,
+        "After the event, acme's add-on of 5 seats is removed",
+    );
+    assert_eq!(removed.len(), 1, "{removed:#?}");
+    assert!(
+        removed[0].contains(" revocation ") && removed[0].contains("4 seat; pool now 0"),
+        "{removed:#?}"
+    );
+    let upgrade = step(&steps, "acme upgrades to the unlimited Enterprise plan");
+    assert_eq!(
+        upgrade.len(),
+        1,
+        "the old plan had nothing left: {upgrade:#?}"
+    );
+    assert!(
+        upgrade[0].contains(" grant ") && upgrade[0].contains("seat (unlimited); pool now 0"),
+        "{upgrade:#?}"
+    );
+    let unlimited = step(&steps, "5 participants join expo-2026");
+    assert_eq!(
+        unlimited.len(),
+        5,
+        "five transfers, no alert: {unlimited:#?}"
+    );
+    assert!(
+        unlimited
+            .iter()
+            .all(|line| line.contains("seat -> expo-2026 (unlimited); pool now 0")),
+        "{unlimited:#?}"
     );
 
     let trial = step(&steps, "acme gets a trial of 3 seats");
