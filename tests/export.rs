@@ -14,7 +14,7 @@ use entitlement_worker::domain::Policy;
 use entitlement_worker::ops;
 use entitlement_worker::ops::export::{
     export, ExportSummary, DATA_ROWS_MAX, OVERVIEW_POOLS_HEADER_ROW, POOL_HEADERS, SHEETS,
-    TOTAL_HEADERS, TRANSACTION_HEADERS, WORKSPACE_HEADERS,
+    SOURCE_HEADERS, TOTAL_HEADERS, TRANSACTION_HEADERS, WORKSPACE_HEADERS,
 };
 use entitlement_worker::ops::history::LedgerRow;
 use entitlement_worker::ops::report::Report;
@@ -420,27 +420,29 @@ async fn the_workbook_holds_the_pools_the_workspaces_and_every_transaction() {
     let header = OVERVIEW_POOLS_HEADER_ROW;
     assert_eq!(text(&overview, header - 1, 0), "Pools");
     assert_headers(&overview, header, &POOL_HEADERS);
-    // product, granted, transferred, expired, available, expiring within 30 days, pending
-    let expected_pools: [(&str, [i64; 6]); 2] = [
-        ("seat", [4, 3, 1, 0, 0, 2]),
-        ("gamification", [2, 1, 0, 1, 1, 0]),
+    // product, granted, transferred, expired, revoked, available, expiring within 30 days,
+    // pending
+    let expected_pools: [(&str, [i64; 7]); 2] = [
+        ("seat", [4, 3, 1, 0, 0, 0, 2]),
+        ("gamification", [2, 1, 0, 0, 1, 1, 0]),
     ];
     for (row, (product, values)) in (header + 1..).zip(expected_pools) {
         assert_eq!(text(&overview, row, 0), product);
-        let read: Vec<i64> = (1..=6)
+        let read: Vec<i64> = (1..=7)
             .map(|column| integer(&overview, row, column))
             .collect();
         assert_eq!(read, values, "the {product} pool");
     }
     for (row, line) in (header + 1..).zip(&report.pools) {
         assert_eq!(text(&overview, row, 0), line.product);
-        let read: Vec<i64> = (1..=6)
+        let read: Vec<i64> = (1..=7)
             .map(|column| integer(&overview, row, column))
             .collect();
         let expected = [
             line.granted,
             line.transferred,
             line.expired,
+            line.revoked,
             line.available,
             line.expiring_soon,
             line.pending,
@@ -451,7 +453,40 @@ async fn the_workbook_holds_the_pools_the_workspaces_and_every_transaction() {
             line.product
         );
     }
-    let totals_header = header + 1 + 2 + 2;
+    // Where the units came from: as `report` reads it, adding up to each pool's grants.
+    let sources_header = header + 1 + 2 + 2;
+    assert_eq!(
+        text(&overview, sources_header - 1, 0),
+        "Where the units came from"
+    );
+    assert_headers(&overview, sources_header, &SOURCE_HEADERS);
+    assert!(!report.sources.is_empty());
+    for (row, line) in (sources_header + 1..).zip(&report.sources) {
+        assert_eq!(text(&overview, row, 0), line.product);
+        assert_eq!(text(&overview, row, 1), line.source);
+        let read: Vec<i64> = (2..=7)
+            .map(|column| integer(&overview, row, column))
+            .collect();
+        let expected = [
+            line.granted,
+            line.used,
+            line.revoked,
+            line.expired,
+            line.available,
+            line.pending,
+        ];
+        assert_eq!(read, expected, "{line:?}");
+    }
+    for pool in &report.pools {
+        let granted: i64 = report
+            .sources
+            .iter()
+            .filter(|line| line.product == pool.product)
+            .map(|line| line.granted)
+            .sum();
+        assert_eq!(granted, pool.granted, "the {} pool's sources", pool.product);
+    }
+    let totals_header = sources_header + 1 + report.sources.len() as u32 + 2;
     assert_eq!(text(&overview, totals_header - 1, 0), "Totals by product");
     assert_headers(&overview, totals_header, &TOTAL_HEADERS);
     let expected_totals: [(&str, [i64; 4]); 2] =
@@ -480,7 +515,7 @@ async fn the_workbook_holds_the_pools_the_workspaces_and_every_transaction() {
             total.product
         );
     }
-    assert_eq!(overview.end(), Some((totals_header + 2, 6)), "nothing more");
+    assert_eq!(overview.end(), Some((totals_header + 2, 7)), "nothing more");
 
     // Workspaces: missing first, one row per (workspace, product).
     let workspaces = workbook.worksheet_range("Workspaces").expect("Workspaces");

@@ -150,8 +150,8 @@ async fn report_history_and_verify_tell_the_story_of_a_known_ledger() {
     assert_eq!(
         report["pools"],
         json!([
-            {"product": "seat", "granted": 10, "transferred": 10, "expired": 0, "available": 0, "expiring_soon": 0, "pending": 0},
-            {"product": "gamification", "granted": 1, "transferred": 1, "expired": 0, "available": 0, "expiring_soon": 0, "pending": 0},
+            {"product": "seat", "granted": 10, "transferred": 10, "expired": 0, "revoked": 0, "available": 0, "unlimited": false, "expiring_soon": 0, "pending": 0},
+            {"product": "gamification", "granted": 1, "transferred": 1, "expired": 0, "revoked": 0, "available": 0, "unlimited": false, "expiring_soon": 0, "pending": 0},
         ])
     );
     let rows: Vec<(String, String, i64, i64, i64)> = report["workspaces"]
@@ -229,6 +229,91 @@ async fn report_history_and_verify_tell_the_story_of_a_known_ledger() {
     let output = run(&settings, &["verify"]);
     assert!(output.status.success(), "{}", stdout(&output));
     assert!(stdout(&output).contains("The ledger and the state agree."));
+}
+
+/// `report` tells, per pool, where its units came from: by source, what was granted, used,
+/// revoked, expired and is left, unlimited grants on lines of their own; an unlimited pool
+/// shows as unlimited.
+#[tokio::test]
+async fn report_shows_where_each_pools_units_came_from() {
+    let (settings, store) = ledger_with_revocations().await;
+    let at = "2026-01-01T11:00:00Z";
+    let mut messages = vec![(
+        InputKind::EntitlementGranted,
+        json!({"event_id": "g-enterprise", "occurred_at": at, "org_id": "globex", "product": "seat", "unlimited": true, "source": {"kind": "plan", "reference": "enterprise"}}),
+    )];
+    for n in 0..7 {
+        messages.push((InputKind::ParticipantAdded, json!({"event_id": format!("gx-{n}"), "occurred_at": at, "org_id": "globex", "workspace_id": "gx", "participant_id": format!("p{n}")})));
+    }
+    apply_one_by_one(&store, "unlimited-inputs", &messages).await;
+
+    let output = run(
+        &settings,
+        &["report", "--org", "globex", "--format", "json"],
+    );
+    assert!(output.status.success(), "{output:?}");
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    // 4 + 6 + 2 counted seats valid (the trial's 5 are not yet), 9 of them revoked, the 7
+    // participants on the unlimited plan.
+    assert_eq!(
+        report["pools"],
+        json!([{"product": "seat", "granted": 12, "transferred": 0, "expired": 0, "revoked": 9, "available": 3, "unlimited": true, "expiring_soon": 0, "pending": 5}])
+    );
+    let line = |source: &str, unlimited: bool, now: bool, counts: [i64; 6]| {
+        json!({"product": "seat", "source": source, "unlimited": unlimited, "unlimited_now": now,
+               "granted": counts[0], "used": counts[1], "revoked": counts[2], "expired": counts[3],
+               "available": counts[4], "pending": counts[5]})
+    };
+    assert_eq!(
+        report["sources"],
+        json!([
+            line("none", false, false, [6, 0, 3, 0, 3, 0]),
+            line("plan", false, false, [6, 0, 6, 0, 0, 0]),
+            line("plan", true, true, [0, 7, 0, 0, 0, 0]),
+            line("trial", false, false, [0, 0, 0, 0, 0, 5]),
+        ])
+    );
+    let sum = |field: &str| -> i64 {
+        report["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|line| line[field].as_i64().unwrap())
+            .sum()
+    };
+    for (source_field, pool_field) in [
+        ("granted", "granted"),
+        ("revoked", "revoked"),
+        ("expired", "expired"),
+        ("available", "available"),
+        ("pending", "pending"),
+    ] {
+        assert_eq!(
+            sum(source_field),
+            report["pools"][0][pool_field].as_i64().unwrap(),
+            "the sources add up to the pool's {pool_field}"
+        );
+    }
+    let table = stdout(&run(&settings, &["report", "--org", "globex"]));
+    let pool = table
+        .lines()
+        .find(|line| line.starts_with("seat "))
+        .unwrap();
+    assert!(pool.contains("unlimited"), "{table}");
+    let unlimited_line = table
+        .lines()
+        .skip_while(|line| !line.starts_with("SOURCES"))
+        .find(|line| {
+            line.starts_with("seat") && line.contains("plan") && line.contains("unlimited")
+        })
+        .unwrap_or_else(|| panic!("the unlimited plan's line:\n{table}"));
+    assert!(unlimited_line.contains(" 7 "), "{table}");
+    assert!(
+        table.lines().all(|line| line.chars().count() <= 80),
+        "{table}"
+    );
+    let output = run(&settings, &["verify"]);
+    assert!(output.status.success(), "{}", stdout(&output));
 }
 
 async fn superuser(settings: &Settings) -> sqlx::PgConnection {

@@ -3,7 +3,9 @@
 //! Three sheets, as the "Export XLS" of the product it is modelled on:
 //!
 //! - **Overview**: the organization and the time of the export, its pools (granted,
-//!   transferred, expired, available, expiring within 30 days, pending) and the totals per
+//!   transferred, expired, revoked, available or unlimited, expiring within 30 days,
+//!   pending), where their units came from (per source: granted, used, revoked, expired,
+//!   available, pending; unlimited grants on lines of their own) and the totals per
 //!   product (required, allocated, missing, workspaces missing).
 //! - **Workspaces**: one row per (workspace, product), those missing entitlements first and
 //!   in red.
@@ -46,7 +48,9 @@ use sqlx::{PgConnection, PgPool};
 
 use super::history::newest_entries;
 use super::history::LedgerRow;
-use super::report::{pool_lines, workspace_lines, PoolLine, ProductTotals, WorkspaceLine};
+use super::report::{
+    pool_lines, source_lines, workspace_lines, PoolLine, ProductTotals, SourceLine, WorkspaceLine,
+};
 
 /// What an export wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,13 +75,25 @@ pub const EXCEL_ROWS_MAX: u64 = 1_048_576;
 pub const DATA_ROWS_MAX: u64 = EXCEL_ROWS_MAX - 1;
 
 /// The headers of the Overview's pools table.
-pub const POOL_HEADERS: [&str; 7] = [
+pub const POOL_HEADERS: [&str; 8] = [
     "Product",
     "Granted",
     "Transferred",
     "Expired",
+    "Revoked",
     "Available",
     "Expiring within 30 days",
+    "Pending",
+];
+/// The headers of the Overview's sources table.
+pub const SOURCE_HEADERS: [&str; 8] = [
+    "Product",
+    "Source",
+    "Granted",
+    "Used",
+    "Revoked",
+    "Expired",
+    "Available",
     "Pending",
 ];
 /// The headers of the Overview's totals table.
@@ -116,7 +132,7 @@ const WORKSPACE_WIDTHS: [f64; 6] = [34.0, 20.0, 11.0, 11.0, 11.0, 21.0];
 const TRANSACTION_WIDTHS: [f64; 11] = [
     11.0, 21.0, 17.0, 20.0, 10.0, 34.0, 20.0, 36.0, 36.0, 24.0, 38.0,
 ];
-const OVERVIEW_WIDTHS: [f64; 7] = [24.0, 21.0, 13.0, 11.0, 20.0, 23.0, 11.0];
+const OVERVIEW_WIDTHS: [f64; 8] = [24.0, 21.0, 13.0, 11.0, 11.0, 20.0, 23.0, 11.0];
 
 /// Where the Overview's tables start (zero-based rows): the title rows come first.
 pub const OVERVIEW_POOLS_HEADER_ROW: u32 = 7;
@@ -158,6 +174,7 @@ pub async fn export(
     anyhow::ensure!(known, "no organization {org_id:?} is known to the worker");
 
     let pools = pool_lines(&mut tx, org_id, now).await?;
+    let sources = source_lines(&mut tx, org_id).await?;
     let totals = product_totals(&mut tx, org_id).await?;
     let workspace_total: u64 = totals.iter().map(|total| total.rows).sum();
     let ledger_total: u64 =
@@ -179,8 +196,11 @@ pub async fn export(
         &formats,
         org_id,
         now,
-        &pools,
-        &totals,
+        Overview {
+            pools: &pools,
+            sources: &sources,
+            totals: &totals,
+        },
         [
             (
                 "Workspace rows",
@@ -421,15 +441,26 @@ fn write_note(
     Ok(())
 }
 
+/// The Overview's three tables.
+struct Overview<'a> {
+    pools: &'a [PoolLine],
+    sources: &'a [SourceLine],
+    totals: &'a [Totals],
+}
+
 fn write_overview(
     sheet: &mut Worksheet,
     formats: &Formats,
     org_id: &str,
     now: DateTime<Utc>,
-    pools: &[PoolLine],
-    totals: &[Totals],
+    tables: Overview<'_>,
     counts: [(&str, &str, u64, u64); 2],
 ) -> Result<(), XlsxError> {
+    let Overview {
+        pools,
+        sources,
+        totals,
+    } = tables;
     sheet.set_name(SHEETS[0])?;
     for (column, width) in (0u16..).zip(OVERVIEW_WIDTHS) {
         sheet.set_column_width(column, width)?;
@@ -460,18 +491,62 @@ fn write_overview(
         row += 1;
         sheet.write_string(row, 0, &line.product)?;
         let values = [
-            line.granted,
-            line.transferred,
-            line.expired,
-            line.available,
-            line.expiring_soon,
-            line.pending,
+            Some(line.granted),
+            Some(line.transferred),
+            Some(line.expired),
+            Some(line.revoked),
+            (!line.unlimited).then_some(line.available),
+            Some(line.expiring_soon),
+            Some(line.pending),
         ];
         for (column, value) in (1u16..).zip(values) {
-            sheet.write_number_with_format(row, column, value as f64, &formats.integer)?;
+            match value {
+                Some(value) => {
+                    sheet.write_number_with_format(row, column, value as f64, &formats.integer)?
+                }
+                None => sheet.write_string(row, column, "Unlimited")?,
+            };
         }
     }
     if pools.is_empty() {
+        row += 1;
+        sheet.write_string(row, 0, "(no grants yet)")?;
+    }
+
+    row += 2;
+    sheet.write_string_with_format(row, 0, "Where the units came from", &formats.section)?;
+    row += 1;
+    for (column, header) in (0u16..).zip(SOURCE_HEADERS) {
+        sheet.write_string_with_format(row, column, header, &formats.header)?;
+    }
+    for line in sources {
+        row += 1;
+        sheet.write_string(row, 0, &line.product)?;
+        sheet.write_string(row, 1, &line.source)?;
+        // An unlimited line counts only what it gave (used).
+        let unlimited = if line.unlimited_now {
+            "Unlimited"
+        } else {
+            "Ended"
+        };
+        let values = [
+            (!line.unlimited).then_some(line.granted).ok_or("Unlimited"),
+            Ok(line.used),
+            (!line.unlimited).then_some(line.revoked).ok_or("-"),
+            (!line.unlimited).then_some(line.expired).ok_or("-"),
+            (!line.unlimited).then_some(line.available).ok_or(unlimited),
+            Ok(line.pending),
+        ];
+        for (column, value) in (2u16..).zip(values) {
+            match value {
+                Ok(value) => {
+                    sheet.write_number_with_format(row, column, value as f64, &formats.integer)?
+                }
+                Err(text) => sheet.write_string(row, column, text)?,
+            };
+        }
+    }
+    if sources.is_empty() {
         row += 1;
         sheet.write_string(row, 0, "(no grants yet)")?;
     }

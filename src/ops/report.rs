@@ -1,4 +1,5 @@
-//! `entitlement-worker report`: an organization's pools and its workspaces' consumption,
+//! `entitlement-worker report`: an organization's pools, where their units came from (by
+//! source: plan, add-on, subscription, trial, manual), and its workspaces' consumption,
 //! those missing entitlements first.
 
 use chrono::{DateTime, Duration, Utc};
@@ -17,6 +18,7 @@ pub struct Report {
     pub org_id: String,
     pub generated_at: DateTime<Utc>,
     pub pools: Vec<PoolLine>,
+    pub sources: Vec<SourceLine>,
     pub workspaces: Vec<WorkspaceLine>,
     pub totals: Vec<ProductTotals>,
 }
@@ -28,11 +30,38 @@ pub struct PoolLine {
     pub granted: i64,
     pub transferred: i64,
     pub expired: i64,
-    /// Units in the pool now, ready to be transferred.
+    pub revoked: i64,
+    /// Counted units in the pool now, ready to be transferred.
     pub available: i64,
+    /// An unlimited grant of the product is valid now: it has no limit (rule 12).
+    pub unlimited: bool,
     /// Of `available`, the units whose grant expires within 30 days.
     pub expiring_soon: i64,
     /// Units granted whose validity has not started yet (not in `granted`).
+    pub pending: i64,
+}
+
+/// Where a pool's units came from: its grants of one source kind, counted or unlimited.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SourceLine {
+    pub product: String,
+    /// `plan`, `add_on`, `subscription`, `trial`, `manual`, or `none` for grants without
+    /// a source.
+    pub source: String,
+    /// A line of unlimited grants: `granted`, `revoked`, `expired` and `available` count
+    /// no units then, `used` is what they gave.
+    pub unlimited: bool,
+    /// For a line of unlimited grants: one of them is valid now.
+    pub unlimited_now: bool,
+    /// Counted units of the grants that became valid.
+    pub granted: i64,
+    /// Units transferred to workspaces from these grants.
+    pub used: i64,
+    pub revoked: i64,
+    pub expired: i64,
+    /// Counted units still in the pool.
+    pub available: i64,
+    /// Counted units of grants not valid yet.
     pub pending: i64,
 }
 
@@ -68,6 +97,7 @@ impl Report {
         anyhow::ensure!(known, "no organization {org_id:?} is known to the worker");
         let mut connection = pool.acquire().await?;
         let pools = pool_lines(&mut connection, org_id, now).await?;
+        let sources = source_lines(&mut connection, org_id).await?;
         let workspaces: Vec<WorkspaceLine> = workspace_lines(&mut connection, org_id, None)
             .collect::<Vec<_>>()
             .await
@@ -102,6 +132,7 @@ impl Report {
             org_id: org_id.to_owned(),
             generated_at: now,
             pools,
+            sources,
             workspaces,
             totals,
         })
@@ -115,31 +146,83 @@ impl Report {
             self.org_id,
             self.generated_at.format("%Y-%m-%d %H:%M UTC")
         ));
-        out.push_str("POOLS\n");
+        out.push_str("POOLS (counted units; \"unlimited\" while an unlimited grant is valid)\n");
         out.push_str(&format!(
-            "{} {:>9} {:>11} {:>8} {:>9} {:>9} {:>8}\n",
-            cell("product", 18),
+            "{} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8}\n",
+            cell("product", 16),
             "granted",
-            "transferred",
+            "moved",
             "expired",
+            "revoked",
             "available",
             "exp. 30d",
             "pending"
         ));
         for line in &self.pools {
+            let available = if line.unlimited {
+                "unlimited".to_owned()
+            } else {
+                line.available.to_string()
+            };
             out.push_str(&format!(
-                "{} {:>9} {:>11} {:>8} {:>9} {:>9} {:>8}\n",
-                cell(&line.product, 18),
+                "{} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8}\n",
+                cell(&line.product, 16),
                 line.granted,
                 line.transferred,
                 line.expired,
-                line.available,
+                line.revoked,
+                available,
                 line.expiring_soon,
                 line.pending
             ));
         }
         if self.pools.is_empty() {
             out.push_str("(no grants yet)\n");
+        }
+        out.push_str("\nSOURCES (where each pool's units came from)\n");
+        out.push_str(&format!(
+            "{} {} {:>9} {:>7} {:>7} {:>7} {:>9} {:>7}\n",
+            cell("product", 14),
+            cell("source", 12),
+            "granted",
+            "used",
+            "revoked",
+            "expired",
+            "available",
+            "pending"
+        ));
+        for line in &self.sources {
+            let (granted, revoked, expired, available) = if line.unlimited {
+                let now = if line.unlimited_now {
+                    "unlimited"
+                } else {
+                    "ended"
+                };
+                (
+                    "unlimited".to_owned(),
+                    "-".to_owned(),
+                    "-".to_owned(),
+                    now.to_owned(),
+                )
+            } else {
+                (
+                    line.granted.to_string(),
+                    line.revoked.to_string(),
+                    line.expired.to_string(),
+                    line.available.to_string(),
+                )
+            };
+            out.push_str(&format!(
+                "{} {} {:>9} {:>7} {:>7} {:>7} {:>9} {:>7}\n",
+                cell(&line.product, 14),
+                cell(&line.source, 12),
+                granted,
+                line.used,
+                revoked,
+                expired,
+                available,
+                line.pending
+            ));
         }
         out.push_str("\nWORKSPACES (missing entitlements first)\n");
         out.push_str(&format!(
@@ -191,14 +274,16 @@ pub async fn pool_lines(
     now: DateTime<Utc>,
 ) -> anyhow::Result<Vec<PoolLine>> {
     let horizon = now + Duration::days(EXPIRY_HORIZON_DAYS);
-    let rows: Vec<(String, i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
+    type Row = (String, i64, i64, i64, i64, i64, i64, i64, bool);
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT p.product, p.granted_total, p.transferred_total, p.expired_total, p.available,
                 COALESCE((SELECT sum(l.remaining) FROM lots l
                           WHERE l.org_id = p.org_id AND l.product = p.product
                             AND l.status = 'active' AND l.expires_at <= $2), 0)::bigint,
                 COALESCE((SELECT sum(l.remaining) FROM lots l
                           WHERE l.org_id = p.org_id AND l.product = p.product
-                            AND l.status = 'pending'), 0)::bigint
+                            AND l.status = 'pending'), 0)::bigint,
+                p.revoked_total, p.unlimited
            FROM pools p
           WHERE p.org_id = $1
           ORDER BY p.product <> 'seat', p.product",
@@ -210,16 +295,80 @@ pub async fn pool_lines(
     Ok(rows
         .into_iter()
         .map(
-            |(product, granted, transferred, expired, available, expiring_soon, pending)| {
-                PoolLine {
-                    product,
-                    granted,
-                    transferred,
-                    expired,
-                    available,
-                    expiring_soon,
-                    pending,
-                }
+            |(
+                product,
+                granted,
+                transferred,
+                expired,
+                available,
+                expiring_soon,
+                pending,
+                revoked,
+                unlimited,
+            )| PoolLine {
+                product,
+                granted,
+                transferred,
+                expired,
+                revoked,
+                available,
+                unlimited,
+                expiring_soon,
+                pending,
+            },
+        )
+        .collect())
+}
+
+/// Where the organization's units came from: per product (seat first) and source kind,
+/// counted grants and unlimited grants on lines of their own.
+pub async fn source_lines(
+    connection: &mut PgConnection,
+    org_id: &str,
+) -> anyhow::Result<Vec<SourceLine>> {
+    type Row = (String, String, bool, bool, i64, i64, i64, i64, i64, i64);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT product, COALESCE(source_kind, 'none'), unlimited,
+                bool_or(unlimited AND status = 'active'),
+                COALESCE(sum(quantity) FILTER (WHERE status <> 'pending'), 0)::bigint,
+                COALESCE(sum(drawn), 0)::bigint,
+                COALESCE(sum(revoked), 0)::bigint,
+                COALESCE(sum(expired), 0)::bigint,
+                COALESCE(sum(remaining) FILTER (WHERE status = 'active'), 0)::bigint,
+                COALESCE(sum(remaining) FILTER (WHERE status = 'pending'), 0)::bigint
+           FROM lots
+          WHERE org_id = $1
+          GROUP BY product, source_kind, unlimited
+          ORDER BY product <> 'seat', product, COALESCE(source_kind, 'none'), unlimited",
+    )
+    .bind(org_id)
+    .fetch_all(connection)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(
+                product,
+                source,
+                unlimited,
+                unlimited_now,
+                granted,
+                used,
+                revoked,
+                expired,
+                available,
+                pending,
+            )| SourceLine {
+                product,
+                source,
+                unlimited,
+                unlimited_now,
+                granted,
+                used,
+                revoked,
+                expired,
+                available,
+                pending,
             },
         )
         .collect())
