@@ -7,7 +7,8 @@
 //! participant never added), so each workspace ends with `allocated = required` whenever
 //! its organization's grants cover the total, and the pool ends empty when they do not.
 //! Revocations (rule 11) name only products no workspace uses, so what they take does not
-//! depend on when they arrive either.
+//! depend on when they arrive either; and the one unlimited grant (rule 12) is of a module
+//! with no counted units, which every workspace enabling it gets, before or after it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -268,6 +269,7 @@ pub fn scenario(seed: u64, scale: usize) -> Scenario {
         .allocated_by_org
         .insert(("scarce".into(), "live-stream".into()), 0);
     revocations(&mut events, &mut expected, &mut id);
+    unlimited(&mut events, &mut expected, &mut id);
     events.shuffle(&mut rng);
     Scenario {
         setup,
@@ -336,6 +338,45 @@ fn revocations(
         expected.revoked.insert(key.clone(), revoked);
         expected.available.insert(key.clone(), granted - revoked);
     }
+}
+
+/// Rule 12 for `refilled`: an unlimited plan of captions, which three of its workspaces
+/// enable; modules wait for a person, but not while unlimited, so each gets its unit
+/// whether it enabled captions before the grant arrived or after.
+fn unlimited(
+    events: &mut Vec<Event>,
+    expected: &mut Expected,
+    id: &mut impl FnMut(&str) -> String,
+) {
+    let org = "refilled";
+    let body = json!({"org_id": org, "product": "captions", "unlimited": true,
+                      "source": {"kind": "plan", "reference": "enterprise"}});
+    events.push(event(
+        InputKind::EntitlementGranted,
+        org,
+        &id("grant"),
+        10,
+        &body,
+        json!({}),
+    ));
+    for w in 0..3 {
+        let workspace = format!("{org}-ws{w}");
+        let body = json!({"org_id": org, "workspace_id": workspace, "module": "captions"});
+        events.push(event(
+            InputKind::ModuleEnabled,
+            org,
+            &id("module"),
+            20,
+            &body,
+            json!({}),
+        ));
+        let key = (workspace, "captions".to_owned());
+        expected.required.insert(key.clone(), 1);
+        expected.allocated.insert(key, 1);
+    }
+    expected
+        .allocated_by_org
+        .insert((org.to_owned(), "captions".to_owned()), 3);
 }
 
 fn event(kind: InputKind, org: &str, event_id: &str, at: i64, base: &Value, extra: Value) -> Event {
@@ -660,7 +701,10 @@ pub async fn check(pool: &PgPool, outputs: &Outputs, expected: &Expected) {
         );
         let product = entry["product"].as_str().unwrap().to_owned();
         let quantity = entry["quantity"].as_i64().unwrap();
+        // Rule 12: an unlimited grant's own entry counts no units.
+        let unlimited = entry["unlimited"] == true;
         match entry["kind"].as_str().unwrap() {
+            "grant" if unlimited => {}
             "grant" => *grants.entry((org, product)).or_insert(0) += quantity,
             "revocation" => {
                 assert!(
