@@ -316,6 +316,22 @@ async fn report_shows_where_each_pools_units_came_from() {
     assert!(output.status.success(), "{}", stdout(&output));
 }
 
+/// Changes the database as a superuser could (`statements`, past the constraints the
+/// worker relies on where they allow it), runs `verify`, checks that it fails and says
+/// MISMATCH, and returns what it printed.
+async fn verify_after_tampering(settings: &Settings, statements: &str) -> String {
+    let mut connection = superuser(settings).await;
+    sqlx::raw_sql(statements)
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    let output = run(settings, &["verify"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+    let text = stdout(&output);
+    assert!(text.contains("MISMATCH"), "{text}");
+    text
+}
+
 async fn superuser(settings: &Settings) -> sqlx::PgConnection {
     use sqlx::Connection as _;
     sqlx::PgConnection::connect(&settings.database.url)
@@ -326,23 +342,13 @@ async fn superuser(settings: &Settings) -> sqlx::PgConnection {
 #[tokio::test]
 async fn verify_fails_on_a_ledger_row_changed_by_a_superuser() {
     let (settings, _store) = known_ledger().await;
-    let mut connection = superuser(&settings).await;
     // Triggers (the append-only guard among them) do not fire for a replica session.
-    sqlx::raw_sql(
-        "SET session_replication_role = replica;
-         UPDATE ledger SET quantity = quantity + 5 WHERE org_id = 'acme' AND kind = 'grant' AND product = 'seat';",
-    )
-    .execute(&mut connection)
-    .await
-    .unwrap();
-    let output = run(&settings, &["verify"]);
-    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
-    let text = stdout(&output);
+    let text = verify_after_tampering(&settings, "SET session_replication_role = replica;
+         UPDATE ledger SET quantity = quantity + 5 WHERE org_id = 'acme' AND kind = 'grant' AND product = 'seat';",).await;
     assert!(
         text.contains("FAIL every entry's pool_available_after"),
         "{text}"
     );
-    assert!(text.contains("MISMATCH"), "{text}");
 }
 
 #[tokio::test]
@@ -378,17 +384,13 @@ async fn verify_fails_on_a_ledger_row_deleted_with_the_guard_disabled() {
 #[tokio::test]
 async fn verify_fails_on_a_pool_balance_edited_by_hand() {
     let (settings, _store) = known_ledger().await;
-    let mut connection = superuser(&settings).await;
-    sqlx::raw_sql(
+    let text = verify_after_tampering(
+        &settings,
         "UPDATE pools SET available = available + 3, granted_total = granted_total + 3
           WHERE org_id = 'globex' AND product = 'seat';",
     )
-    .execute(&mut connection)
-    .await
-    .unwrap();
-    let output = run(&settings, &["verify"]);
-    assert_eq!(output.status.code(), Some(1));
-    assert!(stdout(&output).contains("globex seat: stored available 7"));
+    .await;
+    assert!(text.contains("globex seat: stored available 7"), "{text}");
 }
 
 #[tokio::test]
@@ -433,19 +435,14 @@ async fn verify_agrees_with_a_ledger_holding_revocations() {
 #[tokio::test]
 async fn verify_fails_on_a_grant_whose_revoked_units_were_edited_by_hand() {
     let (settings, _store) = ledger_with_revocations().await;
-    let mut connection = superuser(&settings).await;
     // The lot still accounts for every unit (the database refuses otherwise): the revoked
     // unit is made to look transferred, which only the ledger can contradict.
-    sqlx::raw_sql(
+    let text = verify_after_tampering(
+        &settings,
         "UPDATE lots SET revoked = 0, drawn = drawn + 1
           WHERE org_id = 'globex' AND lot_id = 'g-globex';",
     )
-    .execute(&mut connection)
-    .await
-    .unwrap();
-    let output = run(&settings, &["verify"]);
-    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
-    let text = stdout(&output);
+    .await;
     assert!(
         text.contains("FAIL each grant's revoked units equal the revocation entries naming it"),
         "{text}"
@@ -456,24 +453,18 @@ async fn verify_fails_on_a_grant_whose_revoked_units_were_edited_by_hand() {
         ),
         "{text}"
     );
-    assert!(text.contains("MISMATCH"), "{text}");
 }
 
 #[tokio::test]
 async fn verify_fails_on_a_pool_whose_revoked_total_was_edited_by_hand() {
     let (settings, _store) = ledger_with_revocations().await;
-    let mut connection = superuser(&settings).await;
     // The pool's balance constraint holds: only the ledger can tell.
-    sqlx::raw_sql(
+    let text = verify_after_tampering(
+        &settings,
         "UPDATE pools SET revoked_total = revoked_total + 2, available = available - 2
           WHERE org_id = 'globex' AND product = 'seat';",
     )
-    .execute(&mut connection)
-    .await
-    .unwrap();
-    let output = run(&settings, &["verify"]);
-    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
-    let text = stdout(&output);
+    .await;
     assert!(
         text.contains(
             "globex seat: stored available 1 (granted 12, transferred 0, expired 0, revoked 11, \
@@ -486,21 +477,16 @@ async fn verify_fails_on_a_pool_whose_revoked_total_was_edited_by_hand() {
 #[tokio::test]
 async fn verify_fails_on_revocations_edited_by_hand() {
     let (settings, _store) = ledger_with_revocations().await;
-    let mut connection = superuser(&settings).await;
     // g-late's revocation entry made to name g-globex (past the append-only guard), and
     // r-part, which took 1 of g-globex's seats, made to look still waiting for it.
-    sqlx::raw_sql(
+    let text = verify_after_tampering(
+        &settings,
         "SET session_replication_role = replica;
          UPDATE ledger SET grant_id = 'g-globex'
           WHERE org_id = 'globex' AND kind = 'revocation' AND grant_id = 'g-late';
          UPDATE revocations SET applied = false WHERE org_id = 'globex' AND event_id = 'r-part';",
     )
-    .execute(&mut connection)
-    .await
-    .unwrap();
-    let output = run(&settings, &["verify"]);
-    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
-    let text = stdout(&output);
+    .await;
     for failure in [
         "globex grant g-late (seat): revoked 2, the revocation entries naming it take 0",
         "revocation r-early names grant g-late, the entry took units of grant g-globex",
