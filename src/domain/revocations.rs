@@ -98,7 +98,8 @@ impl Book {
         else {
             return;
         };
-        if lot.unlimited {
+        let unlimited = lot.unlimited;
+        let taken = if unlimited {
             // Rule 12: an unlimited grant revoked ends at once, whatever the quantity named;
             // nothing moves back.
             if lot.status != LotStatus::Active {
@@ -106,42 +107,31 @@ impl Book {
             }
             lot.status = LotStatus::Revoked;
             lot.dirty = true;
-            self.refresh_unlimited(&org_id, product);
-            let caused_by = revocation.event_id.clone();
-            self.record(
-                &org_id,
-                Movement {
-                    product,
-                    kind: LedgerKind::Revocation,
-                    quantity: super::pools::UNLIMITED_MARK_QUANTITY,
-                    workspace_id: None,
-                    caused_by: &caused_by,
-                    grant_id: Some(lot_id),
-                    actor: None,
-                    unlimited: true,
-                },
-                now,
-            );
-            return;
-        }
-        let taken = if lot.status == LotStatus::Active {
-            limit.min(lot.remaining)
+            super::pools::UNLIMITED_MARK_QUANTITY
         } else {
-            0
+            let taken = if lot.status == LotStatus::Active {
+                limit.min(lot.remaining)
+            } else {
+                0
+            };
+            if taken == 0 {
+                return;
+            }
+            lot.remaining -= taken;
+            lot.revoked += taken;
+            if lot.remaining == 0 {
+                lot.status = LotStatus::Revoked;
+            }
+            lot.dirty = true;
+            let pool = self.pool_mut(&org_id, product);
+            pool.available -= taken;
+            pool.revoked_total += taken;
+            pool.dirty = true;
+            taken
         };
-        if taken == 0 {
-            return;
+        if unlimited {
+            self.refresh_unlimited(&org_id, product);
         }
-        lot.remaining -= taken;
-        lot.revoked += taken;
-        if lot.remaining == 0 {
-            lot.status = LotStatus::Revoked;
-        }
-        lot.dirty = true;
-        let pool = self.pool_mut(&org_id, product);
-        pool.available -= taken;
-        pool.revoked_total += taken;
-        pool.dirty = true;
         let caused_by = revocation.event_id.clone();
         self.record(
             &org_id,
@@ -153,7 +143,7 @@ impl Book {
                 caused_by: &caused_by,
                 grant_id: Some(lot_id),
                 actor: None,
-                unlimited: false,
+                unlimited,
             },
             now,
         );

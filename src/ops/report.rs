@@ -42,7 +42,7 @@ pub struct PoolLine {
 }
 
 /// Where a pool's units came from: its grants of one source kind, counted or unlimited.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
 pub struct SourceLine {
     pub product: String,
     /// `plan`, `add_on`, `subscription`, `trial`, `manual`, or `none` for grants without
@@ -326,16 +326,15 @@ pub async fn source_lines(
     connection: &mut PgConnection,
     org_id: &str,
 ) -> anyhow::Result<Vec<SourceLine>> {
-    type Row = (String, String, bool, bool, i64, i64, i64, i64, i64, i64);
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT product, COALESCE(source_kind, 'none'), unlimited,
-                bool_or(unlimited AND status = 'active'),
-                COALESCE(sum(quantity) FILTER (WHERE status <> 'pending'), 0)::bigint,
-                COALESCE(sum(drawn), 0)::bigint,
-                COALESCE(sum(revoked), 0)::bigint,
-                COALESCE(sum(expired), 0)::bigint,
-                COALESCE(sum(remaining) FILTER (WHERE status = 'active'), 0)::bigint,
-                COALESCE(sum(remaining) FILTER (WHERE status = 'pending'), 0)::bigint
+    Ok(sqlx::query_as(
+        "SELECT product, COALESCE(source_kind, 'none') AS source, unlimited,
+                bool_or(unlimited AND status = 'active') AS unlimited_now,
+                COALESCE(sum(quantity) FILTER (WHERE status <> 'pending'), 0)::bigint AS granted,
+                COALESCE(sum(drawn), 0)::bigint AS used,
+                COALESCE(sum(revoked), 0)::bigint AS revoked,
+                COALESCE(sum(expired), 0)::bigint AS expired,
+                COALESCE(sum(remaining) FILTER (WHERE status = 'active'), 0)::bigint AS available,
+                COALESCE(sum(remaining) FILTER (WHERE status = 'pending'), 0)::bigint AS pending
            FROM lots
           WHERE org_id = $1
           GROUP BY product, source_kind, unlimited
@@ -343,35 +342,7 @@ pub async fn source_lines(
     )
     .bind(org_id)
     .fetch_all(connection)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(
-                product,
-                source,
-                unlimited,
-                unlimited_now,
-                granted,
-                used,
-                revoked,
-                expired,
-                available,
-                pending,
-            )| SourceLine {
-                product,
-                source,
-                unlimited,
-                unlimited_now,
-                granted,
-                used,
-                revoked,
-                expired,
-                available,
-                pending,
-            },
-        )
-        .collect())
+    .await?)
 }
 
 /// The organization's (workspace, product) rows, those missing entitlements first (most
