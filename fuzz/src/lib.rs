@@ -13,7 +13,9 @@ use entitlement_worker::store::{Inbound, Store};
 
 use chrono::{DateTime, Datelike, Utc};
 use entitlement_worker::codec::{decode, InputKind, Rejection, MESSAGE_BYTES_MAX};
-use entitlement_worker::domain::{Command, CommandBody, Product, Quantity};
+use entitlement_worker::domain::{
+    Command, CommandBody, GrantUnits, Product, Quantity, RevocationTarget,
+};
 use serde_json::Value;
 
 const REASONS: [&str; 5] = [
@@ -174,7 +176,7 @@ fn check_command(kind: InputKind, data: &[u8], command: &Command) {
         (
             CommandBody::EntitlementGranted {
                 product,
-                quantity,
+                units,
                 valid_from,
                 expires_at,
                 source,
@@ -183,11 +185,23 @@ fn check_command(kind: InputKind, data: &[u8], command: &Command) {
         ) => {
             check_product(product);
             assert_eq!(field("product"), Some(product.as_str()));
-            check_quantity(*quantity);
-            assert_eq!(
-                object.get("quantity").and_then(Value::as_i64),
-                Some(quantity.get())
-            );
+            match units {
+                GrantUnits::Counted(quantity) => {
+                    check_quantity(*quantity);
+                    assert_eq!(
+                        object.get("quantity").and_then(Value::as_i64),
+                        Some(quantity.get())
+                    );
+                    assert_ne!(object.get("unlimited"), Some(&Value::Bool(true)));
+                }
+                GrantUnits::Unlimited => {
+                    assert_eq!(object.get("unlimited"), Some(&Value::Bool(true)));
+                    assert!(
+                        object.get("quantity").is_none_or(Value::is_null),
+                        "an unlimited grant with a quantity"
+                    );
+                }
+            }
             let start = valid_from.expect("a grant without its start of validity");
             check_time("valid_from", start);
             let expected_start = field("valid_from").map_or(command.occurred_at, parse_time);
@@ -225,6 +239,38 @@ fn check_command(kind: InputKind, data: &[u8], command: &Command) {
             }
             check_identifier("requested_by.user_id", &requested_by.user_id);
             check_length("requested_by.role", &requested_by.role, 64);
+        }
+        (
+            CommandBody::EntitlementRevoked { target, reason },
+            InputKind::EntitlementRevoked,
+        ) => {
+            match target {
+                RevocationTarget::Grant { grant_id, quantity } => {
+                    check_identifier("grant_id", grant_id.as_str());
+                    assert_eq!(field("grant_id"), Some(grant_id.as_str()));
+                    assert!(object.get("source").is_none_or(Value::is_null));
+                    assert!(object.get("product").is_none_or(Value::is_null));
+                    if let Some(quantity) = quantity {
+                        check_quantity(*quantity);
+                    }
+                }
+                RevocationTarget::Source { source, product } => {
+                    assert!(
+                        SOURCE_KINDS.contains(&source.kind.as_str()),
+                        "source.kind {:?}",
+                        source.kind
+                    );
+                    check_length("source.reference", &source.reference, 256);
+                    assert!(object.get("grant_id").is_none_or(Value::is_null));
+                    assert!(object.get("quantity").is_none_or(Value::is_null));
+                    if let Some(product) = product {
+                        check_product(product);
+                    }
+                }
+            }
+            if let Some(reason) = reason {
+                assert!(reason.chars().count() <= 256, "a reason over 256 characters");
+            }
         }
         (body, kind) => panic!("{kind:?} decoded into {body:?}"),
     }
