@@ -235,7 +235,8 @@ impl Book {
     }
 
     /// Rule 8: new units fill the organization's open shortfalls of the product at once,
-    /// oldest shortfall first. Modules are filled only when they are assigned automatically.
+    /// oldest shortfall first. Modules are filled only when they are assigned automatically
+    /// (rule 14).
     pub(crate) fn refill(
         &mut self,
         org_id: &OrgId,
@@ -243,7 +244,7 @@ impl Book {
         cause: &EventId,
         now: DateTime<Utc>,
     ) {
-        if !product.is_seat() && !self.policy.modules_auto_assign {
+        if !self.moves_by_itself(product) {
             return;
         }
         assert!(
