@@ -916,6 +916,104 @@ mod tests {
         }
     }
 
+    /// A `product-defined` with these fields besides its envelope.
+    fn definition(fields: &str) -> Result<Input, Rejection> {
+        let payload =
+            format!(r#"{{"event_id":"d1","occurred_at":"2026-12-03T09:00:00Z",{fields}}}"#);
+        decode(InputKind::ProductDefined, Some(payload.as_bytes()))
+    }
+
+    fn defined(fields: &str) -> ProductDefined {
+        match definition(fields).unwrap() {
+            Input::ProductDefined(definition) => definition,
+            other => panic!("not a definition: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_product_definition_names_the_product_and_for_a_module_its_assignment() {
+        let module = defined(
+            r#""product":"live-stream","name":"Live streaming","description":"Broadcast.","assignment":"automatic""#,
+        );
+        assert_eq!(module.product.as_str(), "live-stream");
+        assert_eq!(module.name, "Live streaming");
+        assert_eq!(module.description.as_deref(), Some("Broadcast."));
+        assert_eq!(module.assignment, Some(Assignment::Automatic));
+        assert_eq!(
+            defined(r#""product":"polls","name":"Polls","assignment":"manual""#).assignment,
+            Some(Assignment::Manual)
+        );
+
+        // The catalogue names no organization: an `org_id` is a field it does not have.
+        let seat = defined(r#""product":"seat","name":"Seat","org_id":["not","this"]"#);
+        assert_eq!((seat.assignment, seat.description), (None, None));
+
+        // 256 and 2,000 characters, twice as many bytes: the limits count characters.
+        let name = "é".repeat(256);
+        let description = "é".repeat(2000);
+        let longest = defined(&format!(
+            r#""product":"polls","name":"{name}","description":"{description}""#
+        ));
+        assert_eq!(
+            (longest.name, longest.description),
+            (name, Some(description))
+        );
+    }
+
+    #[test]
+    fn a_product_definition_that_breaks_the_catalogue_rules_is_refused_saying_why() {
+        for (fields, expected) in [
+            (
+                r#""product":"seat","name":"Seat","assignment":"automatic""#.to_owned(),
+                "Field `assignment` is not allowed for `seat`: seats always move from the pool by themselves",
+            ),
+            (
+                r#""product":"polls","name":"Polls","assignment":"sometimes""#.to_owned(),
+                r#"Field `assignment` must be "automatic" or "manual", not "sometimes"."#,
+            ),
+            (
+                r#""product":"polls","name":"""#.to_owned(),
+                "Field `name` must be 1 to 256 characters.",
+            ),
+            (
+                format!(r#""product":"polls","name":"{}""#, "n".repeat(257)),
+                "Field `name` must be 1 to 256 characters.",
+            ),
+            (
+                format!(
+                    r#""product":"polls","name":"Polls","description":"{}""#,
+                    "d".repeat(2001)
+                ),
+                "Field `description` must be at most 2000 characters.",
+            ),
+            (
+                r#""product":"polls","name":"Po\u0000lls""#.to_owned(),
+                "Field `name` contains the NUL character",
+            ),
+            (
+                r#""product":"polls""#.to_owned(),
+                "missing field `name`",
+            ),
+            (
+                r#""product":"Polls","name":"Polls""#.to_owned(),
+                "Field `product` (\"Polls\") is not a product handle",
+            ),
+        ] {
+            let rejection = definition(&format!(r#"{fields},"org_id":"acme""#)).unwrap_err();
+            assert_eq!(rejection.reason, "schema_violation", "{fields}");
+            assert!(
+                rejection.detail.contains(expected),
+                "{fields}: {}",
+                rejection.detail
+            );
+            assert_eq!(rejection.event_id.as_deref(), Some("d1"));
+            assert_eq!(
+                rejection.org_id, None,
+                "a catalogue input's dead letter has no organization to be keyed by"
+            );
+        }
+    }
+
     #[test]
     fn a_dead_letter_refused_as_too_large_is_shortened_once_and_says_so() {
         let rejection = Rejection::new("invalid_json", "The message is not JSON.");
