@@ -1,5 +1,5 @@
 //! `entitlement-worker report`: an organization's pools and its workspaces' consumption,
-//! those missing entitlements first.
+//! those missing entitlements first, its products by their catalogue names (rule 14).
 
 use chrono::{DateTime, Duration, Utc};
 use futures::stream::{BoxStream, StreamExt as _};
@@ -19,12 +19,26 @@ pub struct Report {
     pub pools: Vec<PoolLine>,
     pub workspaces: Vec<WorkspaceLine>,
     pub totals: Vec<ProductTotals>,
+    /// The catalogue's definitions of the report's products that were defined, seat first.
+    pub products: Vec<ProductLine>,
+}
+
+/// A product as the catalogue defines it (rule 14).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProductLine {
+    pub product: String,
+    pub name: String,
+    pub description: Option<String>,
+    /// `automatic` or `manual`; None: `modules.auto_assign` decides (always for `seat`).
+    pub assignment: Option<String>,
 }
 
 /// One pool: what was granted, what left it and how, what is in it now.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PoolLine {
     pub product: String,
+    /// The product's name in the catalogue; its handle when it was never defined.
+    pub product_name: String,
     pub granted: i64,
     pub transferred: i64,
     pub expired: i64,
@@ -41,6 +55,8 @@ pub struct PoolLine {
 pub struct WorkspaceLine {
     pub workspace_id: String,
     pub product: String,
+    /// The product's name in the catalogue; its handle when it was never defined.
+    pub product_name: String,
     pub required: i64,
     pub allocated: i64,
     pub missing: i64,
@@ -51,6 +67,8 @@ pub struct WorkspaceLine {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ProductTotals {
     pub product: String,
+    /// The product's name in the catalogue; its handle when it was never defined.
+    pub product_name: String,
     pub required: i64,
     pub allocated: i64,
     pub missing: i64,
@@ -83,6 +101,7 @@ impl Report {
                 None => {
                     totals.push(ProductTotals {
                         product: line.product.clone(),
+                        product_name: line.product_name.clone(),
                         required: 0,
                         allocated: 0,
                         missing: 0,
@@ -98,12 +117,16 @@ impl Report {
             total.workspaces_missing += i64::from(line.missing > 0);
         }
         totals.sort_by(|a, b| product_order(&a.product, &b.product));
+        let mut handles: Vec<&str> = pools.iter().map(|line| line.product.as_str()).collect();
+        handles.extend(totals.iter().map(|total| total.product.as_str()));
+        let products = product_lines(&mut connection, &handles).await?;
         Ok(Self {
             org_id: org_id.to_owned(),
             generated_at: now,
             pools,
             workspaces,
             totals,
+            products,
         })
     }
 
@@ -129,7 +152,7 @@ impl Report {
         for line in &self.pools {
             out.push_str(&format!(
                 "{} {:>9} {:>11} {:>8} {:>9} {:>9} {:>8}\n",
-                cell(&line.product, 18),
+                cell(&line.product_name, 18),
                 line.granted,
                 line.transferred,
                 line.expired,
@@ -155,7 +178,7 @@ impl Report {
                 "{} {} {} {:>9} {:>9} {:>8}\n",
                 if line.missing > 0 { "!" } else { " " },
                 cell(&line.workspace_id, 28),
-                cell(&line.product, 16),
+                cell(&line.product_name, 16),
                 line.required,
                 line.allocated,
                 line.missing
@@ -168,12 +191,27 @@ impl Report {
         for total in &self.totals {
             out.push_str(&format!(
                 "  {} required {}, allocated {}, missing {} in {} workspace(s)\n",
-                cell(&total.product, 16),
+                cell(&total.product_name, 16),
                 total.required,
                 total.allocated,
                 total.missing,
                 total.workspaces_missing
             ));
+        }
+        if !self.products.is_empty() {
+            // The tables show the catalogue's names; this says which handle each stands for.
+            out.push_str("\nPRODUCTS (names from the catalogue)\n");
+            for line in &self.products {
+                let assignment = line
+                    .assignment
+                    .as_deref()
+                    .map_or(String::new(), |assignment| format!(", {assignment}"));
+                out.push_str(&format!(
+                    "  {} {}{assignment}\n",
+                    cell(&line.product, 16),
+                    line.name
+                ));
+            }
         }
         out
     }
@@ -191,8 +229,11 @@ pub async fn pool_lines(
     now: DateTime<Utc>,
 ) -> anyhow::Result<Vec<PoolLine>> {
     let horizon = now + Duration::days(EXPIRY_HORIZON_DAYS);
-    let rows: Vec<(String, i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
-        "SELECT p.product, p.granted_total, p.transferred_total, p.expired_total, p.available,
+    // product, its name, granted, transferred, expired, available, expiring soon, pending
+    type PoolRow = (String, String, i64, i64, i64, i64, i64, i64);
+    let rows: Vec<PoolRow> = sqlx::query_as(
+        "SELECT p.product, COALESCE(c.name, p.product),
+                p.granted_total, p.transferred_total, p.expired_total, p.available,
                 COALESCE((SELECT sum(l.remaining) FROM lots l
                           WHERE l.org_id = p.org_id AND l.product = p.product
                             AND l.status = 'active' AND l.expires_at <= $2), 0)::bigint,
@@ -200,6 +241,7 @@ pub async fn pool_lines(
                           WHERE l.org_id = p.org_id AND l.product = p.product
                             AND l.status = 'pending'), 0)::bigint
            FROM pools p
+           LEFT JOIN products c ON c.product = p.product
           WHERE p.org_id = $1
           ORDER BY p.product <> 'seat', p.product",
     )
@@ -210,9 +252,19 @@ pub async fn pool_lines(
     Ok(rows
         .into_iter()
         .map(
-            |(product, granted, transferred, expired, available, expiring_soon, pending)| {
+            |(
+                product,
+                product_name,
+                granted,
+                transferred,
+                expired,
+                available,
+                expiring_soon,
+                pending,
+            )| {
                 PoolLine {
                     product,
+                    product_name,
                     granted,
                     transferred,
                     expired,
@@ -233,12 +285,14 @@ pub fn workspace_lines<'a>(
     org_id: &'a str,
     limit: Option<u64>,
 ) -> BoxStream<'a, Result<WorkspaceLine, sqlx::Error>> {
-    sqlx::query_as::<_, (String, String, i64, i64, Option<DateTime<Utc>>)>(
-        "SELECT workspace_id, product, required, allocated, shortfall_since
-           FROM consumption
-          WHERE org_id = $1
-          ORDER BY GREATEST(required - allocated, 0) DESC, workspace_id,
-                   product <> 'seat', product
+    sqlx::query_as::<_, (String, String, String, i64, i64, Option<DateTime<Utc>>)>(
+        "SELECT w.workspace_id, w.product, COALESCE(c.name, w.product), w.required,
+                w.allocated, w.shortfall_since
+           FROM consumption w
+           LEFT JOIN products c ON c.product = w.product
+          WHERE w.org_id = $1
+          ORDER BY GREATEST(w.required - w.allocated, 0) DESC, w.workspace_id,
+                   w.product <> 'seat', w.product
           LIMIT $2",
     )
     .bind(org_id)
@@ -246,15 +300,42 @@ pub fn workspace_lines<'a>(
     .fetch(connection)
     .map(|row| {
         row.map(
-            |(workspace_id, product, required, allocated, missing_since)| WorkspaceLine {
-                workspace_id,
-                product,
-                required,
-                allocated,
-                missing: (required - allocated).max(0),
-                missing_since,
+            |(workspace_id, product, product_name, required, allocated, missing_since)| {
+                WorkspaceLine {
+                    workspace_id,
+                    product,
+                    product_name,
+                    required,
+                    allocated,
+                    missing: (required - allocated).max(0),
+                    missing_since,
+                }
             },
         )
     })
     .boxed()
+}
+
+/// The catalogue's definitions of `handles` that were defined, seat first.
+pub async fn product_lines(
+    connection: &mut PgConnection,
+    handles: &[&str],
+) -> anyhow::Result<Vec<ProductLine>> {
+    let rows: Vec<(String, String, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT product, name, description, assignment FROM products
+          WHERE product = ANY($1)
+          ORDER BY product <> 'seat', product",
+    )
+    .bind(handles)
+    .fetch_all(connection)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(product, name, description, assignment)| ProductLine {
+            product,
+            name,
+            description,
+            assignment,
+        })
+        .collect())
 }
