@@ -9,14 +9,17 @@ use uuid::Uuid;
 
 use crate::domain::shortfalls::{alert_id, ID_NAMESPACE};
 use crate::domain::{
-    Actor, Alert, Command, CommandBody, EventId, GrantSource, GrantUnits, IdError, LedgerEntry,
-    OrgId, ParticipantId, Product, Quantity, RevocationTarget, WorkspaceId,
+    Actor, Alert, Assignment, Command, CommandBody, EventId, GrantSource, GrantUnits, IdError,
+    Input, LedgerEntry, OrgId, ParticipantId, Product, ProductDefined, Quantity, RevocationTarget,
+    WorkspaceId,
 };
 
 /// The largest input message accepted, in bytes (the contract's 64 KiB).
 pub const MESSAGE_BYTES_MAX: usize = 64 * 1024;
 /// The longest `requested_by.role` or source reference kept, in characters.
 const FREE_TEXT_LENGTH_MAX: usize = 256;
+/// The longest product description the catalogue keeps, in characters (rule 14).
+const DESCRIPTION_LENGTH_MAX: usize = 2000;
 /// Times before this year or after 9999 are refused: they are typing mistakes, not events.
 const YEAR_MIN: i32 = 1970;
 const YEAR_MAX: i32 = 9999;
@@ -43,17 +46,19 @@ pub enum InputKind {
     EntitlementGranted,
     TransferRequested,
     EntitlementRevoked,
+    ProductDefined,
 }
 
 impl InputKind {
     /// Every input topic's kind.
-    pub const ALL: [InputKind; 6] = [
+    pub const ALL: [InputKind; 7] = [
         InputKind::ParticipantAdded,
         InputKind::ParticipantCancelled,
         InputKind::ModuleEnabled,
         InputKind::EntitlementGranted,
         InputKind::TransferRequested,
         InputKind::EntitlementRevoked,
+        InputKind::ProductDefined,
     ];
 }
 
@@ -66,7 +71,8 @@ pub struct Rejection {
     pub detail: String,
     /// The `event_id`, when the message got far enough to have one.
     pub event_id: Option<String>,
-    /// The `org_id`, when the message names one that can key its dead letter.
+    /// The `org_id`, when the message names one that can key its dead letter; never for
+    /// the catalogue's inputs, which belong to no organization.
     pub org_id: Option<String>,
 }
 
@@ -101,6 +107,17 @@ struct RawEnvelope {
     reason: Option<String>,
 }
 
+/// A `product-defined`: it has no `org_id` (the catalogue is global).
+#[derive(Deserialize)]
+struct RawDefinition {
+    event_id: String,
+    occurred_at: String,
+    product: String,
+    name: String,
+    description: Option<String>,
+    assignment: Option<String>,
+}
+
 #[derive(Deserialize)]
 struct RawSource {
     kind: String,
@@ -118,7 +135,7 @@ const SOURCE_KINDS: [&str; 5] = ["plan", "add_on", "subscription", "trial", "man
 /// Decodes one input message with no bound on how far ahead `occurred_at` may be: for
 /// inputs that were accepted before (the tests, the operators' checks of what they send).
 /// The consumer uses [`decode_received`].
-pub fn decode(kind: InputKind, payload: Option<&[u8]>) -> Result<Command, Rejection> {
+pub fn decode(kind: InputKind, payload: Option<&[u8]>) -> Result<Input, Rejection> {
     decode_received(kind, payload, None)
 }
 
@@ -131,7 +148,7 @@ pub fn decode_received(
     kind: InputKind,
     payload: Option<&[u8]>,
     occurred_at_max: Option<DateTime<Utc>>,
-) -> Result<Command, Rejection> {
+) -> Result<Input, Rejection> {
     let bytes = payload.unwrap_or_default();
     if bytes.len() > MESSAGE_BYTES_MAX {
         return Err(Rejection::new(
@@ -156,11 +173,12 @@ pub fn decode_received(
         .and_then(|id| id.as_str())
         .map(str::to_owned);
     // The dead letter is keyed by the organization, like every output, when the message
-    // names one that is a valid identifier.
+    // names one that is a valid identifier. A catalogue input belongs to none: an `org_id`
+    // on it is a field it does not have, ignored like any other, so its letter has no key.
     let org_id = value
         .get("org_id")
         .and_then(|id| id.as_str())
-        .filter(|id| OrgId::parse(id).is_ok())
+        .filter(|id| kind != InputKind::ProductDefined && OrgId::parse(id).is_ok())
         .map(str::to_owned);
     let schema_violation = |detail: String| Rejection {
         reason: "schema_violation",
@@ -168,23 +186,27 @@ pub fn decode_received(
         event_id: event_id.clone(),
         org_id: org_id.clone(),
     };
-    let command = decode_value(kind, value).map_err(schema_violation)?;
+    let input = match kind {
+        InputKind::ProductDefined => decode_definition(value).map(Input::ProductDefined),
+        _ => decode_value(kind, value).map(Input::Command),
+    }
+    .map_err(schema_violation)?;
     if let Some(latest) = occurred_at_max {
-        if command.occurred_at > latest {
+        if input.occurred_at() > latest {
             return Err(Rejection {
                 reason: "clock_skew",
                 detail: format!(
                     "Field `occurred_at` ({}) is later than the worker's clock allows ({latest}: \
                      its time plus `input.clock_skew_max_seconds`); an event from the future \
                      would outrank every later event until then.",
-                    command.occurred_at.to_rfc3339()
+                    input.occurred_at().to_rfc3339()
                 ),
                 event_id,
                 org_id,
             });
         }
     }
-    Ok(command)
+    Ok(input)
 }
 
 /// Cuts a detail sentence to [`DETAIL_LENGTH_MAX`] characters.
@@ -213,6 +235,7 @@ fn fields_of(kind: InputKind) -> &'static [&'static str] {
         ],
         InputKind::TransferRequested => &["workspace_id", "product", "quantity", "requested_by"],
         InputKind::EntitlementRevoked => &["grant_id", "source", "product", "quantity", "reason"],
+        InputKind::ProductDefined => &["product", "name", "description", "assignment"],
     }
 }
 
@@ -320,12 +343,64 @@ fn decode_value(kind: InputKind, mut value: serde_json::Value) -> Result<Command
                 })
                 .transpose()?,
         },
+        InputKind::ProductDefined => {
+            unreachable!("decode_definition() decodes the catalogue's inputs")
+        }
     };
     Ok(Command {
         event_id,
         occurred_at,
         org_id,
         body,
+    })
+}
+
+/// A `product-defined` (rule 14): a handle, a name of 1 to 256 characters, a description
+/// of at most 2,000, and for a module only, an assignment.
+fn decode_definition(mut value: serde_json::Value) -> Result<ProductDefined, String> {
+    let Some(object) = value.as_object_mut() else {
+        return Err("The message is JSON but not an object.".into());
+    };
+    let fields = fields_of(InputKind::ProductDefined);
+    object.retain(|key, _| {
+        matches!(key.as_str(), "event_id" | "occurred_at") || fields.contains(&key.as_str())
+    });
+    let raw: RawDefinition = serde_json::from_value(value)
+        .map_err(|error| format!("The message does not match its schema: {error}."))?;
+    let product = product("product", Some(&raw.product))?;
+    free_text("name", &raw.name)?;
+    if let Some(description) = &raw.description {
+        if description.chars().count() > DESCRIPTION_LENGTH_MAX {
+            return Err(format!(
+                "Field `description` must be at most {DESCRIPTION_LENGTH_MAX} characters."
+            ));
+        }
+        storable_text("description", description)?;
+    }
+    let assignment = raw
+        .assignment
+        .map(|assignment| {
+            Assignment::parse(&assignment).ok_or_else(|| {
+                format!(
+                    "Field `assignment` must be \"automatic\" or \"manual\", not {assignment:?}."
+                )
+            })
+        })
+        .transpose()?;
+    if product.is_seat() && assignment.is_some() {
+        return Err(
+            "Field `assignment` is not allowed for `seat`: seats always move from the \
+                    pool by themselves, so only modules take an assignment."
+                .into(),
+        );
+    }
+    Ok(ProductDefined {
+        event_id: identifier("event_id", &raw.event_id, EventId::parse)?,
+        occurred_at: timestamp("occurred_at", &raw.occurred_at)?,
+        product,
+        name: raw.name,
+        description: raw.description,
+        assignment,
     })
 }
 
@@ -698,9 +773,9 @@ mod tests {
             Some(br#"{"event_id":"e1","occurred_at":"2026-11-23T09:00:00+01:00","org_id":"acme","workspace_id":"summit","participant_id":"p1","extra":{"x":1}}"#),
         )
         .unwrap();
-        assert_eq!(command.event_id.as_str(), "e1");
+        assert_eq!(command.event_id().as_str(), "e1");
         assert_eq!(
-            command.occurred_at.to_rfc3339(),
+            command.occurred_at().to_rfc3339(),
             "2026-11-23T08:00:00+00:00"
         );
     }
@@ -766,7 +841,7 @@ mod tests {
     }
 
     /// An `entitlement-revoked` from `acme` with these fields besides its envelope.
-    fn revocation(fields: &str) -> Result<Command, Rejection> {
+    fn revocation(fields: &str) -> Result<Input, Rejection> {
         let payload = format!(
             r#"{{"event_id":"r1","occurred_at":"2026-12-01T00:00:00Z","org_id":"acme",{fields}}}"#
         );
@@ -774,8 +849,11 @@ mod tests {
     }
 
     fn revoked(fields: &str) -> (RevocationTarget, Option<String>) {
-        match revocation(fields).unwrap().body {
-            CommandBody::EntitlementRevoked { target, reason } => (target, reason),
+        match revocation(fields).unwrap() {
+            Input::Command(Command {
+                body: CommandBody::EntitlementRevoked { target, reason },
+                ..
+            }) => (target, reason),
             other => panic!("not a revocation: {other:?}"),
         }
     }
@@ -871,6 +949,104 @@ mod tests {
         }
     }
 
+    /// A `product-defined` with these fields besides its envelope.
+    fn definition(fields: &str) -> Result<Input, Rejection> {
+        let payload =
+            format!(r#"{{"event_id":"d1","occurred_at":"2026-12-03T09:00:00Z",{fields}}}"#);
+        decode(InputKind::ProductDefined, Some(payload.as_bytes()))
+    }
+
+    fn defined(fields: &str) -> ProductDefined {
+        match definition(fields).unwrap() {
+            Input::ProductDefined(definition) => definition,
+            other => panic!("not a definition: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_product_definition_names_the_product_and_for_a_module_its_assignment() {
+        let module = defined(
+            r#""product":"live-stream","name":"Live streaming","description":"Broadcast.","assignment":"automatic""#,
+        );
+        assert_eq!(module.product.as_str(), "live-stream");
+        assert_eq!(module.name, "Live streaming");
+        assert_eq!(module.description.as_deref(), Some("Broadcast."));
+        assert_eq!(module.assignment, Some(Assignment::Automatic));
+        assert_eq!(
+            defined(r#""product":"polls","name":"Polls","assignment":"manual""#).assignment,
+            Some(Assignment::Manual)
+        );
+
+        // The catalogue names no organization: an `org_id` is a field it does not have.
+        let seat = defined(r#""product":"seat","name":"Seat","org_id":["not","this"]"#);
+        assert_eq!((seat.assignment, seat.description), (None, None));
+
+        // 256 and 2,000 characters, twice as many bytes: the limits count characters.
+        let name = "é".repeat(256);
+        let description = "é".repeat(2000);
+        let longest = defined(&format!(
+            r#""product":"polls","name":"{name}","description":"{description}""#
+        ));
+        assert_eq!(
+            (longest.name, longest.description),
+            (name, Some(description))
+        );
+    }
+
+    #[test]
+    fn a_product_definition_that_breaks_the_catalogue_rules_is_refused_saying_why() {
+        for (fields, expected) in [
+            (
+                r#""product":"seat","name":"Seat","assignment":"automatic""#.to_owned(),
+                "Field `assignment` is not allowed for `seat`: seats always move from the pool by themselves",
+            ),
+            (
+                r#""product":"polls","name":"Polls","assignment":"sometimes""#.to_owned(),
+                r#"Field `assignment` must be "automatic" or "manual", not "sometimes"."#,
+            ),
+            (
+                r#""product":"polls","name":"""#.to_owned(),
+                "Field `name` must be 1 to 256 characters.",
+            ),
+            (
+                format!(r#""product":"polls","name":"{}""#, "n".repeat(257)),
+                "Field `name` must be 1 to 256 characters.",
+            ),
+            (
+                format!(
+                    r#""product":"polls","name":"Polls","description":"{}""#,
+                    "d".repeat(2001)
+                ),
+                "Field `description` must be at most 2000 characters.",
+            ),
+            (
+                r#""product":"polls","name":"Po\u0000lls""#.to_owned(),
+                "Field `name` contains the NUL character",
+            ),
+            (
+                r#""product":"polls""#.to_owned(),
+                "missing field `name`",
+            ),
+            (
+                r#""product":"Polls","name":"Polls""#.to_owned(),
+                "Field `product` (\"Polls\") is not a product handle",
+            ),
+        ] {
+            let rejection = definition(&format!(r#"{fields},"org_id":"acme""#)).unwrap_err();
+            assert_eq!(rejection.reason, "schema_violation", "{fields}");
+            assert!(
+                rejection.detail.contains(expected),
+                "{fields}: {}",
+                rejection.detail
+            );
+            assert_eq!(rejection.event_id.as_deref(), Some("d1"));
+            assert_eq!(
+                rejection.org_id, None,
+                "a catalogue input's dead letter has no organization to be keyed by"
+            );
+        }
+    }
+
     #[test]
     fn a_grant_has_a_quantity_or_is_unlimited_never_both() {
         let grant = |fields: &str| {
@@ -879,8 +1055,11 @@ mod tests {
             );
             decode(InputKind::EntitlementGranted, Some(payload.as_bytes()))
         };
-        let units = |fields: &str| match grant(fields).unwrap().body {
-            CommandBody::EntitlementGranted { units, .. } => units,
+        let units = |fields: &str| match grant(fields).unwrap() {
+            Input::Command(Command {
+                body: CommandBody::EntitlementGranted { units, .. },
+                ..
+            }) => units,
             other => panic!("{other:?}"),
         };
         assert_eq!(units(r#""unlimited":true"#), GrantUnits::Unlimited);

@@ -10,7 +10,8 @@
 //! - [`telemetry`]: metrics, health and logs.
 //! - [`settings`]: typed configuration.
 //! - [`demo`]: an embedded broker and a story to watch.
-//! - [`ops`]: the operators' commands (report, history, export, verify, grant, transfer).
+//! - [`ops`]: the operators' commands (report, history, export, verify, grant, revoke,
+//!   transfer, define-product).
 
 pub mod codec;
 pub mod demo;

@@ -165,6 +165,32 @@ enum Command {
         #[arg(long)]
         event_id: Option<String>,
     },
+    /// Defines a product in the catalogue: publishes a `product-defined` message for the
+    /// worker to apply. It names the product (reports show the name) and, for a module,
+    /// sets how it moves: `automatic` (from the pool by itself, like seats; workspaces
+    /// already waiting for it are filled at once) or `manual` (it waits for a person's
+    /// transfer); without `--assignment`, modules.auto_assign decides. The latest definition
+    /// of a product wins.
+    ///
+    /// Example: entitlement-worker define-product --product live-stream --name "Live streaming" --assignment automatic
+    DefineProduct {
+        /// The product's handle: `seat` or a module's.
+        #[arg(long)]
+        product: String,
+        /// What people call it (1 to 256 characters).
+        #[arg(long)]
+        name: String,
+        /// A longer description (at most 2,000 characters).
+        #[arg(long)]
+        description: Option<String>,
+        /// For a module only: automatic or manual. Seats always move by themselves.
+        #[arg(long, value_parser = ["automatic", "manual"])]
+        assignment: Option<String>,
+        /// The event id; a new one if absent. Reuse one to retry safely: a definition seen
+        /// again changes nothing.
+        #[arg(long)]
+        event_id: Option<String>,
+    },
     /// Moves units from an organization's pool to a workspace by hand: publishes an
     /// `entitlement-transfer-requested` message and waits for the worker's answer, the
     /// ledger entry or the dead-letter reason. Exits 0 when the units moved, 1 otherwise.
@@ -394,6 +420,30 @@ async fn ops_command(settings: &Settings, command: Command) -> anyhow::Result<Ex
             .await?;
             println!(
                 "Published revocation {} to {} (partition {}, offset {}); the worker removes                  the units when it consumes it.",
+                published.event_id, published.topic, published.partition, published.offset
+            );
+        }
+        Command::DefineProduct {
+            product,
+            name,
+            description,
+            assignment,
+            event_id,
+        } => {
+            let published = ops::publish::define_product(
+                settings,
+                ops::publish::DefineRequest {
+                    product: product.clone(),
+                    name,
+                    description,
+                    assignment,
+                    event_id,
+                },
+            )
+            .await?;
+            println!(
+                "Published definition {} of {product} to {} (partition {}, offset {}); the \
+                 worker applies it when it consumes it.",
                 published.event_id, published.topic, published.partition, published.offset
             );
         }

@@ -389,12 +389,14 @@ pub async fn commit_batch(
 
 /// The rejection of a message the decoder accepted and the database refused.
 fn unstorable(message: &Inbound, error: &StoreError) -> crate::codec::Rejection {
-    let command = message.decoded.as_ref().ok();
+    let input = message.decoded.as_ref().ok();
     crate::codec::Rejection {
         reason: "unstorable",
         detail: format!("The database refused this message: {error}."),
-        event_id: command.map(|command| command.event_id.to_string()),
-        org_id: command.map(|command| command.org_id.to_string()),
+        event_id: input.map(|input| input.event_id().to_string()),
+        org_id: input
+            .and_then(|input| input.org_id())
+            .map(ToString::to_string),
     }
 }
 

@@ -121,6 +121,8 @@ fn compose_runs_kafka_postgres_the_worker_and_prometheus_with_health_checks() {
         "module-enabled",
         "entitlement-granted",
         "entitlement-transfer-requested",
+        "entitlement-revoked",
+        "product-defined",
         "entitlement-shortfalls",
         "entitlement-ledger",
         "entitlement-dlq",

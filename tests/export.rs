@@ -663,6 +663,69 @@ async fn the_workbook_holds_the_pools_the_workspaces_and_every_transaction() {
     );
 }
 
+/// Rule 14: once the catalogue names gamification, every sheet shows it by its name with
+/// its handle; seats, never defined, keep their handle alone.
+#[tokio::test]
+async fn products_appear_by_their_catalogue_names_with_their_handles() {
+    let (store, pool) = database().await;
+    let t0 = Utc::now() - Duration::hours(4);
+    tell_the_story(&store, t0).await;
+    let definition = inbound(
+        0,
+        InputKind::ProductDefined,
+        json!({"event_id": "d-1", "occurred_at": rfc3339(t0), "product": "gamification",
+               "name": "Engagement games", "assignment": "manual"}),
+    );
+    store
+        .apply_batch(&[definition], Policy::default(), t0 + Duration::hours(3))
+        .await
+        .expect("the definition commits");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("acme.xlsx");
+    export(&pool, "acme", &path, Utc::now(), false)
+        .await
+        .expect("the export succeeds");
+
+    let games = "Engagement games (gamification)";
+    let mut workbook = open(&path);
+    let overview = workbook.worksheet_range("Overview").expect("Overview");
+    let header = OVERVIEW_POOLS_HEADER_ROW;
+    let pools: Vec<String> = (1..=2).map(|n| text(&overview, header + n, 0)).collect();
+    assert_eq!(pools, ["seat", games]);
+    // The sources table's lines, up to the blank row before the totals.
+    let sources_header = header + 1 + 2 + 2;
+    let mut sources: Vec<String> = (sources_header + 1..)
+        .map(|row| cell(&overview, row, 0))
+        .take_while(|value| *value != Data::Empty)
+        .map(|value| value.to_string())
+        .collect();
+    sources.dedup();
+    assert_eq!(sources, ["seat", games]);
+    let totals_header = (sources_header..sources_header + 100)
+        .find(|row| cell(&overview, *row, 0) == Data::String("Totals by product".into()))
+        .unwrap()
+        + 1;
+    let totals: Vec<String> = (1..=2)
+        .map(|n| text(&overview, totals_header + n, 0))
+        .collect();
+    assert_eq!(totals, ["seat", games]);
+    let workspaces = workbook.worksheet_range("Workspaces").expect("Workspaces");
+    let products: Vec<String> = (1..=4).map(|row| text(&workspaces, row, 1)).collect();
+    assert_eq!(products, ["seat", games, "seat", games]);
+    let transactions = workbook
+        .worksheet_range("Transactions")
+        .expect("Transactions");
+    let stored = ledger(&pool, "acme").await;
+    for (row, entry) in (1u32..).zip(&stored) {
+        let expected = if entry.product == "gamification" {
+            games
+        } else {
+            "seat"
+        };
+        assert_eq!(text(&transactions, row, 3), expected, "row {row}");
+    }
+}
+
 #[tokio::test]
 async fn an_unknown_organization_fails_plainly_and_leaves_no_file() {
     let (store, pool) = database().await;

@@ -14,12 +14,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Duration, Utc};
 use entitlement_worker::domain::{
-    Actor, AlertStatus, Book, Command, CommandBody, EventId, GrantSource, GrantUnits, LedgerEntry,
-    LedgerKind, LotStatus, OrgId, ParticipantId, Policy, Product, Quantity, RevocationTarget,
-    Verdict, WorkspaceId,
+    Actor, AlertStatus, Assignment, Book, Command, CommandBody, EventId, GrantSource, GrantUnits,
+    Input, LedgerEntry, LedgerKind, LotStatus, OrgId, ParticipantId, Policy, Product,
+    ProductDefined, Quantity, RevocationTarget, Verdict, WorkspaceId,
 };
 use oracle::{
-    EntryKind, Oracle, OracleBody, OracleEntry, OracleEvent, OracleTarget, OracleVerdict, SEAT,
+    EntryKind, Oracle, OracleBody, OracleDefinition, OracleEntry, OracleEvent, OracleTarget,
+    OracleVerdict, SEAT,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -48,6 +49,9 @@ const SOURCES: [(&str, &str); 3] = [("plan", "basic"), ("add_on", "extra"), ("tr
 /// `event_id` of one of the case's grants (before or after the revocation), or, one time
 /// in ten, of no grant at all.
 const UNRESOLVED_GRANT: &str = "pick";
+/// What the catalogue calls a product: few names, so that a definition often changes only
+/// the assignment.
+const NAMES: [&str; 2] = ["Engage", "Broadcast"];
 
 fn minute(minute: i64) -> DateTime<Utc> {
     DateTime::from_timestamp(1_800_000_000, 0).unwrap() + Duration::minutes(minute)
@@ -217,12 +221,40 @@ fn draft() -> impl Strategy<Value = Draft> {
                 },
             )
         });
+    // Rule 14: a module's definition now and then, automatic, manual or neither, at a
+    // random time, so that later ones arrive first and modules change their assignment
+    // while workspaces wait; seats are defined too, never with an assignment.
+    let definition = (
+        0..=6i64,
+        prop_oneof![1 => Just(SEAT.to_owned()), 2 => Just(MODULES[0].to_owned()), 2 => Just(MODULES[1].to_owned())],
+        0..NAMES.len(),
+        prop::option::weighted(0.3, Just("Shown in the report.".to_owned())),
+        prop_oneof![
+            1 => Just(None),
+            2 => Just(Some("automatic".to_owned())),
+            2 => Just(Some("manual".to_owned())),
+        ],
+    )
+        .prop_map(|(at, product, name, description, assignment)| {
+            let assignment = if product == SEAT { None } else { assignment };
+            (
+                at,
+                String::new(),
+                OracleBody::ProductDefined {
+                    product,
+                    name: NAMES[name].to_owned(),
+                    description,
+                    assignment,
+                },
+            )
+        });
     prop_oneof![
         5 => participant_draft(named_workspace()),
         1 => module,
         2 => grant,
         2 => transfer,
         1 => revocation,
+        1 => definition,
     ]
 }
 
@@ -383,10 +415,27 @@ fn two_orders() -> impl Strategy<Value = TwoOrders> {
 // ---------------------------------------------------------------------------------------
 // Driving the core the way the store does.
 
-fn command(event: &OracleEvent) -> Command {
+fn input(event: &OracleEvent) -> Input {
     let workspace = |id: &str| WorkspaceId::parse(id).unwrap();
     let product = |handle: &str| Product::parse(handle).unwrap();
     let body = match &event.body {
+        OracleBody::ProductDefined {
+            product: handle,
+            name,
+            description,
+            assignment,
+        } => {
+            return Input::ProductDefined(ProductDefined {
+                event_id: EventId::parse(&event.event_id).unwrap(),
+                occurred_at: event.occurred_at,
+                product: product(handle),
+                name: name.clone(),
+                description: description.clone(),
+                assignment: assignment
+                    .as_deref()
+                    .map(|assignment| Assignment::parse(assignment).unwrap()),
+            })
+        }
         OracleBody::ParticipantAdded {
             workspace_id,
             participant_id,
@@ -460,12 +509,12 @@ fn command(event: &OracleEvent) -> Command {
             },
         },
     };
-    Command {
+    Input::Command(Command {
         event_id: EventId::parse(&event.event_id).unwrap(),
         occurred_at: event.occurred_at,
         org_id: OrgId::parse(&event.org_id).unwrap(),
         body,
-    }
+    })
 }
 
 fn grant_source((kind, reference): &(String, String)) -> GrantSource {
@@ -531,13 +580,16 @@ impl Core {
             lot.dirty = false;
             lot.is_new = false;
         }
+        for definition in book.catalogue.values_mut() {
+            definition.dirty = false;
+        }
     }
 
-    fn batch(&mut self, commands: &[Command], now: DateTime<Utc>) -> Vec<Verdict> {
+    fn batch(&mut self, inputs: &[Input], now: DateTime<Utc>) -> Vec<Verdict> {
         self.start_round();
-        let verdicts = commands
+        let verdicts = inputs
             .iter()
-            .map(|command| self.book.apply(command, now))
+            .map(|input| self.book.apply_input(input, now))
             .collect();
         self.book.finish(now);
         self.ledger.extend(self.book.ledger.iter().cloned());
@@ -684,6 +736,8 @@ impl Core {
         let mut processed: Vec<_> = book.processed.iter().collect();
         processed.sort();
         lines.push(format!("{processed:?}"));
+        let catalogue: BTreeMap<_, _> = book.catalogue.iter().collect();
+        lines.push(format!("{catalogue:?}"));
         lines.join("\n")
     }
 }
@@ -842,8 +896,8 @@ fn check_core(core: &mut Core) -> Result<(), TestCaseError> {
         );
     }
 
-    // Rule 5 (and 6 under auto-assign): nothing waits while its pool has units; rule 12:
-    // nothing at all waits while the product is unlimited.
+    // Rule 5 (and 6 and 14 for a module assigned automatically): nothing waits while its
+    // pool has units; rule 12: nothing at all waits while the product is unlimited.
     for ((workspace, product), consumption) in &book.consumption {
         prop_assert!(
             !(consumption.missing() > 0 && book.pool(&consumption.org_id, product).unlimited),
@@ -852,8 +906,7 @@ fn check_core(core: &mut Core) -> Result<(), TestCaseError> {
             product,
             consumption.missing()
         );
-        let moves_by_itself = product.is_seat() || book.policy.modules_auto_assign;
-        if moves_by_itself && consumption.missing() > 0 {
+        if book.moves_by_itself(product) && consumption.missing() > 0 {
             let available = book.pool(&consumption.org_id, product).available;
             prop_assert_eq!(
                 available,
@@ -1037,6 +1090,27 @@ fn check_agreement(
         .collect();
     prop_assert_eq!(&owners, oracle.owners(), "workspace owners");
 
+    let catalogue: BTreeMap<String, OracleDefinition> = core
+        .book
+        .catalogue
+        .iter()
+        .map(|(product, definition)| {
+            (
+                product.to_string(),
+                OracleDefinition {
+                    occurred_at: definition.occurred_at,
+                    event_id: definition.event_id.to_string(),
+                    name: definition.name.clone(),
+                    description: definition.description.clone(),
+                    assignment: definition
+                        .assignment
+                        .map(|assignment| assignment.as_str().to_owned()),
+                },
+            )
+        })
+        .collect();
+    prop_assert_eq!(&catalogue, oracle.definitions(), "the catalogue");
+
     let core_shortfalls: Shortfalls = core
         .book
         .consumption
@@ -1065,8 +1139,8 @@ fn deliver(
     now: DateTime<Utc>,
 ) -> Result<Vec<OracleVerdict>, TestCaseError> {
     let from = oracle.ledger().len();
-    let commands: Vec<Command> = events.iter().map(|event| command(event)).collect();
-    let verdicts = core.batch(&commands, now);
+    let inputs: Vec<Input> = events.iter().map(|event| input(event)).collect();
+    let verdicts = core.batch(&inputs, now);
     let mut kinds = Vec::new();
     for (event, verdict) in events.iter().zip(&verdicts) {
         let expected = oracle.apply(event, now);
@@ -1394,4 +1468,73 @@ fn the_oracle_reads_the_input_topics_from_json() {
     );
     assert_eq!(oracle.pool("acme", SEAT).available, 0);
     assert_eq!(oracle.pool("acme", SEAT).revoked, 2);
+
+    // Rule 14: a definition names no organization; seats take no assignment.
+    let define = |id: &str, at: &str, fields: serde_json::Value| {
+        let mut value = json!({"event_id": id, "occurred_at": at});
+        for (key, field) in fields.as_object().unwrap() {
+            value[key] = field.clone();
+        }
+        OracleEvent::from_json("product-defined", &value)
+    };
+    for refused in [
+        json!({"product": "seat", "name": "Seat", "assignment": "manual"}),
+        json!({"product": "polls", "name": ""}),
+        json!({"product": "polls", "name": "Polls", "assignment": "sometimes"}),
+        json!({"product": "polls", "name": "Polls", "description": "d".repeat(2001)}),
+        json!({"product": "polls"}),
+    ] {
+        assert!(
+            define("d0", "2026-01-01T09:00:00Z", refused.clone()).is_none(),
+            "{refused}"
+        );
+    }
+    let enabled = OracleEvent::from_json(
+        "module-enabled",
+        &json!({"event_id": "m1", "occurred_at": "2026-01-01T09:00:00Z", "org_id": "acme",
+                "workspace_id": "expo", "module": "gamification"}),
+    )
+    .unwrap();
+    let gamification = OracleEvent::from_json(
+        "entitlement-granted",
+        &json!({"event_id": "g3", "occurred_at": "2026-01-01T09:00:00Z", "org_id": "acme",
+                "product": "gamification", "quantity": 1}),
+    )
+    .unwrap();
+    assert_eq!(oracle.apply(&gamification, now), OracleVerdict::Applied);
+    assert_eq!(oracle.apply(&enabled, now), OracleVerdict::Applied);
+    assert_eq!(
+        oracle.missing("expo", "gamification"),
+        1,
+        "waits for a person"
+    );
+    let automatic = define(
+        "d1",
+        "2026-01-01T09:30:00Z",
+        json!({"product": "gamification", "name": "Engage", "assignment": "automatic",
+               "org_id": "ignored"}),
+    )
+    .unwrap();
+    assert_eq!(automatic.org_id, "");
+    let older = define(
+        "d2",
+        "2026-01-01T09:10:00Z",
+        json!({"product": "gamification", "name": "Old", "assignment": "manual"}),
+    )
+    .unwrap();
+    assert_eq!(oracle.apply(&automatic, now), OracleVerdict::Applied);
+    assert_eq!(oracle.apply(&older, now), OracleVerdict::Stale);
+    assert_eq!(oracle.apply(&automatic, now), OracleVerdict::Duplicate);
+    assert_eq!(oracle.allocated("expo", "gamification"), 1);
+    let last = oracle.ledger().last().unwrap();
+    assert_eq!(
+        (
+            last.kind,
+            last.caused_by.as_str(),
+            last.workspace_id.as_deref()
+        ),
+        (EntryKind::Transfer, "d1", Some("expo"))
+    );
+    assert_eq!(oracle.name_of("gamification"), "Engage");
+    assert_eq!(oracle.name_of("polls"), "polls");
 }

@@ -150,8 +150,8 @@ async fn report_history_and_verify_tell_the_story_of_a_known_ledger() {
     assert_eq!(
         report["pools"],
         json!([
-            {"product": "seat", "granted": 10, "transferred": 10, "expired": 0, "revoked": 0, "available": 0, "unlimited": false, "expiring_soon": 0, "pending": 0},
-            {"product": "gamification", "granted": 1, "transferred": 1, "expired": 0, "revoked": 0, "available": 0, "unlimited": false, "expiring_soon": 0, "pending": 0},
+            {"product": "seat", "product_name": "seat", "granted": 10, "transferred": 10, "expired": 0, "revoked": 0, "available": 0, "unlimited": false, "expiring_soon": 0, "pending": 0},
+            {"product": "gamification", "product_name": "gamification", "granted": 1, "transferred": 1, "expired": 0, "revoked": 0, "available": 0, "unlimited": false, "expiring_soon": 0, "pending": 0},
         ])
     );
     let rows: Vec<(String, String, i64, i64, i64)> = report["workspaces"]
@@ -182,10 +182,11 @@ async fn report_history_and_verify_tell_the_story_of_a_known_ledger() {
     assert_eq!(
         report["totals"],
         json!([
-            {"product": "seat", "required": 15, "allocated": 10, "missing": 5, "workspaces_missing": 2},
-            {"product": "gamification", "required": 2, "allocated": 1, "missing": 1, "workspaces_missing": 1},
+            {"product": "seat", "product_name": "seat", "required": 15, "allocated": 10, "missing": 5, "workspaces_missing": 2},
+            {"product": "gamification", "product_name": "gamification", "required": 2, "allocated": 1, "missing": 1, "workspaces_missing": 1},
         ])
     );
+    assert_eq!(report["products"], json!([]), "nothing was defined");
     let table = stdout(&run(&settings, &["report", "--org", "acme"]));
     let first_workspace_line = table
         .lines()
@@ -257,10 +258,10 @@ async fn report_shows_where_each_pools_units_came_from() {
     // participants on the unlimited plan.
     assert_eq!(
         report["pools"],
-        json!([{"product": "seat", "granted": 12, "transferred": 0, "expired": 0, "revoked": 9, "available": 3, "unlimited": true, "expiring_soon": 0, "pending": 5}])
+        json!([{"product": "seat", "product_name": "seat", "granted": 12, "transferred": 0, "expired": 0, "revoked": 9, "available": 3, "unlimited": true, "expiring_soon": 0, "pending": 5}])
     );
     let line = |source: &str, unlimited: bool, now: bool, counts: [i64; 6]| {
-        json!({"product": "seat", "source": source, "unlimited": unlimited, "unlimited_now": now,
+        json!({"product": "seat", "product_name": "seat", "source": source, "unlimited": unlimited, "unlimited_now": now,
                "granted": counts[0], "used": counts[1], "revoked": counts[2], "expired": counts[3],
                "available": counts[4], "pending": counts[5]})
     };
@@ -746,6 +747,158 @@ async fn revoke_goes_through_the_worker() {
     assert_eq!(
         pools,
         [("polls".to_owned(), 3, 0), ("seat".to_owned(), 0, 10)]
+    );
+    assert!(worker.terminate(Duration::from_secs(30)).success());
+    let output = run(settings, &["verify"]);
+    assert!(output.status.success(), "{}", stdout(&output));
+}
+
+/// `define-product` publishes what the worker applies (rule 14): given gamification
+/// waiting for a person in summit with a unit in the pool, defining it `automatic` moves
+/// the unit at once, and the reports show its name beside its handle; an assignment for
+/// `seat` is refused before anything is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn define_product_goes_through_the_worker() {
+    let setup = common::e2e::Setup::new().await;
+    let settings = &setup.settings;
+    let mut worker = setup.start_worker();
+    let output = run(
+        settings,
+        &[
+            "grant",
+            "--org",
+            "acme",
+            "--product",
+            "gamification",
+            "--quantity",
+            "1",
+            "--source-kind",
+            "add_on",
+            "--reference",
+            "PO-8",
+        ],
+    );
+    assert!(output.status.success(), "{output:?}");
+    let enable = json!({"event_id": "m-1", "occurred_at": "2026-01-01T09:00:00Z", "org_id": "acme", "workspace_id": "summit", "module": "gamification"});
+    let event = common::stream::Event {
+        kind: InputKind::ModuleEnabled,
+        org: "acme".into(),
+        body: enable,
+    };
+    common::stream::produce(settings, &[&event], common::stream::Keys::ByOrganization).await;
+    setup.wait_until_done(2, &worker).await;
+
+    for (refused, code, says) in [
+        (
+            &[
+                "--product",
+                "seat",
+                "--name",
+                "Seat",
+                "--assignment",
+                "manual",
+            ][..],
+            1,
+            "not allowed for `seat`",
+        ),
+        (
+            &["--product", "gamification", "--name", ""][..],
+            1,
+            "`name`",
+        ),
+        (
+            &[
+                "--product",
+                "gamification",
+                "--name",
+                "G",
+                "--assignment",
+                "sometimes",
+            ][..],
+            2,
+            "sometimes",
+        ),
+        (&["--product", "gamification"][..], 2, "--name"),
+    ] {
+        let mut arguments = vec!["define-product"];
+        arguments.extend_from_slice(refused);
+        let output = run(settings, &arguments);
+        assert_eq!(
+            output.status.code(),
+            Some(code),
+            "{arguments:?}: {output:?}"
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(says), "{arguments:?}: {stderr}");
+    }
+    let output = run(
+        settings,
+        &[
+            "define-product",
+            "--product",
+            "gamification",
+            "--name",
+            "Engagement games",
+            "--description",
+            "Points and leaderboards.",
+            "--assignment",
+            "automatic",
+            "--event-id",
+            "d-games",
+        ],
+    );
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        stdout(&output).contains("Published definition d-games of gamification"),
+        "{}",
+        stdout(&output)
+    );
+    setup.wait_until_done(3, &worker).await;
+
+    let moved: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT kind, workspace_id, caused_by FROM ledger WHERE kind = 'transfer'")
+            .fetch_all(&setup.database)
+            .await
+            .unwrap();
+    assert_eq!(
+        moved,
+        [(
+            "transfer".to_owned(),
+            "summit".to_owned(),
+            "d-games".to_owned()
+        )],
+        "the waiting workspace got its unit, caused by the definition"
+    );
+    let report: Value = serde_json::from_slice(
+        &run(settings, &["report", "--org", "acme", "--format", "json"]).stdout,
+    )
+    .unwrap();
+    assert_eq!(report["pools"][0]["product"], "gamification");
+    assert_eq!(report["pools"][0]["product_name"], "Engagement games");
+    assert_eq!(report["totals"][0]["missing"], 0);
+    assert_eq!(
+        report["products"],
+        json!([{"product": "gamification", "name": "Engagement games",
+                "description": "Points and leaderboards.", "assignment": "automatic"}])
+    );
+    let table = stdout(&run(settings, &["report", "--org", "acme"]));
+    let products: Vec<&str> = table
+        .lines()
+        .skip_while(|line| !line.starts_with("PRODUCTS"))
+        .collect();
+    assert_eq!(
+        products,
+        [
+            "PRODUCTS (names from the catalogue)",
+            "  gamification     Engagement games, automatic"
+        ],
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|line| line.starts_with("Engagement games ")),
+        "the pool is shown by its name:\n{table}"
     );
     assert!(worker.terminate(Duration::from_secs(30)).success());
     let output = run(settings, &["verify"]);

@@ -447,8 +447,23 @@ mod random_inputs {
             ),
             (prop::option::of(time()), prop::option::of(time())),
             (prop::option::of((text(), text())), (text(), text())),
+            (
+                text(),
+                prop::option::of(text()),
+                prop::option::of(prop_oneof![
+                    Just(json_string("automatic")),
+                    Just(json_string("manual")),
+                    text(),
+                ]),
+            ),
         );
-        (0usize..5, fields).prop_map(
+        // The version 1 inputs and the catalogue's (revocations' fields are not drawn here).
+        let defined = InputKind::ALL
+            .iter()
+            .position(|kind| *kind == InputKind::ProductDefined)
+            .unwrap();
+        let kind = prop_oneof![0usize..5, Just(defined)];
+        (kind, fields).prop_map(
             |(
                 kind,
                 (
@@ -456,6 +471,7 @@ mod random_inputs {
                     (activated, module, product, quantity),
                     (valid_from, expires_at),
                     (source, (user_id, role)),
+                    (name, description, assignment),
                 ),
             )| {
                 let mut object = serde_json::json!({
@@ -464,7 +480,14 @@ mod random_inputs {
                     "activated": activated, "module": module, "product": product,
                     "quantity": quantity,
                     "requested_by": {"user_id": user_id, "role": role},
+                    "name": name,
                 });
+                if let Some(description) = description {
+                    object["description"] = description;
+                }
+                if let Some(assignment) = assignment {
+                    object["assignment"] = assignment;
+                }
                 if let Some(valid_from) = valid_from {
                     object["valid_from"] = valid_from;
                 }

@@ -8,7 +8,7 @@ use chrono::Utc;
 use entitlement_worker::codec::{self, AlertMessage, DeadLetterMessage, InputKind, LedgerMessage};
 use serde_json::Value;
 
-const INPUTS: [(&str, InputKind); 6] = [
+const INPUTS: [(&str, InputKind); 7] = [
     ("participant-added", InputKind::ParticipantAdded),
     ("participant-cancelled", InputKind::ParticipantCancelled),
     ("module-enabled", InputKind::ModuleEnabled),
@@ -18,6 +18,7 @@ const INPUTS: [(&str, InputKind); 6] = [
         InputKind::TransferRequested,
     ),
     ("entitlement-revoked", InputKind::EntitlementRevoked),
+    ("product-defined", InputKind::ProductDefined),
 ];
 
 fn schema(topic: &str) -> jsonschema::Validator {
@@ -244,10 +245,28 @@ fn the_messages_the_worker_publishes_validate() {
         assert!(alerts.is_valid(&message), "{message}");
     }
     let dlq = schema("entitlement-dlq");
-    for payload in [&b"not json"[..], &b"\xff\xfe"[..]] {
-        let rejection = codec::decode(InputKind::ParticipantAdded, Some(payload)).unwrap_err();
-        let message = serde_json::to_value(DeadLetterMessage::new(
+    // The last: a catalogue input, which names no organization.
+    let seat_assigned = br#"{"event_id":"d-1","occurred_at":"2026-12-03T09:00:00Z","product":"seat","name":"Seat","assignment":"manual"}"#;
+    for (topic, kind, payload) in [
+        (
             "participant-added",
+            InputKind::ParticipantAdded,
+            &b"not json"[..],
+        ),
+        (
+            "participant-added",
+            InputKind::ParticipantAdded,
+            &b"\xff\xfe"[..],
+        ),
+        (
+            "product-defined",
+            InputKind::ProductDefined,
+            &seat_assigned[..],
+        ),
+    ] {
+        let rejection = codec::decode(kind, Some(payload)).unwrap_err();
+        let message = serde_json::to_value(DeadLetterMessage::new(
+            topic,
             0,
             7,
             Some(payload),

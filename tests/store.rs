@@ -638,7 +638,11 @@ async fn the_upgrade_from_version_1_keeps_every_row_and_the_worker_goes_on_from_
         .keys()
         .filter(|table| !before.contains_key(*table))
         .collect();
-    assert_eq!(new_tables, ["revocations"]);
+    assert_eq!(
+        new_tables,
+        ["products", "revocations"],
+        "and the catalogue's"
+    );
 
     // nothing was revoked before: each lot's grant is dated the earlier of its start of
     // validity and when it was stored, and no old entry names a grant,
@@ -882,4 +886,309 @@ async fn the_upgrade_from_version_1_keeps_every_row_and_the_worker_goes_on_from_
         .await
         .unwrap();
     assert!(verification.passed(), "{}", verification.to_text());
+}
+
+/// A `product-defined` of `product` at `at`, with `fields` besides.
+fn definition(offset: i64, event_id: &str, at: &str, product: &str, fields: &str) -> Inbound {
+    inbound(
+        "defined",
+        offset,
+        InputKind::ProductDefined,
+        &format!(
+            r#"{{"event_id":"{event_id}","occurred_at":"{at}","product":"{product}","name":"Live polls"{fields}}}"#
+        ),
+    )
+}
+
+/// Rule 14 through the store: a definition names no organization, yet the workspaces of
+/// every organization that wait for the module it makes automatic are filled, oldest
+/// first; the latest definition stays whatever arrives after it.
+#[tokio::test]
+async fn a_module_defined_automatic_fills_every_organizations_waiting_workspaces() {
+    // Given 2 units of polls for acme and 1 for globex, and four workspaces that enabled
+    // polls and wait for a person (the default policy),
+    let store = store().await;
+    let now = Utc::now();
+    let grants = [("acme", 2), ("globex", 1)].map(|(org, quantity)| {
+        format!(
+            r#"{{"event_id":"g-{org}","occurred_at":"2026-01-01T09:00:00Z","org_id":"{org}","product":"polls","quantity":{quantity}}}"#
+        )
+    });
+    store
+        .apply_batch(
+            &[
+                inbound("granted", 0, InputKind::EntitlementGranted, &grants[0]),
+                inbound("granted", 1, InputKind::EntitlementGranted, &grants[1]),
+            ],
+            Policy::default(),
+            now,
+        )
+        .await
+        .unwrap();
+    for (offset, (org, workspace)) in [
+        ("acme", "keynote"),
+        ("acme", "summit"),
+        ("globex", "fair"),
+        ("acme", "expo"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let enabled = format!(
+            r#"{{"event_id":"m-{workspace}","occurred_at":"2026-01-01T09:00:00Z","org_id":"{org}","workspace_id":"{workspace}","module":"polls"}}"#
+        );
+        store
+            .apply_batch(
+                &[inbound(
+                    "enabled",
+                    offset as i64,
+                    InputKind::ModuleEnabled,
+                    &enabled,
+                )],
+                Policy::default(),
+                now + Duration::seconds(offset as i64 + 1),
+            )
+            .await
+            .unwrap();
+    }
+
+    // when polls is defined automatic,
+    let later = now + Duration::seconds(10);
+    let report = store
+        .apply_batch(
+            &[definition(
+                0,
+                "d-auto",
+                "2026-02-01T09:00:00Z",
+                "polls",
+                r#","assignment":"automatic","description":"Questions to the audience""#,
+            )],
+            Policy::default(),
+            later,
+        )
+        .await
+        .unwrap();
+
+    // then the oldest two of acme's and globex's one are filled, by the definition;
+    assert_eq!(report.ledger_entries.get("transfer"), Some(&3));
+    let transfers: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT org_id, workspace_id, caused_by FROM ledger WHERE kind = 'transfer'
+          ORDER BY org_id, sequence",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    let transfer =
+        |org: &str, workspace: &str| (org.to_owned(), workspace.to_owned(), "d-auto".to_owned());
+    assert_eq!(
+        transfers,
+        [
+            transfer("acme", "keynote"),
+            transfer("acme", "summit"),
+            transfer("globex", "fair")
+        ]
+    );
+    let waiting: Vec<(String,)> =
+        sqlx::query_as("SELECT workspace_id FROM consumption WHERE required > allocated")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(waiting, [("expo".to_owned(),)]);
+
+    // an older definition arriving later, and the same one again, change nothing.
+    let report = store
+        .apply_batch(
+            &[
+                definition(
+                    1,
+                    "d-old",
+                    "2026-01-15T09:00:00Z",
+                    "polls",
+                    r#","assignment":"manual""#,
+                ),
+                definition(
+                    2,
+                    "d-auto",
+                    "2026-02-01T09:00:00Z",
+                    "polls",
+                    r#","assignment":"automatic""#,
+                ),
+            ],
+            Policy::default(),
+            later,
+        )
+        .await
+        .unwrap();
+    assert_eq!((report.stale, report.duplicates), (1, 1));
+    let stored: (String, Option<String>, Option<String>, String) = sqlx::query_as(
+        "SELECT name, description, assignment, event_id FROM products WHERE product = 'polls'",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        stored,
+        (
+            "Live polls".to_owned(),
+            Some("Questions to the audience".to_owned()),
+            Some("automatic".to_owned()),
+            "d-auto".to_owned()
+        )
+    );
+
+    // From now on polls moves by itself: a refill fills expo.
+    let refill = r#"{"event_id":"g-more","occurred_at":"2026-02-02T09:00:00Z","org_id":"acme","product":"polls","quantity":1}"#;
+    let report = store
+        .apply_batch(
+            &[inbound("granted", 2, InputKind::EntitlementGranted, refill)],
+            Policy::default(),
+            later,
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.ledger_entries.get("transfer"), Some(&1));
+}
+
+/// The database repeats rule 14: a seat takes no assignment, an assignment is automatic or
+/// manual, a name 1 to 256 characters, a description at most 2,000, and a row is replaced
+/// only by a later definition.
+#[tokio::test]
+async fn the_catalogue_table_refuses_what_rule_14_forbids() {
+    let store = store().await;
+    store
+        .apply_batch(
+            &[definition(0, "d-1", "2026-01-01T09:00:00Z", "seat", "")],
+            Policy::default(),
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    let insert = |product: &str, name: &str, description: &str, assignment: &str| {
+        format!(
+            "INSERT INTO products (product, name, description, assignment, occurred_at, event_id)
+                  VALUES ('{product}', '{name}', {description}, {assignment}, now(), 'd-x')"
+        )
+    };
+    for (statement, constraint) in [
+        (
+            insert("polls", "Polls", "NULL", "'sometimes'"),
+            "products_assignment_check",
+        ),
+        (
+            insert("seat-pack", "", "NULL", "NULL"),
+            "products_name_check",
+        ),
+        (
+            insert("polls", &"n".repeat(257), "NULL", "NULL"),
+            "products_name_check",
+        ),
+        (
+            insert("polls", "Polls", &format!("'{}'", "d".repeat(2001)), "NULL"),
+            "products_description_check",
+        ),
+        (
+            insert("Polls!", "Polls", "NULL", "NULL"),
+            "products_product_check",
+        ),
+        (
+            "UPDATE products SET assignment = 'manual', event_id = 'd-2', occurred_at = now()
+              WHERE product = 'seat'"
+                .to_owned(),
+            "seat_is_always_automatic",
+        ),
+    ] {
+        assert_eq!(
+            refused_by(store.pool(), &statement).await.as_deref(),
+            Some(constraint),
+            "{statement}"
+        );
+    }
+    for (occurred_at, event_id) in [
+        ("'2025-12-31T09:00:00Z'", "d-2"),
+        ("'2026-01-01T09:00:00Z'", "d-1"),
+        ("'2026-01-01T09:00:00Z'", "D-2"),
+    ] {
+        let statement = format!(
+            "UPDATE products SET name = 'Seats', occurred_at = {occurred_at}, event_id = '{event_id}'
+              WHERE product = 'seat'"
+        );
+        let error = sqlx::query(&statement)
+            .execute(store.pool())
+            .await
+            .expect_err(&statement);
+        assert!(
+            error.to_string().contains("is not later than"),
+            "{statement}: {error}"
+        );
+    }
+}
+
+/// Rule 14 under concurrency: a batch that enables a module and a batch that makes it
+/// automatic, committed side by side, never leave the workspace waiting with a unit in
+/// its pool, whichever commits first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_enabled_while_it_becomes_automatic_never_waits_with_units_in_the_pool() {
+    let store = store().await;
+    let now = Utc::now();
+    for round in 0..12 {
+        let module = format!("module-{round}");
+        let org = format!("org-{round}");
+        let grant = format!(
+            r#"{{"event_id":"g-{round}","occurred_at":"2026-01-01T09:00:00Z","org_id":"{org}","product":"{module}","quantity":1}}"#
+        );
+        store
+            .apply_batch(
+                &[inbound(
+                    "granted",
+                    round,
+                    InputKind::EntitlementGranted,
+                    &grant,
+                )],
+                Policy::default(),
+                now,
+            )
+            .await
+            .unwrap();
+        let enabled = format!(
+            r#"{{"event_id":"m-{round}","occurred_at":"2026-01-01T09:00:00Z","org_id":"{org}","workspace_id":"w-{round}","module":"{module}"}}"#
+        );
+        let enabling = vec![inbound(
+            "enabled",
+            round,
+            InputKind::ModuleEnabled,
+            &enabled,
+        )];
+        let defining = vec![definition(
+            round,
+            &format!("d-{round}"),
+            "2026-01-01T09:00:00Z",
+            &module,
+            r#","assignment":"automatic""#,
+        )];
+        // Each retried while the store says it may (as the worker's lanes do).
+        let apply = |batch: Vec<Inbound>| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                loop {
+                    match store.apply_batch(&batch, Policy::default(), now).await {
+                        Ok(_) => return,
+                        Err(error) if error.is_transient() => continue,
+                        Err(error) => panic!("the batch failed: {error}"),
+                    }
+                }
+            })
+        };
+        let (enabling, defining) = (apply(enabling), apply(defining));
+        enabling.await.unwrap();
+        defining.await.unwrap();
+        let allocated: i64 = sqlx::query_scalar(
+            "SELECT allocated FROM consumption WHERE workspace_id = $1 AND product = $2",
+        )
+        .bind(format!("w-{round}"))
+        .bind(&module)
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        assert_eq!(allocated, 1, "round {round}: the workspace got its unit");
+    }
 }

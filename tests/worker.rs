@@ -922,3 +922,160 @@ async fn bad_revocations_and_unlimited_grants_are_dead_lettered_saying_why() {
     );
     harness.stop().await;
 }
+
+/// Rule 14 end to end: given modules that wait for a person (`modules.auto_assign` false),
+/// 2 units of live-stream and three workspaces that enabled it and wait, when the
+/// catalogue defines live-stream `automatic`, then the two oldest shortfalls are filled
+/// (transfer entries caused by the definition) and the third stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_defined_automatic_fills_the_two_oldest_of_three_waiting_workspaces() {
+    let mut harness = Harness::start_with(|settings| settings.modules.auto_assign = false).await;
+    let topics = harness.settings.topics.clone();
+    harness
+        .send_json(
+            &topics.entitlement_granted,
+            grant_at(
+                "g-live",
+                "2026-01-01T09:00:00Z",
+                "live-stream",
+                2,
+                json!({"kind": "add_on", "reference": "PO-12"}),
+            ),
+        )
+        .await;
+    harness
+        .read_until("the grant entry", |h| h.ledger.len() == 1)
+        .await;
+    // One at a time, so that each shortfall opens after the one before.
+    for (opened, workspace) in ["keynote", "summit", "expo"].into_iter().enumerate() {
+        let enabled = event(
+            &format!("m-{workspace}"),
+            json!({"org_id": "acme", "workspace_id": workspace, "module": "live-stream"}),
+        );
+        harness.send_json(&topics.module_enabled, enabled).await;
+        harness
+            .read_until(&format!("{workspace}'s shortfall"), |h| {
+                h.alerts.len() == opened + 1
+            })
+            .await;
+    }
+    assert!(
+        harness.alerts.iter().all(|alert| alert.status == "open"),
+        "all three wait for a person: {:?}",
+        harness.alerts
+    );
+
+    let definition = json!({"event_id": "d-live", "occurred_at": "2026-01-01T10:00:00Z",
+                            "product": "live-stream", "name": "Live streaming",
+                            "assignment": "automatic"});
+    harness.send_json(&topics.product_defined, definition).await;
+    harness
+        .read_until("two transfers and two resolved shortfalls", |h| {
+            h.ledger.len() == 3 && h.alerts.iter().filter(|a| a.status == "resolved").count() == 2
+        })
+        .await;
+    let transfers: Vec<(&str, Option<&str>, i64, &str)> = harness.ledger[1..]
+        .iter()
+        .map(|entry| {
+            (
+                entry.kind.as_str(),
+                entry.workspace_id.as_deref(),
+                entry.pool_available_after,
+                entry.caused_by.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        transfers,
+        [
+            ("transfer", Some("keynote"), 1, "d-live"),
+            ("transfer", Some("summit"), 0, "d-live"),
+        ]
+    );
+    let mut resolved: Vec<&str> = harness
+        .alerts
+        .iter()
+        .filter(|alert| alert.status == "resolved")
+        .map(|alert| alert.workspace_id.as_str())
+        .collect();
+    resolved.sort();
+    assert_eq!(resolved, ["keynote", "summit"]);
+    let database = sqlx::PgPool::connect(&harness.settings.database.url)
+        .await
+        .unwrap();
+    let waiting: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT workspace_id, required - allocated FROM consumption
+          WHERE product = 'live-stream' AND required > allocated",
+    )
+    .fetch_all(&database)
+    .await
+    .unwrap();
+    assert_eq!(waiting, [("expo".to_owned(), 1)], "the newest still waits");
+    let defined: (String, Option<String>) =
+        sqlx::query_as("SELECT name, assignment FROM products WHERE product = 'live-stream'")
+            .fetch_one(&database)
+            .await
+            .unwrap();
+    assert_eq!(
+        defined,
+        ("Live streaming".to_owned(), Some("automatic".to_owned()))
+    );
+    harness.stop().await;
+}
+
+/// Rule 14's one refusal, and rule 10: a definition that gives `seat` an assignment goes
+/// to the dead-letter topic saying why, with no organization to key it by, and the
+/// definitions after it are applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_definition_that_gives_seats_an_assignment_is_dead_lettered_saying_why() {
+    let mut harness = Harness::start().await;
+    let topic = harness.settings.topics.product_defined.clone();
+    harness
+        .send_json(
+            &topic,
+            json!({"event_id": "d-seat", "occurred_at": "2026-01-01T09:00:00Z",
+                   "product": "seat", "name": "Seat", "assignment": "manual",
+                   "org_id": "acme"}),
+        )
+        .await;
+    harness
+        .send_json(
+            &topic,
+            json!({"event_id": "d-seat-2", "occurred_at": "2026-01-01T09:01:00Z",
+                   "product": "seat", "name": "Participant seat"}),
+        )
+        .await;
+    harness
+        .read_until("the dead letter", |h| !h.dead_letters.is_empty())
+        .await;
+    let letter = &harness.dead_letters[0];
+    assert_eq!(letter.reason, "schema_violation");
+    assert_eq!(letter.topic, topic);
+    assert_eq!(letter.event_id.as_deref(), Some("d-seat"));
+    assert_eq!(
+        letter.org_id, None,
+        "the catalogue belongs to no organization"
+    );
+    assert!(
+        letter
+            .detail
+            .contains("Field `assignment` is not allowed for `seat`"),
+        "{}",
+        letter.detail
+    );
+    let database = sqlx::PgPool::connect(&harness.settings.database.url)
+        .await
+        .unwrap();
+    common::eventually("the next definition to be applied", DEADLINE, || async {
+        let name: Option<String> =
+            sqlx::query_scalar("SELECT name FROM products WHERE product = 'seat'")
+                .fetch_optional(&database)
+                .await
+                .ok()
+                .flatten();
+        (name.as_deref() == Some("Participant seat")).then_some(())
+    })
+    .await;
+    assert_eq!(harness.dead_letters.len(), 1);
+    harness.stop().await;
+}

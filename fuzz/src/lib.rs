@@ -14,7 +14,7 @@ use entitlement_worker::store::{Inbound, Store};
 use chrono::{DateTime, Datelike, Utc};
 use entitlement_worker::codec::{decode, InputKind, Rejection, MESSAGE_BYTES_MAX};
 use entitlement_worker::domain::{
-    Command, CommandBody, GrantUnits, Product, Quantity, RevocationTarget,
+    Command, CommandBody, GrantUnits, Input, Product, ProductDefined, Quantity, RevocationTarget,
 };
 use serde_json::Value;
 
@@ -89,9 +89,53 @@ pub fn check_decode(kind: InputKind, data: &[u8]) {
         "decoding is not deterministic"
     );
     match result {
-        Ok(command) => check_command(kind, data, &command),
+        Ok(Input::Command(command)) => check_command(kind, data, &command),
+        Ok(Input::ProductDefined(definition)) => check_definition(kind, data, &definition),
         Err(rejection) => check_rejection(data, &rejection),
     }
+}
+
+/// A `product-defined` (rule 14): a handle, a name of 1 to 256 characters, a description
+/// of at most 2,000, no assignment for `seat`, all as the JSON says; no organization.
+fn check_definition(kind: InputKind, data: &[u8], definition: &ProductDefined) {
+    assert_eq!(
+        kind,
+        InputKind::ProductDefined,
+        "{kind:?} decoded into {definition:?}"
+    );
+    assert!(
+        data.len() <= MESSAGE_BYTES_MAX,
+        "accepted {} bytes",
+        data.len()
+    );
+    let value: Value = serde_json::from_slice(data).expect("accepted input that is not JSON");
+    let field = |name: &str| value.get(name).and_then(Value::as_str);
+    check_identifier("event_id", definition.event_id.as_str());
+    assert_eq!(field("event_id"), Some(definition.event_id.as_str()));
+    check_time("occurred_at", definition.occurred_at);
+    assert_eq!(
+        field("occurred_at").map(parse_time),
+        Some(definition.occurred_at)
+    );
+    check_product(&definition.product);
+    assert_eq!(field("product"), Some(definition.product.as_str()));
+    check_length("name", &definition.name, 256);
+    assert_eq!(field("name"), Some(definition.name.as_str()));
+    if let Some(description) = &definition.description {
+        assert!(
+            description.chars().count() <= 2000,
+            "a description of {description:?}"
+        );
+    }
+    assert_eq!(field("description"), definition.description.as_deref());
+    assert_eq!(
+        field("assignment"),
+        definition.assignment.map(|assignment| assignment.as_str())
+    );
+    assert!(
+        !(definition.product.is_seat() && definition.assignment.is_some()),
+        "an assignment accepted for `seat`"
+    );
 }
 
 fn check_rejection(data: &[u8], rejection: &Rejection) {

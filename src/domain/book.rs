@@ -7,13 +7,15 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 
-use super::commands::{Command, CommandBody, RevocationTarget};
+use super::catalogue::Definition;
+use super::commands::{Command, CommandBody, Input, RevocationTarget};
 use super::ids::{EventId, OrgId, ParticipantId, Product, WorkspaceId};
 
 /// How the organization's modules are handed out.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Policy {
-    /// When true, an enabled module moves from the pool by itself, like seats (rule 6).
+    /// When true, an enabled module moves from the pool by itself, like seats (rule 6),
+    /// unless the catalogue gives it an assignment of its own (rule 14).
     pub modules_auto_assign: bool,
 }
 
@@ -345,6 +347,9 @@ impl Revocation {
 pub struct Book {
     /// How modules are handed out; set once for the whole batch.
     pub policy: Policy,
+    /// The catalogue's definitions of the products the batch names or may move (rule 14);
+    /// a product missing from it was never defined.
+    pub catalogue: HashMap<Product, Definition>,
     pub organizations: HashMap<OrgId, Organization>,
     pub pools: HashMap<(OrgId, Product), Pool>,
     /// Pending and active lots of the organizations in the book, by pool.
@@ -379,6 +384,14 @@ impl Book {
         Self {
             policy,
             ..Self::default()
+        }
+    }
+
+    /// Applies one input at the time `now` and says what became of it.
+    pub fn apply_input(&mut self, input: &Input, now: DateTime<Utc>) -> Verdict {
+        match input {
+            Input::Command(command) => self.apply(command, now),
+            Input::ProductDefined(definition) => self.define(definition, now),
         }
     }
 

@@ -80,6 +80,80 @@ pub enum RevocationTarget {
     },
 }
 
+/// How a module moves into the workspaces that enable it (rule 14).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Assignment {
+    /// From the pool, by itself, the way seats move.
+    Automatic,
+    /// Only by a person's transfer: an enabled module waits in a shortfall until then.
+    Manual,
+}
+
+impl Assignment {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Assignment::Automatic => "automatic",
+            Assignment::Manual => "manual",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        Some(match value {
+            "automatic" => Assignment::Automatic,
+            "manual" => Assignment::Manual,
+            _ => return None,
+        })
+    }
+}
+
+/// A `product-defined` event (rule 14): a product's name, description and, for a module,
+/// its assignment. It names no organization: the catalogue is the same for all of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProductDefined {
+    pub event_id: EventId,
+    pub occurred_at: DateTime<Utc>,
+    pub product: Product,
+    /// What people call the product: 1 to 256 characters.
+    pub name: String,
+    /// At most 2,000 characters.
+    pub description: Option<String>,
+    /// None for `seat`, which always moves by itself (the decoder refuses one), and for a
+    /// module whose assignment `modules.auto_assign` decides.
+    pub assignment: Option<Assignment>,
+}
+
+/// One accepted input: an organization's command, or a definition of the catalogue, which
+/// belongs to no organization.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    Command(Command),
+    ProductDefined(ProductDefined),
+}
+
+impl Input {
+    pub fn event_id(&self) -> &EventId {
+        match self {
+            Input::Command(command) => &command.event_id,
+            Input::ProductDefined(definition) => &definition.event_id,
+        }
+    }
+
+    pub fn occurred_at(&self) -> DateTime<Utc> {
+        match self {
+            Input::Command(command) => command.occurred_at,
+            Input::ProductDefined(definition) => definition.occurred_at,
+        }
+    }
+
+    /// The organization the input belongs to; None for the catalogue's.
+    pub fn org_id(&self) -> Option<&OrgId> {
+        match self {
+            Input::Command(command) => Some(&command.org_id),
+            Input::ProductDefined(_) => None,
+        }
+    }
+}
+
 /// Where a grant came from (a purchase, a plan, an add-on, a trial...), kept for reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GrantSource {
@@ -103,6 +177,22 @@ impl Command {
             | CommandBody::ModuleEnabled { workspace_id, .. }
             | CommandBody::TransferRequested { workspace_id, .. } => Some(workspace_id),
             CommandBody::EntitlementGranted { .. } | CommandBody::EntitlementRevoked { .. } => None,
+        }
+    }
+
+    /// The product the command names, if any: the one whose pool or policy it may touch.
+    pub fn product(&self) -> Option<&Product> {
+        match &self.body {
+            CommandBody::ModuleEnabled { module, .. } => Some(module),
+            CommandBody::EntitlementGranted { product, .. }
+            | CommandBody::TransferRequested { product, .. } => Some(product),
+            CommandBody::EntitlementRevoked {
+                target: RevocationTarget::Source { product, .. },
+                ..
+            } => product.as_ref(),
+            CommandBody::ParticipantAdded { .. }
+            | CommandBody::ParticipantCancelled { .. }
+            | CommandBody::EntitlementRevoked { .. } => None,
         }
     }
 

@@ -8,6 +8,7 @@
 //! | 5, seats move by themselves; 6, modules wait; 7, manual transfers | [`transfers`] |
 //! | 8, refills oldest first; 9, earliest expiry, never negative, expiry | [`pools`] |
 //! | 11, revocations, also of grants that arrive later | [`revocations`] |
+//! | 14, the catalogue: names, and each module's assignment | [`catalogue`] |
 //! | alerts only on change | [`shortfalls`] |
 //!
 //! The store loads a [`book::Book`] with the state a batch needs, the batch's commands are
@@ -15,6 +16,7 @@
 //! alerts the book collected.
 
 pub mod book;
+pub mod catalogue;
 pub mod commands;
 pub mod ids;
 pub mod participants;
@@ -28,7 +30,11 @@ pub use book::{
     Alert, AlertStatus, Book, Consumption, LedgerEntry, LedgerKind, Lot, LotStatus, Organization,
     ParticipantRecord, Policy, Pool, Refusal, Revocation, Verdict,
 };
-pub use commands::{Actor, Command, CommandBody, GrantSource, GrantUnits, RevocationTarget};
+pub use catalogue::Definition;
+pub use commands::{
+    Actor, Assignment, Command, CommandBody, GrantSource, GrantUnits, Input, ProductDefined,
+    RevocationTarget,
+};
 pub use ids::{EventId, IdError, OrgId, ParticipantId, Product, Quantity, WorkspaceId};
 
 #[cfg(test)]

@@ -332,7 +332,8 @@ impl Book {
     }
 
     /// Rule 8: new units fill the organization's open shortfalls of the product at once,
-    /// oldest shortfall first. Modules are filled only when they are assigned automatically.
+    /// oldest shortfall first. Modules are filled only when they are assigned automatically
+    /// (rule 14).
     pub(crate) fn refill(
         &mut self,
         org_id: &OrgId,
@@ -341,7 +342,7 @@ impl Book {
         now: DateTime<Utc>,
     ) {
         let unlimited = self.is_unlimited(org_id, product);
-        if !product.is_seat() && !self.policy.modules_auto_assign && !unlimited {
+        if !self.moves_by_itself(product) && !unlimited {
             return;
         }
         assert!(

@@ -42,18 +42,50 @@ impl World {
 
     /// Runs commands as one batch at `now`, like the store does: fresh per-batch outputs.
     fn batch(&mut self, commands: &[Command], now: DateTime<Utc>) -> Vec<Verdict> {
+        let inputs: Vec<Input> = commands.iter().cloned().map(Input::Command).collect();
+        self.inputs(&inputs, now)
+    }
+
+    /// Runs catalogue definitions as one batch at `now`.
+    fn definitions(&mut self, definitions: &[ProductDefined], now: DateTime<Utc>) -> Vec<Verdict> {
+        let inputs: Vec<Input> = definitions
+            .iter()
+            .cloned()
+            .map(Input::ProductDefined)
+            .collect();
+        self.inputs(&inputs, now)
+    }
+
+    fn inputs(&mut self, inputs: &[Input], now: DateTime<Utc>) -> Vec<Verdict> {
         self.book.ledger.clear();
         self.book.alerts.clear();
         self.book.settled.clear();
         for consumption in self.book.consumption.values_mut() {
             consumption.dirty = false;
         }
-        let verdicts = commands
+        let verdicts = inputs
             .iter()
-            .map(|command| self.book.apply(command, now))
+            .map(|input| self.book.apply_input(input, now))
             .collect();
         self.book.finish(now);
         verdicts
+    }
+
+    /// A `product-defined` of `product` at `occurred_at`.
+    fn define(
+        &mut self,
+        product: &str,
+        assignment: Option<Assignment>,
+        occurred_at: DateTime<Utc>,
+    ) -> ProductDefined {
+        ProductDefined {
+            event_id: self.event_id(),
+            occurred_at,
+            product: Product::parse(product).unwrap(),
+            name: format!("{product} ({occurred_at})"),
+            description: None,
+            assignment,
+        }
     }
 
     fn consumption(&self, workspace: &str, product: &str) -> Consumption {
@@ -863,4 +895,166 @@ fn an_unlimited_grant_revoked_before_it_arrives_ends_right_after_its_grant_entry
     let join = world.command("acme", join("summit", "p1"), at(2));
     world.batch(&[join], at(2));
     assert_eq!(world.consumption("summit", "seat").missing(), 1);
+}
+
+// Rule 14: the catalogue.
+
+#[test]
+fn a_module_defined_automatic_fills_the_workspaces_that_were_waiting_for_it_oldest_first() {
+    // Given modules that wait for a person (the default policy), 2 units of live-stream in
+    // acme's pool and 1 in globex's, and four workspaces that enabled it and wait,
+    let mut world = World::new();
+    let acme_units = world.command("acme", grant("live-stream", 2), at(0));
+    let globex_units = world.command("globex", grant("live-stream", 1), at(0));
+    world.batch(&[acme_units, globex_units], at(0));
+    for (minute, org, workspace) in [
+        (1, "acme", "keynote"),
+        (2, "acme", "summit"),
+        (2, "globex", "fair"),
+        (3, "acme", "expo"),
+    ] {
+        let enabled = world.command(org, enable(workspace, "live-stream"), at(minute));
+        world.batch(&[enabled], at(minute));
+    }
+    assert!(world.book.ledger.is_empty(), "nothing moved by itself");
+    assert_eq!(world.available("acme", "live-stream"), 2);
+
+    // when the catalogue defines live-stream as automatic,
+    let automatic = world.define("live-stream", Some(Assignment::Automatic), at(5));
+    let verdicts = world.definitions(std::slice::from_ref(&automatic), at(5));
+    assert_eq!(verdicts, [Verdict::Applied]);
+
+    // then the two oldest of acme's waiting workspaces get its two units, globex's gets its
+    // one, and the newest of acme's keeps waiting.
+    let transfers: Vec<_> = world
+        .book
+        .ledger
+        .iter()
+        .map(|entry| {
+            (
+                entry.org_id.as_str(),
+                entry.kind,
+                entry.workspace_id.as_ref().map(WorkspaceId::as_str),
+                entry.pool_available_after,
+                entry.caused_by.clone(),
+            )
+        })
+        .collect();
+    let cause = automatic.event_id.clone();
+    assert_eq!(
+        transfers,
+        [
+            (
+                "acme",
+                LedgerKind::Transfer,
+                Some("keynote"),
+                1,
+                cause.clone()
+            ),
+            (
+                "acme",
+                LedgerKind::Transfer,
+                Some("summit"),
+                0,
+                cause.clone()
+            ),
+            (
+                "globex",
+                LedgerKind::Transfer,
+                Some("fair"),
+                0,
+                cause.clone()
+            ),
+        ]
+    );
+    assert_eq!(world.consumption("expo", "live-stream").missing(), 1);
+    let resolved: Vec<&str> = world
+        .book
+        .alerts
+        .iter()
+        .filter(|alert| alert.status == AlertStatus::Resolved)
+        .map(|alert| alert.workspace_id.as_str())
+        .collect();
+    assert_eq!(resolved, ["fair", "keynote", "summit"]);
+    assert!(world
+        .book
+        .alerts
+        .iter()
+        .all(|alert| alert.caused_by == cause));
+
+    // From now on the module moves by itself: the next unit fills the last one waiting.
+    let refill = world.command("acme", grant("live-stream", 1), at(6));
+    world.batch(&[refill], at(6));
+    assert_eq!(world.consumption("expo", "live-stream").allocated, 1);
+}
+
+#[test]
+fn an_older_definition_arriving_later_is_stale() {
+    let mut world = World::new();
+    let newer = world.define("gamification", Some(Assignment::Automatic), at(10));
+    let older = world.define("gamification", Some(Assignment::Manual), at(5));
+    let verdicts = world.definitions(&[newer.clone(), older], at(10));
+    assert_eq!(verdicts, [Verdict::Applied, Verdict::Stale]);
+    assert_eq!(
+        world.definitions(std::slice::from_ref(&newer), at(11)),
+        [Verdict::Duplicate]
+    );
+    let gamification = Product::parse("gamification").unwrap();
+    assert_eq!(world.book.name_of(&gamification), newer.name);
+    assert!(world.book.moves_by_itself(&gamification), "still automatic");
+
+    let units = world.command("acme", grant("gamification", 1), at(11));
+    let enabled = world.command("acme", enable("summit", "gamification"), at(11));
+    world.batch(&[units, enabled], at(11));
+    assert_eq!(world.consumption("summit", "gamification").allocated, 1);
+}
+
+#[test]
+fn a_module_defined_manual_stops_moving_by_itself_until_the_policy_decides_again() {
+    // Given modules that move by themselves (modules.auto_assign) and 3 units in the pool,
+    let mut world = World::with_policy(Policy {
+        modules_auto_assign: true,
+    });
+    let units = world.command("acme", grant("gamification", 3), at(0));
+    let keynote = world.command("acme", enable("keynote", "gamification"), at(1));
+    world.batch(&[units, keynote], at(1));
+    assert_eq!(world.consumption("keynote", "gamification").allocated, 1);
+
+    // when the catalogue makes gamification manual, a workspace that enables it waits for a
+    // person, and a refill moves nothing either;
+    let manual = world.define("gamification", Some(Assignment::Manual), at(2));
+    world.definitions(&[manual], at(2));
+    let summit = world.command("acme", enable("summit", "gamification"), at(3));
+    world.batch(&[summit], at(3));
+    let refill = world.command("acme", grant("gamification", 1), at(4));
+    world.batch(&[refill], at(4));
+    assert_eq!(world.consumption("summit", "gamification").missing(), 1);
+    assert_eq!(world.available("acme", "gamification"), 3);
+    assert_eq!(
+        entries(&world),
+        [(LedgerKind::Grant, 1, 3)],
+        "only the grant, no transfer"
+    );
+
+    // then a definition without an assignment hands the decision back to the policy, which
+    // moves the module at once.
+    let unassigned = world.define("gamification", None, at(5));
+    world.definitions(&[unassigned], at(5));
+    assert_eq!(world.consumption("summit", "gamification").allocated, 1);
+    assert_eq!(world.available("acme", "gamification"), 2);
+}
+
+#[test]
+fn a_product_never_defined_is_named_by_its_handle_and_seats_move_whatever_the_catalogue() {
+    let mut world = World::new();
+    let polls = Product::parse("polls").unwrap();
+    assert_eq!(world.book.name_of(&polls), "polls");
+    assert!(!world.book.moves_by_itself(&polls), "the policy decides");
+    let seats = world.define("seat", None, at(0));
+    world.definitions(std::slice::from_ref(&seats), at(0));
+    assert_eq!(world.book.name_of(&Product::seat()), seats.name);
+    let units = world.command("acme", grant("seat", 1), at(1));
+    let joined = world.command("acme", join("summit", "p1"), at(1));
+    world.batch(&[units, joined], at(1));
+    assert_eq!(world.consumption("summit", "seat").allocated, 1);
 }

@@ -1,6 +1,6 @@
 //! Transfers move units from an organization's pool to a workspace and are final: rule 5
-//! (seats move by themselves), rule 6 (modules wait for a person unless auto-assigned) and
-//! rule 7 (a manual transfer needs the entitlement manager role and the whole quantity).
+//! (seats move by themselves), rule 6 (modules wait for a person unless auto-assigned, by
+//! the catalogue or by the policy: rule 14) and rule 7 (a manual transfer needs the entitlement manager role and the whole quantity).
 
 use chrono::{DateTime, Utc};
 
@@ -60,8 +60,8 @@ impl Book {
         self.track_shortfall(workspace_id, product, org_id, now);
     }
 
-    /// Rule 6: an enabled module requires one unit; it moves by itself only under the
-    /// auto-assign policy, otherwise a shortfall opens and waits for a person.
+    /// Rule 6: an enabled module requires one unit; it moves by itself only when it is
+    /// assigned automatically (rule 14), otherwise a shortfall opens and waits for a person.
     pub(crate) fn enable_module(
         &mut self,
         command: &Command,
@@ -78,7 +78,7 @@ impl Book {
         consumption.last_cause = Some(command.event_id.clone());
         consumption.dirty = true;
         // Rule 12: while the module is unlimited there is nothing to wait for.
-        if self.policy.modules_auto_assign || self.is_unlimited(&command.org_id, module) {
+        if self.moves_by_itself(module) || self.is_unlimited(&command.org_id, module) {
             self.top_up(
                 workspace_id,
                 module,

@@ -11,6 +11,9 @@
 //!   in red.
 //! - **Transactions**: every ledger entry, newest first.
 //!
+//! Products appear by their catalogue names, with their handles: "Live streaming
+//! (live-stream)"; a product never defined by its handle alone (rule 14).
+//!
 //! Everything is read in one `REPEATABLE READ` read-only transaction, so the three sheets
 //! describe the same moment even while the worker keeps writing: the totals are the sums
 //! of the Workspaces rows, the newest "pool available after" is the pool's available, and
@@ -34,6 +37,7 @@
 //! leave the largest organizations with nothing; `history --before` pages through the
 //! older entries.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
@@ -48,6 +52,7 @@ use sqlx::{PgConnection, PgPool};
 
 use super::history::newest_entries;
 use super::history::LedgerRow;
+use super::product_label;
 use super::report::{
     pool_lines, source_lines, workspace_lines, PoolLine, ProductTotals, SourceLine, WorkspaceLine,
 };
@@ -253,12 +258,18 @@ pub async fn export(
         );
         write_note(sheet, &formats, TRANSACTION_HEADERS.len(), &note)?;
     }
+    // Every ledger entry's product has a pool: the pools' lines know all their names.
+    let names: HashMap<&str, &str> = pools
+        .iter()
+        .map(|line| (line.product.as_str(), line.product_name.as_str()))
+        .collect();
     let mut written_entries = 0u64;
     {
         let mut entries = newest_entries(&mut tx, org_id, ledger_rows);
         while let Some(entry) = entries.try_next().await? {
             written_entries += 1;
-            write_entry(sheet, &formats, to_row(written_entries)?, &entry)?;
+            let name = names.get(entry.product.as_str()).copied();
+            write_entry(sheet, &formats, to_row(written_entries)?, &entry, name)?;
             bar.inc(1);
         }
     }
@@ -323,24 +334,26 @@ struct Totals {
 /// The totals per product, as `Report` adds them up, seat first; summed by the database so
 /// that the workspace rows need not be held.
 async fn product_totals(tx: &mut PgConnection, org_id: &str) -> anyhow::Result<Vec<Totals>> {
-    let rows: Vec<(String, i64, i64, i64, i64, i64)> = sqlx::query_as(
-        "SELECT product, sum(required)::bigint, sum(allocated)::bigint,
-                sum(GREATEST(required - allocated, 0))::bigint,
-                count(*) FILTER (WHERE required > allocated), count(*)
-           FROM consumption
-          WHERE org_id = $1
-          GROUP BY product
-          ORDER BY product <> 'seat', product",
+    let rows: Vec<(String, String, i64, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT w.product, COALESCE(min(c.name), w.product), sum(w.required)::bigint,
+                sum(w.allocated)::bigint, sum(GREATEST(w.required - w.allocated, 0))::bigint,
+                count(*) FILTER (WHERE w.required > w.allocated), count(*)
+           FROM consumption w
+           LEFT JOIN products c ON c.product = w.product
+          WHERE w.org_id = $1
+          GROUP BY w.product
+          ORDER BY w.product <> 'seat', w.product",
     )
     .bind(org_id)
     .fetch_all(tx)
     .await?;
     rows.into_iter()
         .map(
-            |(product, required, allocated, missing, workspaces_missing, rows)| {
+            |(product, product_name, required, allocated, missing, workspaces_missing, rows)| {
                 Ok(Totals {
                     totals: ProductTotals {
                         product,
+                        product_name,
                         required,
                         allocated,
                         missing,
@@ -489,7 +502,7 @@ fn write_overview(
     }
     for line in pools {
         row += 1;
-        sheet.write_string(row, 0, &line.product)?;
+        sheet.write_string(row, 0, product_label(&line.product, &line.product_name))?;
         let values = [
             Some(line.granted),
             Some(line.transferred),
@@ -521,7 +534,7 @@ fn write_overview(
     }
     for line in sources {
         row += 1;
-        sheet.write_string(row, 0, &line.product)?;
+        sheet.write_string(row, 0, product_label(&line.product, &line.product_name))?;
         sheet.write_string(row, 1, &line.source)?;
         // An unlimited line counts only what it gave (used).
         let unlimited = if line.unlimited_now {
@@ -564,7 +577,12 @@ fn write_overview(
         } else {
             (&formats.text, &formats.integer)
         };
-        sheet.write_string_with_format(row, 0, &line.product, text)?;
+        sheet.write_string_with_format(
+            row,
+            0,
+            product_label(&line.product, &line.product_name),
+            text,
+        )?;
         let values = [
             line.required,
             line.allocated,
@@ -605,7 +623,12 @@ fn write_workspace(
         (&formats.text, &formats.integer, &formats.datetime)
     };
     sheet.write_string_with_format(row, 0, &line.workspace_id, text)?;
-    sheet.write_string_with_format(row, 1, &line.product, text)?;
+    sheet.write_string_with_format(
+        row,
+        1,
+        product_label(&line.product, &line.product_name),
+        text,
+    )?;
     sheet.write_number_with_format(row, 2, line.required as f64, integer)?;
     sheet.write_number_with_format(row, 3, line.allocated as f64, integer)?;
     sheet.write_number_with_format(row, 4, line.missing as f64, integer)?;
@@ -623,11 +646,15 @@ fn write_entry(
     formats: &Formats,
     row: u32,
     entry: &LedgerRow,
+    product_name: Option<&str>,
 ) -> Result<(), XlsxError> {
     sheet.write_number_with_format(row, 0, entry.sequence as f64, &formats.integer)?;
     sheet.write_datetime_with_format(row, 1, entry.recorded_at.naive_utc(), &formats.datetime)?;
     sheet.write_string(row, 2, &entry.kind)?;
-    sheet.write_string(row, 3, &entry.product)?;
+    let product = product_name.map_or(entry.product.clone(), |name| {
+        product_label(&entry.product, name)
+    });
+    sheet.write_string(row, 3, product)?;
     sheet.write_number_with_format(row, 4, entry.quantity as f64, &formats.integer)?;
     if let Some(workspace) = &entry.workspace_id {
         sheet.write_string(row, 5, workspace)?;

@@ -1,6 +1,6 @@
 //! Operators' commands: read what the worker keeps (report, history, export), check it
-//! (verify), and ask it for changes (grant, transfer) through its own input topics, so
-//! every change still goes through the worker's single path.
+//! (verify), and ask it for changes (grant, revoke, transfer, define-product) through its
+//! own input topics, so every change still goes through the worker's single path.
 
 pub mod export;
 pub mod history;
@@ -59,6 +59,17 @@ pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
         redact_url(&settings.url)
     );
     Ok(pool)
+}
+
+/// A product as people read it (rule 14): its catalogue name with its handle, "Live
+/// streaming (live-stream)"; its handle alone when it was never defined (its name is then
+/// its handle).
+pub(crate) fn product_label(product: &str, name: &str) -> String {
+    if name == product {
+        product.to_owned()
+    } else {
+        format!("{name} ({product})")
+    }
 }
 
 /// Pads or cuts `text` to `width` characters, for table columns.

@@ -1,6 +1,7 @@
-//! `entitlement-worker grant`, `revoke` and `transfer`: a person's change, published as the
-//! input message the worker consumes, so it goes through the same single path as the event
-//! platform's. `transfer` then waits for the worker's answer on the output topics.
+//! `entitlement-worker grant`, `revoke`, `transfer` and `define-product`: a person's change,
+//! published as the input message the worker consumes, so it goes through the same single
+//! path as the event platform's. `transfer` then waits for the worker's answer on the output
+//! topics.
 
 use std::time::{Duration, Instant};
 
@@ -56,6 +57,16 @@ pub struct RevokeRequest {
     pub org_id: String,
     pub target: RevokeTarget,
     pub reason: Option<String>,
+    pub event_id: Option<String>,
+}
+
+/// A product's definition in the catalogue (rule 14).
+pub struct DefineRequest {
+    pub product: String,
+    pub name: String,
+    pub description: Option<String>,
+    /// `automatic` or `manual`, for a module only; None: `modules.auto_assign` decides.
+    pub assignment: Option<String>,
     pub event_id: Option<String>,
 }
 
@@ -187,6 +198,36 @@ pub async fn revoke(settings: &Settings, request: RevokeRequest) -> anyhow::Resu
         settings,
         &settings.topics.entitlement_revoked,
         &request.org_id,
+        &payload,
+        event_id,
+    )
+    .await
+}
+
+/// Publishes a `product-defined` message. The catalogue belongs to no organization: the
+/// message is keyed by the product, so that a product's definitions keep their order.
+pub async fn define_product(
+    settings: &Settings,
+    request: DefineRequest,
+) -> anyhow::Result<Published> {
+    let event_id = new_event_id(request.event_id);
+    let mut message = json!({
+        "event_id": event_id,
+        "occurred_at": Utc::now().to_rfc3339(),
+        "product": request.product,
+        "name": request.name,
+    });
+    if let Some(description) = request.description {
+        message["description"] = json!(description);
+    }
+    if let Some(assignment) = request.assignment {
+        message["assignment"] = json!(assignment);
+    }
+    let payload = validated(InputKind::ProductDefined, &message)?;
+    publish(
+        settings,
+        &settings.topics.product_defined,
+        &request.product,
         &payload,
         event_id,
     )

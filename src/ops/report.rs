@@ -1,6 +1,6 @@
 //! `entitlement-worker report`: an organization's pools, where their units came from (by
 //! source: plan, add-on, subscription, trial, manual), and its workspaces' consumption,
-//! those missing entitlements first.
+//! those missing entitlements first, its products by their catalogue names (rule 14).
 
 use chrono::{DateTime, Duration, Utc};
 use futures::stream::{BoxStream, StreamExt as _};
@@ -21,12 +21,26 @@ pub struct Report {
     pub sources: Vec<SourceLine>,
     pub workspaces: Vec<WorkspaceLine>,
     pub totals: Vec<ProductTotals>,
+    /// The catalogue's definitions of the report's products that were defined, seat first.
+    pub products: Vec<ProductLine>,
+}
+
+/// A product as the catalogue defines it (rule 14).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProductLine {
+    pub product: String,
+    pub name: String,
+    pub description: Option<String>,
+    /// `automatic` or `manual`; None: `modules.auto_assign` decides (always for `seat`).
+    pub assignment: Option<String>,
 }
 
 /// One pool: what was granted, what left it and how, what is in it now.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
 pub struct PoolLine {
     pub product: String,
+    /// The product's name in the catalogue; its handle when it was never defined.
+    pub product_name: String,
     pub granted: i64,
     pub transferred: i64,
     pub expired: i64,
@@ -45,6 +59,8 @@ pub struct PoolLine {
 #[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
 pub struct SourceLine {
     pub product: String,
+    /// The product's name in the catalogue; its handle when it was never defined.
+    pub product_name: String,
     /// `plan`, `add_on`, `subscription`, `trial`, `manual`, or `none` for grants without
     /// a source.
     pub source: String,
@@ -70,6 +86,8 @@ pub struct SourceLine {
 pub struct WorkspaceLine {
     pub workspace_id: String,
     pub product: String,
+    /// The product's name in the catalogue; its handle when it was never defined.
+    pub product_name: String,
     pub required: i64,
     pub allocated: i64,
     pub missing: i64,
@@ -80,6 +98,8 @@ pub struct WorkspaceLine {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ProductTotals {
     pub product: String,
+    /// The product's name in the catalogue; its handle when it was never defined.
+    pub product_name: String,
     pub required: i64,
     pub allocated: i64,
     pub missing: i64,
@@ -113,6 +133,7 @@ impl Report {
                 None => {
                     totals.push(ProductTotals {
                         product: line.product.clone(),
+                        product_name: line.product_name.clone(),
                         required: 0,
                         allocated: 0,
                         missing: 0,
@@ -128,6 +149,9 @@ impl Report {
             total.workspaces_missing += i64::from(line.missing > 0);
         }
         totals.sort_by(|a, b| product_order(&a.product, &b.product));
+        let mut handles: Vec<&str> = pools.iter().map(|line| line.product.as_str()).collect();
+        handles.extend(totals.iter().map(|total| total.product.as_str()));
+        let products = product_lines(&mut connection, &handles).await?;
         Ok(Self {
             org_id: org_id.to_owned(),
             generated_at: now,
@@ -135,6 +159,7 @@ impl Report {
             sources,
             workspaces,
             totals,
+            products,
         })
     }
 
@@ -166,7 +191,7 @@ impl Report {
             };
             out.push_str(&format!(
                 "{} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8}\n",
-                cell(&line.product, 16),
+                cell(&line.product_name, 16),
                 line.granted,
                 line.transferred,
                 line.expired,
@@ -214,7 +239,7 @@ impl Report {
             };
             out.push_str(&format!(
                 "{} {} {:>9} {:>7} {:>7} {:>7} {:>9} {:>7}\n",
-                cell(&line.product, 14),
+                cell(&line.product_name, 14),
                 cell(&line.source, 12),
                 granted,
                 line.used,
@@ -238,7 +263,7 @@ impl Report {
                 "{} {} {} {:>9} {:>9} {:>8}\n",
                 if line.missing > 0 { "!" } else { " " },
                 cell(&line.workspace_id, 28),
-                cell(&line.product, 16),
+                cell(&line.product_name, 16),
                 line.required,
                 line.allocated,
                 line.missing
@@ -251,12 +276,27 @@ impl Report {
         for total in &self.totals {
             out.push_str(&format!(
                 "  {} required {}, allocated {}, missing {} in {} workspace(s)\n",
-                cell(&total.product, 16),
+                cell(&total.product_name, 16),
                 total.required,
                 total.allocated,
                 total.missing,
                 total.workspaces_missing
             ));
+        }
+        if !self.products.is_empty() {
+            // The tables show the catalogue's names; this says which handle each stands for.
+            out.push_str("\nPRODUCTS (names from the catalogue)\n");
+            for line in &self.products {
+                let assignment = line
+                    .assignment
+                    .as_deref()
+                    .map_or(String::new(), |assignment| format!(", {assignment}"));
+                out.push_str(&format!(
+                    "  {} {}{assignment}\n",
+                    cell(&line.product, 16),
+                    line.name
+                ));
+            }
         }
         out
     }
@@ -274,50 +314,27 @@ pub async fn pool_lines(
     now: DateTime<Utc>,
 ) -> anyhow::Result<Vec<PoolLine>> {
     let horizon = now + Duration::days(EXPIRY_HORIZON_DAYS);
-    type Row = (String, i64, i64, i64, i64, i64, i64, i64, bool);
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT p.product, p.granted_total, p.transferred_total, p.expired_total, p.available,
+    Ok(sqlx::query_as(
+        "SELECT p.product, COALESCE(c.name, p.product) AS product_name,
+                p.granted_total AS granted, p.transferred_total AS transferred,
+                p.expired_total AS expired, p.revoked_total AS revoked, p.available,
+                p.unlimited,
                 COALESCE((SELECT sum(l.remaining) FROM lots l
                           WHERE l.org_id = p.org_id AND l.product = p.product
-                            AND l.status = 'active' AND l.expires_at <= $2), 0)::bigint,
+                            AND l.status = 'active' AND l.expires_at <= $2), 0)::bigint
+                    AS expiring_soon,
                 COALESCE((SELECT sum(l.remaining) FROM lots l
                           WHERE l.org_id = p.org_id AND l.product = p.product
-                            AND l.status = 'pending'), 0)::bigint,
-                p.revoked_total, p.unlimited
+                            AND l.status = 'pending'), 0)::bigint AS pending
            FROM pools p
+           LEFT JOIN products c ON c.product = p.product
           WHERE p.org_id = $1
           ORDER BY p.product <> 'seat', p.product",
     )
     .bind(org_id)
     .bind(horizon)
     .fetch_all(connection)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(
-                product,
-                granted,
-                transferred,
-                expired,
-                available,
-                expiring_soon,
-                pending,
-                revoked,
-                unlimited,
-            )| PoolLine {
-                product,
-                granted,
-                transferred,
-                expired,
-                revoked,
-                available,
-                unlimited,
-                expiring_soon,
-                pending,
-            },
-        )
-        .collect())
+    .await?)
 }
 
 /// Where the organization's units came from: per product (seat first) and source kind,
@@ -327,7 +344,8 @@ pub async fn source_lines(
     org_id: &str,
 ) -> anyhow::Result<Vec<SourceLine>> {
     Ok(sqlx::query_as(
-        "SELECT product, COALESCE(source_kind, 'none') AS source, unlimited,
+        "SELECT l.product, COALESCE(c.name, l.product) AS product_name,
+                COALESCE(source_kind, 'none') AS source, unlimited,
                 bool_or(unlimited AND status = 'active') AS unlimited_now,
                 COALESCE(sum(quantity) FILTER (WHERE status <> 'pending'), 0)::bigint AS granted,
                 COALESCE(sum(drawn), 0)::bigint AS used,
@@ -335,10 +353,11 @@ pub async fn source_lines(
                 COALESCE(sum(expired), 0)::bigint AS expired,
                 COALESCE(sum(remaining) FILTER (WHERE status = 'active'), 0)::bigint AS available,
                 COALESCE(sum(remaining) FILTER (WHERE status = 'pending'), 0)::bigint AS pending
-           FROM lots
-          WHERE org_id = $1
-          GROUP BY product, source_kind, unlimited
-          ORDER BY product <> 'seat', product, COALESCE(source_kind, 'none'), unlimited",
+           FROM lots l
+           LEFT JOIN products c ON c.product = l.product
+          WHERE l.org_id = $1
+          GROUP BY l.product, c.name, source_kind, unlimited
+          ORDER BY l.product <> 'seat', l.product, COALESCE(source_kind, 'none'), unlimited",
     )
     .bind(org_id)
     .fetch_all(connection)
@@ -353,12 +372,14 @@ pub fn workspace_lines<'a>(
     org_id: &'a str,
     limit: Option<u64>,
 ) -> BoxStream<'a, Result<WorkspaceLine, sqlx::Error>> {
-    sqlx::query_as::<_, (String, String, i64, i64, Option<DateTime<Utc>>)>(
-        "SELECT workspace_id, product, required, allocated, shortfall_since
-           FROM consumption
-          WHERE org_id = $1
-          ORDER BY GREATEST(required - allocated, 0) DESC, workspace_id,
-                   product <> 'seat', product
+    sqlx::query_as::<_, (String, String, String, i64, i64, Option<DateTime<Utc>>)>(
+        "SELECT w.workspace_id, w.product, COALESCE(c.name, w.product), w.required,
+                w.allocated, w.shortfall_since
+           FROM consumption w
+           LEFT JOIN products c ON c.product = w.product
+          WHERE w.org_id = $1
+          ORDER BY GREATEST(w.required - w.allocated, 0) DESC, w.workspace_id,
+                   w.product <> 'seat', w.product
           LIMIT $2",
     )
     .bind(org_id)
@@ -366,15 +387,42 @@ pub fn workspace_lines<'a>(
     .fetch(connection)
     .map(|row| {
         row.map(
-            |(workspace_id, product, required, allocated, missing_since)| WorkspaceLine {
-                workspace_id,
-                product,
-                required,
-                allocated,
-                missing: (required - allocated).max(0),
-                missing_since,
+            |(workspace_id, product, product_name, required, allocated, missing_since)| {
+                WorkspaceLine {
+                    workspace_id,
+                    product,
+                    product_name,
+                    required,
+                    allocated,
+                    missing: (required - allocated).max(0),
+                    missing_since,
+                }
             },
         )
     })
     .boxed()
+}
+
+/// The catalogue's definitions of `handles` that were defined, seat first.
+pub async fn product_lines(
+    connection: &mut PgConnection,
+    handles: &[&str],
+) -> anyhow::Result<Vec<ProductLine>> {
+    let rows: Vec<(String, String, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT product, name, description, assignment FROM products
+          WHERE product = ANY($1)
+          ORDER BY product <> 'seat', product",
+    )
+    .bind(handles)
+    .fetch_all(connection)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(product, name, description, assignment)| ProductLine {
+            product,
+            name,
+            description,
+            assignment,
+        })
+        .collect())
 }

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use super::outbox::{Channel, OutboxMessage};
 use super::{Store, StoreError};
 use crate::codec::{AlertMessage, DeadLetterMessage, LedgerMessage, Rejection};
-use crate::domain::{Book, Command, LedgerKind, OrgId, Policy, Verdict};
+use crate::domain::{Book, Input, LedgerKind, OrgId, Policy, Verdict};
 
 /// One consumed message and what decoding made of it.
 #[derive(Debug, Clone)]
@@ -19,7 +19,7 @@ pub struct Inbound {
     pub partition: i32,
     pub offset: i64,
     pub payload: Option<Vec<u8>>,
-    pub decoded: Result<Command, Rejection>,
+    pub decoded: Result<Input, Rejection>,
 }
 
 impl Inbound {
@@ -153,14 +153,14 @@ impl Store {
         report.already_applied = (batch.len() - fresh.len()) as u64;
         laps.lap(Stage::Lock);
 
-        let commands: Vec<(usize, &Command)> = fresh
+        let inputs: Vec<(usize, &Input)> = fresh
             .iter()
             .enumerate()
             .filter_map(|(index, message)| message.decoded.as_ref().ok().map(|c| (index, c)))
             .collect();
         let mut book = super::load::load_book(
             &mut transaction,
-            commands.iter().map(|(_, command)| *command),
+            inputs.iter().map(|(_, input)| *input),
             policy,
             now,
         )
@@ -168,8 +168,8 @@ impl Store {
         laps.lap(Stage::Load);
 
         let mut verdicts: HashMap<usize, Verdict> = HashMap::new();
-        for (index, command) in &commands {
-            verdicts.insert(*index, book.apply(command, now));
+        for (index, input) in &inputs {
+            verdicts.insert(*index, book.apply_input(input, now));
         }
         book.finish(now);
 
@@ -178,11 +178,11 @@ impl Store {
             *report.consumed.entry(message.topic.clone()).or_default() += 1;
             let rejection = match (&message.decoded, verdicts.get(&index)) {
                 (Err(rejection), _) => Some(rejection.clone()),
-                (Ok(command), Some(Verdict::Refused { refusal, detail })) => Some(Rejection {
+                (Ok(input), Some(Verdict::Refused { refusal, detail })) => Some(Rejection {
                     reason: refusal.reason(),
                     detail: detail.clone(),
-                    event_id: Some(command.event_id.to_string()),
-                    org_id: Some(command.org_id.to_string()),
+                    event_id: Some(input.event_id().to_string()),
+                    org_id: input.org_id().map(ToString::to_string),
                 }),
                 (Ok(_), Some(Verdict::Duplicate)) => {
                     report.duplicates += 1;

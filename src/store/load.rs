@@ -7,18 +7,23 @@ use sqlx::PgConnection;
 
 use super::StoreError;
 use crate::domain::{
-    Book, Command, CommandBody, Consumption, EventId, GrantSource, Lot, LotStatus, OrgId,
-    Organization, ParticipantId, ParticipantRecord, Policy, Pool, Product, Quantity, Revocation,
-    RevocationTarget, WorkspaceId,
+    Assignment, Book, CommandBody, Consumption, Definition, EventId, GrantSource, Input, Lot,
+    LotStatus, OrgId, Organization, ParticipantId, ParticipantRecord, Policy, Pool, Product,
+    Quantity, Revocation, RevocationTarget, WorkspaceId,
 };
 
-/// Loads what the commands need: their organizations (locked), pools and lots; the open
-/// shortfalls of the organizations whose pools the batch can credit at `now`; the
-/// workspaces, consumption and participants they name; which of their event ids were
-/// already applied.
+/// The advisory lock of the catalogue (rule 14): shared by the transactions that may ask
+/// how a module moves, taken alone by those that define products.
+const CATALOGUE_LOCK_KEY: i64 = 0x6361_7461_6c6f_6775; // "catalogu"
+
+/// Loads what the inputs need: their organizations (locked), pools and lots; the open
+/// shortfalls of the organizations whose pools the batch can credit at `now`, or whose
+/// waiting workspaces a module the batch defines may fill; the workspaces, consumption and
+/// participants they name; which of their event ids were already applied; the catalogue's
+/// definitions of the products they name or may move.
 pub(super) async fn load_book<'a>(
     connection: &mut PgConnection,
-    commands: impl Iterator<Item = &'a Command>,
+    inputs: impl Iterator<Item = &'a Input>,
     policy: Policy,
     now: DateTime<Utc>,
 ) -> Result<Book, StoreError> {
@@ -28,8 +33,20 @@ pub(super) async fn load_book<'a>(
     let mut participants = BTreeSet::new();
     let mut deduplicated = Vec::new();
     let mut named_grants = BTreeSet::new();
-    for command in commands {
+    let mut named_products = BTreeSet::new();
+    let mut defined = BTreeSet::new();
+    for input in inputs {
+        let command = match input {
+            Input::Command(command) => command,
+            Input::ProductDefined(definition) => {
+                defined.insert(definition.product.clone());
+                continue;
+            }
+        };
         orgs.insert(command.org_id.clone());
+        if let Some(product) = command.product() {
+            named_products.insert(product.clone());
+        }
         if let Some(workspace_id) = command.workspace_id() {
             workspaces.insert(workspace_id.as_str().to_owned());
         }
@@ -58,6 +75,11 @@ pub(super) async fn load_book<'a>(
             _ => {}
         }
     }
+    // Rule 14: a module that becomes automatic fills its open shortfalls in every
+    // organization, so the organizations waiting for a module the batch defines are locked
+    // and loaded like the batch's own.
+    let waiting = organizations_waiting_for(connection, &defined).await?;
+    orgs.extend(waiting.iter().cloned());
     let orgs: Vec<OrgId> = orgs.into_iter().collect();
     let mut book = lock_and_load_pools(connection, &orgs, policy).await?;
     let named_grants: Vec<(String, String)> = named_grants.into_iter().collect();
@@ -67,15 +89,16 @@ pub(super) async fn load_book<'a>(
     // open shortfalls stay in the database; reloading them for each batch made the cost
     // of a batch grow with the shortfalls left open, which modules waiting for a person
     // keep open for good.
-    let (crediting, not_crediting): (Vec<&OrgId>, Vec<&OrgId>) = orgs
-        .iter()
-        .partition(|org_id| granting.contains(*org_id) || has_lot_due(&book, org_id, now));
+    let (crediting, not_crediting): (Vec<&OrgId>, Vec<&OrgId>) = orgs.iter().partition(|org_id| {
+        granting.contains(*org_id) || waiting.contains(*org_id) || has_lot_due(&book, org_id, now)
+    });
     book.shortfalls_not_loaded = not_crediting.into_iter().cloned().collect();
     if !crediting.is_empty() {
         let names: Vec<&str> = crediting.into_iter().map(OrgId::as_str).collect();
         load_open_shortfalls(connection, &names, &mut book).await?;
         load_revocations(connection, &names, &mut book).await?;
     }
+    lock_and_load_catalogue(connection, &mut book, named_products, &defined, &orgs).await?;
     let workspaces: Vec<String> = workspaces.into_iter().collect();
 
     let owners: Vec<(String, String)> =
@@ -149,8 +172,9 @@ pub(super) async fn load_book<'a>(
     Ok(book)
 }
 
-/// Locks the organizations (creating their rows if new) and loads their pools, lots and
-/// open shortfalls: what the clock needs to settle validity windows.
+/// Locks the organizations (creating their rows if new) and loads their pools, lots, open
+/// shortfalls and the definitions of their lots' products: what the clock needs to settle
+/// validity windows.
 pub(super) async fn load_book_for_orgs(
     connection: &mut PgConnection,
     orgs: &[OrgId],
@@ -160,7 +184,120 @@ pub(super) async fn load_book_for_orgs(
     let names: Vec<&str> = orgs.iter().map(OrgId::as_str).collect();
     load_open_shortfalls(connection, &names, &mut book).await?;
     load_revocations(connection, &names, &mut book).await?;
+    lock_and_load_catalogue(
+        connection,
+        &mut book,
+        BTreeSet::new(),
+        &BTreeSet::new(),
+        orgs,
+    )
+    .await?;
     Ok(book)
+}
+
+/// The organizations with open shortfalls of the modules among `products`, in `org_id`
+/// order (seats need no definition to move).
+async fn organizations_waiting_for(
+    connection: &mut PgConnection,
+    products: &BTreeSet<Product>,
+) -> Result<BTreeSet<OrgId>, StoreError> {
+    let modules: Vec<&str> = products
+        .iter()
+        .filter(|product| !product.is_seat())
+        .map(Product::as_str)
+        .collect();
+    if modules.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "SELECT DISTINCT org_id FROM consumption
+          WHERE product = ANY($1) AND required > allocated",
+    )
+    .bind(&modules)
+    .fetch_all(&mut *connection)
+    .await?;
+    rows.into_iter()
+        .map(|(org_id,)| parse(OrgId::parse(&org_id)))
+        .collect()
+}
+
+/// Takes the catalogue lock and loads the definitions the book may consult (rule 14): of
+/// the products the batch names or defines, and of those whose lots it holds (units that
+/// become valid fill waiting workspaces only if their product moves by itself).
+///
+/// A batch that defines products holds the lock alone; every other transaction that may
+/// ask how a module moves shares it. Every transaction takes it after its organizations'
+/// locks, so none waits for another in a cycle. `locked` is in `org_id` order. Once a
+/// defining batch holds it, no
+/// transaction that could open a shortfall of a module is running: the organizations
+/// waiting for the modules it defines must then be among those it locked, or it is
+/// applied again, now locking them too.
+async fn lock_and_load_catalogue(
+    connection: &mut PgConnection,
+    book: &mut Book,
+    mut products: BTreeSet<Product>,
+    defined: &BTreeSet<Product>,
+    locked: &[OrgId],
+) -> Result<(), StoreError> {
+    products.extend(defined.iter().cloned());
+    products.extend(book.lots.keys().map(|(_, product)| product.clone()));
+    if defined.is_empty() {
+        if products.iter().all(Product::is_seat) {
+            return Ok(());
+        }
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+            .bind(CATALOGUE_LOCK_KEY)
+            .execute(&mut *connection)
+            .await?;
+    } else {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(CATALOGUE_LOCK_KEY)
+            .execute(&mut *connection)
+            .await?;
+        let waiting = organizations_waiting_for(connection, defined).await?;
+        if let Some(org_id) = waiting
+            .iter()
+            .find(|org_id| locked.binary_search(org_id).is_err())
+        {
+            return Err(StoreError::CatalogueRace(org_id.to_string()));
+        }
+    }
+    let names: Vec<&str> = products.iter().map(Product::as_str).collect();
+    type DefinitionRow = (
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+        DateTime<Utc>,
+        String,
+    );
+    let rows: Vec<DefinitionRow> = sqlx::query_as(
+        "SELECT product, name, description, assignment, occurred_at, event_id
+           FROM products WHERE product = ANY($1)",
+    )
+    .bind(&names)
+    .fetch_all(&mut *connection)
+    .await?;
+    for (product, name, description, assignment, occurred_at, event_id) in rows {
+        let assignment = assignment
+            .map(|assignment| {
+                Assignment::parse(&assignment)
+                    .ok_or_else(|| StoreError::Corrupt(format!("assignment {assignment:?}")))
+            })
+            .transpose()?;
+        book.catalogue.insert(
+            parse(Product::parse(&product))?,
+            Definition {
+                name,
+                description,
+                assignment,
+                occurred_at,
+                event_id: parse(EventId::parse(&event_id))?,
+                dirty: false,
+            },
+        );
+    }
+    Ok(())
 }
 
 /// Loads the kept revocations that can still reach a lot (rule 11): the ones a grant or a

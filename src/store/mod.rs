@@ -29,6 +29,10 @@ pub enum StoreError {
     /// Two workers claimed the same new workspace at once; the batch is applied again.
     #[error("workspace {0:?} was claimed by another worker at the same time")]
     ClaimRace(String),
+    /// A batch that defines a module found an organization waiting for it that it had not
+    /// locked (its shortfall opened meanwhile); the batch is applied again, locking it.
+    #[error("organization {0:?} began waiting for a module while the batch defined it")]
+    CatalogueRace(String),
     /// A constraint that mirrors a rule of the contract refused the batch: a bug.
     #[error("the database refused a change that breaks an invariant: {0}")]
     Invariant(#[source] sqlx::Error),
@@ -47,7 +51,10 @@ pub enum StoreError {
 
 impl StoreError {
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Transient(_) | StoreError::ClaimRace(_))
+        matches!(
+            self,
+            StoreError::Transient(_) | StoreError::ClaimRace(_) | StoreError::CatalogueRace(_)
+        )
     }
 
     /// Whether the failure can be one message's doing, so that applying the batch without

@@ -6,7 +6,8 @@ use sqlx::PgConnection;
 use super::StoreError;
 use crate::codec::entry_id;
 use crate::domain::{
-    Book, Consumption, ParticipantId, ParticipantRecord, Product, RevocationTarget, WorkspaceId,
+    Assignment, Book, Consumption, ParticipantId, ParticipantRecord, Product, RevocationTarget,
+    WorkspaceId,
 };
 
 pub(super) async fn write_book(
@@ -18,6 +19,7 @@ pub(super) async fn write_book(
     write_pools(connection, book).await?;
     write_lots(connection, book).await?;
     write_revocations(connection, book).await?;
+    write_catalogue(connection, book).await?;
     write_consumption(connection, book).await?;
     write_participants(connection, book).await?;
     write_processed(connection, book).await?;
@@ -243,6 +245,50 @@ async fn write_revocations(connection: &mut PgConnection, book: &Book) -> Result
     .bind(&products)
     .bind(&reasons)
     .bind(&applied)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}
+
+/// The definitions the batch applied (rule 14), each the product's row from now on.
+async fn write_catalogue(connection: &mut PgConnection, book: &Book) -> Result<(), StoreError> {
+    let mut dirty: Vec<_> = book
+        .catalogue
+        .iter()
+        .filter(|(_, definition)| definition.dirty)
+        .collect();
+    if dirty.is_empty() {
+        return Ok(());
+    }
+    // In product order, so that two batches would wait on the rows in the same order.
+    dirty.sort_by_key(|(product, _)| *product);
+    let products: Vec<&str> = dirty.iter().map(|(product, _)| product.as_str()).collect();
+    let names: Vec<&str> = dirty.iter().map(|(_, d)| d.name.as_str()).collect();
+    let descriptions: Vec<Option<&str>> = dirty
+        .iter()
+        .map(|(_, d)| d.description.as_deref())
+        .collect();
+    let assignments: Vec<Option<&str>> = dirty
+        .iter()
+        .map(|(_, d)| d.assignment.map(Assignment::as_str))
+        .collect();
+    let times: Vec<DateTime<Utc>> = dirty.iter().map(|(_, d)| d.occurred_at).collect();
+    let events: Vec<&str> = dirty.iter().map(|(_, d)| d.event_id.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO products (product, name, description, assignment, occurred_at, event_id)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
+                              $5::timestamptz[], $6::text[])
+         ON CONFLICT (product) DO UPDATE SET
+             name = EXCLUDED.name, description = EXCLUDED.description,
+             assignment = EXCLUDED.assignment, occurred_at = EXCLUDED.occurred_at,
+             event_id = EXCLUDED.event_id, updated_at = now()",
+    )
+    .bind(&products)
+    .bind(&names)
+    .bind(&descriptions)
+    .bind(&assignments)
+    .bind(&times)
+    .bind(&events)
     .execute(&mut *connection)
     .await?;
     Ok(())

@@ -1,5 +1,5 @@
-//! A reference model of the contract (`../shared/CONTRACT.md`: rules 1 to 9, and rules 11
-//! and 12 of version 2), for tests only.
+//! A reference model of the contract (`../shared/CONTRACT.md`: rules 1 to 9, and rules 11,
+//! 12 and 14 of version 2), for tests only.
 //!
 //! Written apart from `src/domain` and kept as naive as possible: plain strings, ordered
 //! maps, one event at a time, and state recomputed from scratch where that is simpler
@@ -31,7 +31,14 @@
 //! - an unlimited grant's `grant`, `expiry` and `revocation` entries have quantity 1 and
 //!   leave the balance as it is; while one is in the pool every product moves by itself,
 //!   modules too, and a revocation ends it whatever quantity it names; transfers draw on
-//!   the unlimited grant that would be drawn first among them (earliest expiry...).
+//!   the unlimited grant that would be drawn first among them (earliest expiry...);
+//! - a `product-defined` belongs to no organization (its `org_id` here is empty); it is a
+//!   duplicate when it is the product's latest definition, and stale when a later one is
+//!   known (both change nothing), like a participant event;
+//! - a definition that makes a module automatic first brings the validity windows of each
+//!   organization waiting for it up to `now` (as before any event of that organization),
+//!   then fills that organization's waiting workspaces, oldest first, caused by the
+//!   definition; organizations in `org_id` order.
 
 #![allow(dead_code)]
 
@@ -45,7 +52,7 @@ pub const SEAT: &str = "seat";
 /// The only role that may move units by hand (rule 7).
 pub const MANAGER_ROLE: &str = "entitlement_manager";
 
-/// One input event, as the five input topics carry it.
+/// One input event, as the input topics carry it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OracleEvent {
     pub event_id: String,
@@ -87,6 +94,14 @@ pub enum OracleBody {
     },
     Revoked {
         target: OracleTarget,
+    },
+    /// Rule 14: the catalogue's definition of a product.
+    ProductDefined {
+        product: String,
+        name: String,
+        description: Option<String>,
+        /// `automatic`, `manual`, or None: `modules.auto_assign` decides.
+        assignment: Option<String>,
     },
 }
 
@@ -180,8 +195,9 @@ impl OracleEvent {
     /// Builds an event from the JSON of one of the input topics; `topic_kind` is the
     /// contract's default topic name (`participant-added`, `participant-cancelled`,
     /// `module-enabled`, `entitlement-granted`, `entitlement-transfer-requested`,
-    /// `entitlement-revoked`; `_` for `-` is accepted too). None when the message would not reach the core (a missing or
-    /// malformed field: the worker dead-letters it as `schema_violation`).
+    /// `entitlement-revoked`, `product-defined`; `_` for `-` is accepted too). None when the
+    /// message would not reach the core (a missing or malformed field: the worker
+    /// dead-letters it as `schema_violation`).
     pub fn from_json(topic_kind: &str, value: &Value) -> Option<OracleEvent> {
         let text = |field: &str| -> Option<String> {
             let text = value.get(field)?.as_str()?;
@@ -238,10 +254,15 @@ impl OracleEvent {
             (kinds.contains(&kind) && (1..=256).contains(&reference.chars().count()))
                 .then(|| Some((kind.to_owned(), reference.to_owned())))
         };
+        let topic_kind = topic_kind.replace('_', "-");
         let event_id = text("event_id")?;
-        let org_id = text("org_id")?;
+        // The catalogue belongs to no organization.
+        let org_id = match topic_kind.as_str() {
+            "product-defined" => String::new(),
+            _ => text("org_id")?,
+        };
         let occurred_at = time("occurred_at")??;
-        let body = match topic_kind.replace('_', "-").as_str() {
+        let body = match topic_kind.as_str() {
             "participant-added" => OracleBody::ParticipantAdded {
                 workspace_id: text("workspace_id")?,
                 participant_id: text("participant_id")?,
@@ -304,6 +325,39 @@ impl OracleEvent {
                 };
                 OracleBody::Revoked { target }
             }
+            "product-defined" => {
+                let product = handle("product")?;
+                let name = value.get("name")?.as_str()?;
+                if !(1..=256).contains(&name.chars().count()) {
+                    return None;
+                }
+                let description = match optional("description") {
+                    None => None,
+                    Some(raw) => {
+                        let description = raw?.as_str()?;
+                        if description.chars().count() > 2000 {
+                            return None;
+                        }
+                        Some(description.to_owned())
+                    }
+                };
+                let assignment = match optional("assignment") {
+                    None => None,
+                    Some(raw) => {
+                        let assignment = raw?.as_str()?;
+                        if product == SEAT || !["automatic", "manual"].contains(&assignment) {
+                            return None;
+                        }
+                        Some(assignment.to_owned())
+                    }
+                };
+                OracleBody::ProductDefined {
+                    product,
+                    name: name.to_owned(),
+                    description,
+                    assignment,
+                }
+            }
             "entitlement-transfer-requested" | "transfer-requested" => {
                 let product = handle("product")?;
                 let quantity = quantity()?;
@@ -341,7 +395,9 @@ impl OracleEvent {
             | OracleBody::ParticipantCancelled { workspace_id, .. }
             | OracleBody::ModuleEnabled { workspace_id, .. }
             | OracleBody::TransferRequested { workspace_id, .. } => Some(workspace_id),
-            OracleBody::Granted { .. } | OracleBody::Revoked { .. } => None,
+            OracleBody::Granted { .. }
+            | OracleBody::Revoked { .. }
+            | OracleBody::ProductDefined { .. } => None,
         }
     }
 
@@ -437,6 +493,16 @@ impl Revocation {
     }
 }
 
+/// A product's latest definition (rule 14).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OracleDefinition {
+    pub occurred_at: DateTime<Utc>,
+    pub event_id: String,
+    pub name: String,
+    pub description: Option<String>,
+    pub assignment: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 struct Latest {
     occurred_at: DateTime<Utc>,
@@ -465,6 +531,8 @@ pub struct Oracle {
     grants: Vec<Grant>,
     /// Every revocation applied, in order.
     revocations: Vec<Revocation>,
+    /// product -> its latest definition.
+    definitions: BTreeMap<String, OracleDefinition>,
     ledger: Vec<OracleEntry>,
     verdicts: Vec<(String, OracleVerdict)>,
 }
@@ -483,6 +551,7 @@ impl Oracle {
             totals: BTreeMap::new(),
             grants: Vec::new(),
             revocations: Vec::new(),
+            definitions: BTreeMap::new(),
             ledger: Vec::new(),
             verdicts: Vec::new(),
         }
@@ -631,9 +700,42 @@ impl Oracle {
         &self.owners
     }
 
+    /// The catalogue: product -> its latest definition.
+    pub fn definitions(&self) -> &BTreeMap<String, OracleDefinition> {
+        &self.definitions
+    }
+
+    /// The product's name: its latest definition's, or its handle.
+    pub fn name_of(&self, product: &str) -> String {
+        self.definitions
+            .get(product)
+            .map_or_else(|| product.to_owned(), |definition| definition.name.clone())
+    }
+
+    /// Rules 5, 6 and 14: whether units of `product` move from the pool by themselves.
+    pub fn automatic(&self, product: &str) -> bool {
+        let assignment = self
+            .definitions
+            .get(product)
+            .and_then(|definition| definition.assignment.as_deref());
+        self.automatic_with(product, assignment)
+    }
+
+    /// Whether `product` moves by itself with `assignment`.
+    fn automatic_with(&self, product: &str, assignment: Option<&str>) -> bool {
+        match assignment {
+            _ if product == SEAT => true,
+            Some(assignment) => assignment == "automatic",
+            None => self.auto_assign,
+        }
+    }
+
     // ---- the rules ----
 
     fn decide(&mut self, event: &OracleEvent, now: DateTime<Utc>) -> OracleVerdict {
+        if let OracleBody::ProductDefined { .. } = &event.body {
+            return self.define(event, now);
+        }
         // Rule 1 for grants and transfer requests: once seen, final.
         if event.is_final_once_seen() && !self.final_ids.insert(event.event_id.clone()) {
             return OracleVerdict::Duplicate;
@@ -740,6 +842,7 @@ impl Oracle {
                 self.track(now);
                 OracleVerdict::Applied
             }
+            OracleBody::ProductDefined { .. } => unreachable!("decided by define() above"),
             OracleBody::Revoked { target } => {
                 self.revocations.push(Revocation {
                     event_id: event.event_id.clone(),
@@ -766,6 +869,57 @@ impl Oracle {
                 OracleVerdict::Applied
             }
         }
+    }
+
+    /// Rule 14: the latest definition by (`occurred_at`, `event_id`) wins; a module that
+    /// becomes automatic fills the waiting workspaces of every organization.
+    fn define(&mut self, event: &OracleEvent, now: DateTime<Utc>) -> OracleVerdict {
+        let OracleBody::ProductDefined {
+            product,
+            name,
+            description,
+            assignment,
+        } = &event.body
+        else {
+            unreachable!("define() is called for definitions only");
+        };
+        if let Some(latest) = self.definitions.get(product) {
+            if latest.event_id == event.event_id {
+                return OracleVerdict::Duplicate;
+            }
+            if (event.occurred_at, &event.event_id) < (latest.occurred_at, &latest.event_id) {
+                return OracleVerdict::Stale;
+            }
+        }
+        let becomes_automatic =
+            !self.automatic(product) && self.automatic_with(product, assignment.as_deref());
+        let waiting: BTreeSet<String> = if becomes_automatic {
+            self.open_shortfalls()
+                .into_iter()
+                .filter(|shortfall| &shortfall.product == product)
+                .map(|shortfall| shortfall.org_id)
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
+        // Time first, under the module's old assignment, as before any event of theirs.
+        for org in &waiting {
+            self.settle_org(org, now);
+        }
+        self.definitions.insert(
+            product.clone(),
+            OracleDefinition {
+                occurred_at: event.occurred_at,
+                event_id: event.event_id.clone(),
+                name: name.clone(),
+                description: description.clone(),
+                assignment: assignment.clone(),
+            },
+        );
+        for org in &waiting {
+            self.fill(org, product, &event.event_id, now);
+        }
+        OracleVerdict::Applied
     }
 
     /// Rule 11: what `revocation` may take of what `grant` has left in the pool, with one
@@ -1014,11 +1168,11 @@ impl Oracle {
         }
     }
 
-    /// Rule 5 (and 6 under auto-assign): every waiting workspace of the organization gets
-    /// `min(missing, available)`, oldest shortfall first.
+    /// Rule 5 (and 6 and 14 when the module is automatic): every waiting workspace of the
+    /// organization gets `min(missing, available)`, oldest shortfall first.
     fn fill(&mut self, org: &str, product: &str, cause: &str, now: DateTime<Utc>) {
         let unlimited = self.is_unlimited(org, product);
-        if product != SEAT && !self.auto_assign && !unlimited {
+        if !self.automatic(product) && !unlimited {
             return;
         }
         self.track(now);

@@ -399,6 +399,7 @@ pub fn topic_of(topics: &TopicSettings, kind: InputKind) -> &str {
         InputKind::EntitlementGranted => &topics.entitlement_granted,
         InputKind::TransferRequested => &topics.transfer_requested,
         InputKind::EntitlementRevoked => &topics.entitlement_revoked,
+        InputKind::ProductDefined => &topics.product_defined,
     }
 }
 
@@ -569,6 +570,7 @@ pub fn assert_oracle_agrees(scenario: &Scenario) {
             InputKind::EntitlementGranted => "entitlement-granted",
             InputKind::TransferRequested => "entitlement-transfer-requested",
             InputKind::EntitlementRevoked => "entitlement-revoked",
+            InputKind::ProductDefined => "product-defined",
         };
         let decoded = OracleEvent::from_json(kind, &event.body).expect("a valid event");
         oracle.apply(&decoded, now);
