@@ -247,6 +247,24 @@ async fn play_story(
                 .map(|n| (topics.participant_added.clone(), event(json!({"org_id": "acme", "workspace_id": "expo-2026", "participant_id": format!("x-{n:04}")}))))
                 .collect(),
         ),
+        (
+            "acme buys 2 units of q-and-a; summit-2026 enables it and waits for a person.",
+            "",
+            vec![
+                (topics.entitlement_granted.clone(), event(json!({"org_id": "acme", "product": "q-and-a", "quantity": 2, "source": {"kind": "add_on", "reference": "ADD-QA"}}))),
+                (topics.module_enabled.clone(), event(json!({"org_id": "acme", "workspace_id": summit, "module": "q-and-a"}))),
+            ],
+        ),
+        (
+            "expo-2026 enables q-and-a too, and waits as well.",
+            "",
+            vec![(topics.module_enabled.clone(), event(json!({"org_id": "acme", "workspace_id": "expo-2026", "module": "q-and-a"})))],
+        ),
+        (
+            "The catalogue defines q-and-a as \"Live Q&A\", assigned automatically: both waiting workspaces get their unit, oldest first.",
+            "",
+            vec![(topics.product_defined.clone(), event(json!({"product": "q-and-a", "name": "Live Q&A", "description": "Questions from the audience, moderated.", "assignment": "automatic"})))],
+        ),
     ];
     let mut produced: i64 = 0;
     for (title, _, messages) in steps {
@@ -284,8 +302,10 @@ async fn play_step(
             Value::String(text) => text.clone(),
             other => other.to_string(),
         };
+        // An organization's events are keyed by it; the catalogue's by the product.
         let key = message
             .get("org_id")
+            .or_else(|| message.get("product"))
             .and_then(Value::as_str)
             .unwrap_or("unknown")
             .to_owned();

@@ -75,7 +75,7 @@ fn the_demo_prints_each_steps_effects_under_it_in_the_order_they_happened() {
         "the story ends:\n{stdout}"
     );
     let steps = steps(&stdout);
-    assert_eq!(steps.len(), 15, "fifteen steps:\n{stdout}");
+    assert_eq!(steps.len(), 18, "eighteen steps:\n{stdout}");
 
     let plan = step(&steps, "acme buys a plan with 10 seats");
     assert_eq!(plan.len(), 1, "{plan:#?}");
@@ -176,6 +176,22 @@ fn the_demo_prints_each_steps_effects_under_it_in_the_order_they_happened() {
         })
         .sum();
     assert_eq!(seats, 5, "{unlimited:#?}");
+
+    let waiting = step(&steps, "acme buys 2 units of q-and-a");
+    assert!(
+        waiting.iter().all(|line| !line.contains(" transfer ")),
+        "modules wait for a person: {waiting:#?}"
+    );
+    position(waiting, "ALERT    OPEN summit-2026 q-and-a: 1 missing");
+    let later = step(&steps, "expo-2026 enables q-and-a too");
+    assert_eq!(later.len(), 1, "{later:#?}");
+    position(later, "ALERT    OPEN expo-2026 q-and-a: 1 missing");
+    let automatic = step(&steps, "The catalogue defines q-and-a");
+    let summit = position(automatic, "1 q-and-a -> summit-2026");
+    let expo = position(automatic, "1 q-and-a -> expo-2026");
+    assert!(summit < expo, "oldest shortfall first: {automatic:#?}");
+    position(automatic, "ALERT    RESOLVED summit-2026 q-and-a");
+    position(automatic, "ALERT    RESOLVED expo-2026 q-and-a");
 
     let trial = step(&steps, "acme gets a trial of 3 seats");
     let credited = position(trial, " grant ");
