@@ -419,7 +419,7 @@ async fn ops_command(settings: &Settings, command: Command) -> anyhow::Result<Ex
             )
             .await?;
             println!(
-                "Published revocation {} to {} (partition {}, offset {}); the worker removes                  the units when it consumes it.",
+                "Published revocation {} to {} (partition {}, offset {}); the worker removes the units when it consumes it.",
                 published.event_id, published.topic, published.partition, published.offset
             );
         }
