@@ -115,10 +115,12 @@ enum Command {
         /// When the units left in the pool expire (RFC 3339).
         #[arg(long, value_parser = parse_time)]
         expires_at: Option<chrono::DateTime<chrono::Utc>>,
-        /// plan, add_on, subscription, trial or manual.
-        #[arg(long, default_value = "manual")]
-        source_kind: String,
-        /// The order, contract or ticket behind the grant.
+        /// plan, add_on, subscription, trial or manual (the default when a reference is
+        /// given).
+        #[arg(long, requires = "reference")]
+        source_kind: Option<String>,
+        /// The order, contract or ticket behind the grant: the grant's source, with
+        /// `--source-kind`. Without it the grant names no source.
         #[arg(long)]
         reference: Option<String>,
         /// The event id; a new one if absent. Reuse one to retry safely: the worker applies

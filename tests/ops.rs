@@ -536,6 +536,23 @@ async fn commands_fail_clearly_on_bad_arguments_and_an_unreachable_database() {
     assert!(
         String::from_utf8_lossy(&output.stderr).contains("the worker would refuse this request")
     );
+    // A source is a kind and a reference: a kind alone is refused before anything is sent.
+    let output = run(
+        &settings,
+        &[
+            "grant",
+            "--org",
+            "acme",
+            "--product",
+            "seat",
+            "--quantity",
+            "5",
+            "--source-kind",
+            "plan",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--reference"));
 }
 
 /// A person's grant and transfers go through the running worker: a viewer is refused with
@@ -563,6 +580,20 @@ async fn grant_and_transfer_go_through_the_worker_and_print_its_answer() {
     );
     assert!(output.status.success(), "{output:?}");
     assert!(stdout(&output).contains("Published grant ops-"));
+    // A grant that names no source is one too.
+    let output = run(
+        settings,
+        &[
+            "grant",
+            "--org",
+            "acme",
+            "--product",
+            "seat",
+            "--quantity",
+            "5",
+        ],
+    );
+    assert!(output.status.success(), "{output:?}");
     let enable = json!({"event_id": "m-1", "occurred_at": "2026-01-01T09:00:00Z", "org_id": "acme", "workspace_id": "summit", "module": "gamification"});
     let event = common::stream::Event {
         kind: InputKind::ModuleEnabled,
@@ -570,7 +601,7 @@ async fn grant_and_transfer_go_through_the_worker_and_print_its_answer() {
         body: enable,
     };
     common::stream::produce(settings, &[&event], common::stream::Keys::ByOrganization).await;
-    setup.wait_until_done(2, &worker).await;
+    setup.wait_until_done(3, &worker).await;
 
     let transfer = |user: &str, role: &str| {
         run(
@@ -610,6 +641,9 @@ async fn grant_and_transfer_go_through_the_worker_and_print_its_answer() {
         &run(settings, &["report", "--org", "acme", "--format", "json"]).stdout,
     )
     .unwrap();
+    assert_eq!(report["pools"][0]["product"], "seat");
+    assert_eq!(report["pools"][0]["available"], 5);
+    assert_eq!(report["sources"][0]["source"], "none");
     assert_eq!(report["totals"][0]["product"], "gamification");
     assert_eq!(report["totals"][0]["missing"], 0, "the shortfall resolved");
     assert!(worker.terminate(Duration::from_secs(30)).success());

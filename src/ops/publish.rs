@@ -34,7 +34,8 @@ pub struct GrantRequest {
     pub quantity: i64,
     pub valid_from: Option<DateTime<Utc>>,
     pub expires_at: Option<DateTime<Utc>>,
-    pub source_kind: String,
+    /// `manual` when absent and a reference is given.
+    pub source_kind: Option<String>,
     pub source_reference: Option<String>,
     pub event_id: Option<String>,
 }
@@ -142,10 +143,10 @@ pub async fn grant(settings: &Settings, request: GrantRequest) -> anyhow::Result
         "org_id": request.org_id,
         "product": request.product,
         "quantity": request.quantity,
-        "source": {"kind": request.source_kind},
     });
     if let Some(reference) = request.source_reference {
-        message["source"]["reference"] = json!(reference);
+        let kind = request.source_kind.as_deref().unwrap_or("manual");
+        message["source"] = json!({"kind": kind, "reference": reference});
     }
     if let Some(valid_from) = request.valid_from {
         message["valid_from"] = json!(valid_from.to_rfc3339());
