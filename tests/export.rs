@@ -726,6 +726,92 @@ async fn products_appear_by_their_catalogue_names_with_their_handles() {
     }
 }
 
+/// An unlimited grant has a line of its own among the sources: "Unlimited" where counted
+/// units would be, what it gave as used, and "Ended" once it is over; its pool shows
+/// "Unlimited" as available while it is valid.
+#[tokio::test]
+async fn unlimited_grants_appear_as_unlimited_then_ended() {
+    let (store, pool) = database().await;
+    let t0 = Utc::now() - Duration::hours(4);
+    let mut batch = vec![inbound(
+        0,
+        InputKind::EntitlementGranted,
+        json!({"event_id": "g-top", "occurred_at": rfc3339(t0), "org_id": "acme",
+               "product": "seat", "unlimited": true,
+               "source": {"kind": "plan", "reference": "enterprise"}}),
+    )];
+    for n in 0..3 {
+        batch.push(inbound(
+            1 + n,
+            InputKind::ParticipantAdded,
+            json!({"event_id": format!("a-{n}"), "occurred_at": rfc3339(t0), "org_id": "acme",
+                   "workspace_id": "summit", "participant_id": format!("p{n}")}),
+        ));
+    }
+    store
+        .apply_batch(&batch, Policy::default(), t0)
+        .await
+        .expect("the batch commits");
+    let sources_line = |path: &Path| {
+        let mut workbook = open(path);
+        let overview = workbook.worksheet_range("Overview").expect("Overview");
+        let pool_row = OVERVIEW_POOLS_HEADER_ROW + 1;
+        let available = cell(&overview, pool_row, 5);
+        // One pool line, a blank row, the sources' title and headers, then its line.
+        let title = OVERVIEW_POOLS_HEADER_ROW + 1 + 2;
+        assert_eq!(
+            cell(&overview, title, 0),
+            Data::String("Where the units came from".into())
+        );
+        let row = title + 2;
+        let line: Vec<Data> = (0..8).map(|column| cell(&overview, row, column)).collect();
+        (available, line)
+    };
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("acme.xlsx");
+    export(&pool, "acme", &path, Utc::now(), false)
+        .await
+        .expect("the export succeeds");
+    let text = |value: &str| Data::String(value.into());
+    let (available, line) = sources_line(&path);
+    assert_eq!(available, text("Unlimited"));
+    assert_eq!(
+        line,
+        [
+            text("seat"),
+            text("plan"),
+            text("Unlimited"),
+            Data::Float(3.0),
+            text("-"),
+            text("-"),
+            text("Unlimited"),
+            Data::Float(0.0),
+        ]
+    );
+
+    let revoke = inbound(
+        4,
+        InputKind::EntitlementRevoked,
+        json!({"event_id": "r-top", "occurred_at": rfc3339(t0), "org_id": "acme",
+               "grant_id": "g-top"}),
+    );
+    store
+        .apply_batch(&[revoke], Policy::default(), t0)
+        .await
+        .expect("the revocation commits");
+    export(&pool, "acme", &path, Utc::now(), false)
+        .await
+        .expect("the export succeeds");
+    let (available, line) = sources_line(&path);
+    assert_eq!(available, Data::Float(0.0), "counted units only, now none");
+    assert_eq!(line[6], text("Ended"));
+    assert_eq!(
+        line[3],
+        Data::Float(3.0),
+        "what it gave stays counted as used"
+    );
+}
+
 #[tokio::test]
 async fn an_unknown_organization_fails_plainly_and_leaves_no_file() {
     let (store, pool) = database().await;
