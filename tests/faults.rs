@@ -312,45 +312,48 @@ async fn postgres_restarted_twice_mid_stream_loses_and_doubles_nothing() {
         common::metric_sum(&metrics, "entitlements_store_retries_total")
             + common::metric_sum(&metrics, "entitlements_publish_errors_total")
     };
-    // From a quarter of the stream on, restarts while a worker transaction is open, until
-    // two of them interrupted the worker (its retries rose): a transaction seen open may
-    // still commit before the restart takes the sessions.
+    // From a quarter of the stream on, each restart comes while a worker's batch is open
+    // and waiting, mid-transaction, on a lock this test holds on `processed_events` (a
+    // batch records its events there after its other writes), so the restart certainly
+    // takes an open batch with it.
     setup
         .wait_for_progress((before + scenario.events.len() / 4) as i64, &worker)
         .await;
     let mut restarted_at = Vec::new();
-    let mut interrupting = 0;
-    while interrupting < 2 {
-        assert!(
-            restarted_at.len() < 10,
-            "10 restarts, {interrupting} of them interrupted the worker"
-        );
-        common::eventually("a worker's transaction to be open", DEADLINE, || async {
-            let open: i64 = sqlx::query_scalar(
+    for restart in 1..=2 {
+        let mut blocker = setup.database.begin().await.expect("a transaction begins");
+        sqlx::query("LOCK TABLE processed_events IN SHARE MODE")
+            .execute(&mut *blocker)
+            .await
+            .expect("the test takes its lock");
+        common::eventually("a worker's batch to wait on the lock", DEADLINE, || async {
+            let waiting: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM pg_stat_activity
-                  WHERE datname = $1 AND xact_start IS NOT NULL
+                  WHERE datname = $1 AND backend_type = 'client backend'
+                    AND wait_event_type = 'Lock' AND xact_start IS NOT NULL
                     AND application_name <> 'entitlement-tests'",
             )
             .bind(&database_name)
             .fetch_one(&setup.database)
             .await
             .unwrap_or(0);
-            (open > 0).then_some(())
+            (waiting > 0).then_some(())
         })
         .await;
         let retries_before = retries(&worker);
         let at_restart = stream::applied(&setup.database).await;
         restart_postgres();
+        drop(blocker);
         assert!(
             (at_restart as usize) < expected,
             "PostgreSQL restarted mid-stream ({at_restart} of {expected})"
         );
         restarted_at.push(at_restart);
-        // The worker goes on after the restart; whether it had to retry shows by then.
         setup.wait_for_progress(at_restart + 1, &worker).await;
-        if retries(&worker) > retries_before {
-            interrupting += 1;
-        }
+        assert!(
+            retries(&worker) > retries_before,
+            "restart {restart} took an open batch, and the worker retried it"
+        );
     }
     hold.store(false, Ordering::SeqCst);
     let total = before + producer.await.expect("the stream is produced");
@@ -361,7 +364,7 @@ async fn postgres_restarted_twice_mid_stream_loses_and_doubles_nothing() {
     assert!(worker.terminate(Duration::from_secs(30)).success());
     let entries = setup.check(&scenario).await;
     eprintln!(
-        "fault-summary postgres_restart: restarts={} interrupting={interrupting} \
+        "fault-summary postgres_restart: restarts={} \
          restarted_at={restarted_at:?} retries_in_metrics={retries} messages={total} \
          ledger_entries={entries} lost=0 doubled=0",
         restarted_at.len()
