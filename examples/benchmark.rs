@@ -275,6 +275,7 @@ async fn bench(
         &main_settings.kafka,
         &main_settings.topics,
         args.partitions,
+        1,
     )
     .await
     .context("creating the topics")?;
@@ -390,6 +391,7 @@ async fn bench(
             &settings.kafka,
             &settings.topics,
             args.partitions,
+            1,
         )
         .await?;
         let started = Instant::now();

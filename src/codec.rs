@@ -11,7 +11,7 @@ use crate::domain::shortfalls::{alert_id, ID_NAMESPACE};
 use crate::domain::{
     Actor, Alert, Assignment, Command, CommandBody, EventId, GrantSource, GrantUnits, IdError,
     Input, LedgerEntry, OrgId, ParticipantId, Product, ProductDefined, Quantity, RevocationTarget,
-    WorkspaceId,
+    StateBody, StateChange, StateKey, WorkspaceId,
 };
 
 /// The largest input message accepted, in bytes (the contract's 64 KiB).
@@ -587,6 +587,103 @@ impl From<&Alert> for AlertMessage {
             opened_at: alert.opened_at,
             occurred_at: alert.occurred_at,
             caused_by: alert.caused_by.to_string(),
+        }
+    }
+}
+
+/// A message on `entitlement-state`: the whole new state of one key, tagged by `kind`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StateMessage {
+    Workspace(WorkspaceStateMessage),
+    Pool(PoolStateMessage),
+}
+
+/// The state of one workspace's consumption of one product.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkspaceStateMessage {
+    pub state_id: Uuid,
+    pub org_id: String,
+    pub workspace_id: String,
+    pub product: String,
+    pub required: i64,
+    pub allocated: i64,
+    pub missing: i64,
+    /// The workspace's name (rule 13); null until one is set.
+    pub name: Option<String>,
+    /// Whether the workspace is live (rule 13): not archived, and its `ends_at` not past.
+    pub live: bool,
+    pub version: i64,
+    pub updated_at: DateTime<Utc>,
+    pub caused_by: String,
+}
+
+/// The state of one organization's pool of one product.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolStateMessage {
+    pub state_id: Uuid,
+    pub org_id: String,
+    pub product: String,
+    /// Counted units in the pool now.
+    pub available: i64,
+    /// Counted units of grants not valid yet.
+    pub pending: i64,
+    /// An unlimited grant of the product is valid now (rule 12).
+    pub unlimited: bool,
+    pub granted: i64,
+    pub transferred: i64,
+    pub expired: i64,
+    pub revoked: i64,
+    pub version: i64,
+    pub updated_at: DateTime<Utc>,
+    pub caused_by: String,
+}
+
+impl StateMessage {
+    /// The message of `change`; `name` and `live` are those of its workspace (rule 13).
+    pub fn new(change: &StateChange, name: Option<&str>, live: bool) -> Self {
+        let state_id = change.key.state_id(change.version);
+        let caused_by = change.caused_by.to_string();
+        match (&change.key, &change.body) {
+            (
+                StateKey::Workspace {
+                    org_id,
+                    workspace_id,
+                    product,
+                },
+                StateBody::Workspace(counts),
+            ) => StateMessage::Workspace(WorkspaceStateMessage {
+                state_id,
+                org_id: org_id.to_string(),
+                workspace_id: workspace_id.to_string(),
+                product: product.to_string(),
+                required: counts.required,
+                allocated: counts.allocated,
+                missing: counts.missing(),
+                name: name.map(str::to_owned),
+                live,
+                version: change.version,
+                updated_at: change.updated_at,
+                caused_by,
+            }),
+            (StateKey::Pool { org_id, product }, StateBody::Pool(state)) => {
+                StateMessage::Pool(PoolStateMessage {
+                    state_id,
+                    org_id: org_id.to_string(),
+                    product: product.to_string(),
+                    available: state.available,
+                    pending: state.pending,
+                    unlimited: state.unlimited,
+                    granted: state.granted,
+                    transferred: state.transferred,
+                    expired: state.expired,
+                    revoked: state.revoked,
+                    version: change.version,
+                    updated_at: change.updated_at,
+                    caused_by,
+                })
+            }
+            _ => unreachable!("a state change's body matches its key"),
         }
     }
 }

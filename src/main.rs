@@ -38,6 +38,18 @@ enum Command {
     ///
     /// Example: ENTITLEMENTS__KAFKA__BROKERS=kafka:9092 entitlement-worker run
     Run,
+    /// Create every topic the worker reads and writes that is missing, each with its
+    /// settings (entitlement-state compacted), and say what was made.
+    ///
+    /// Example: entitlement-worker create-topics --partitions 12 --replication-factor 3
+    CreateTopics {
+        /// Partitions per topic; the broker's `num.partitions` if absent.
+        #[arg(long, value_parser = clap::value_parser!(i32).range(1..=10_000))]
+        partitions: Option<i32>,
+        /// Replicas per partition; the broker's `default.replication.factor` if absent.
+        #[arg(long, value_parser = clap::value_parser!(i32).range(1..=32))]
+        replication_factor: Option<i32>,
+    },
     /// Start an embedded broker and the worker, play a story and print what the worker
     /// publishes. Needs only PostgreSQL.
     ///
@@ -240,6 +252,9 @@ enum Format {
     Json,
 }
 
+/// Asks the broker for its default partitions or replication factor.
+const BROKER_DEFAULT: i32 = -1;
+
 fn parse_time(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
     chrono::DateTime::parse_from_rfc3339(text)
         .map(|time| time.with_timezone(&chrono::Utc))
@@ -312,6 +327,29 @@ async fn verify(settings: &Settings, format: Format) -> anyhow::Result<ExitCode>
 async fn ops_command(settings: &Settings, command: Command) -> anyhow::Result<ExitCode> {
     let now = chrono::Utc::now();
     match command {
+        Command::CreateTopics {
+            partitions,
+            replication_factor,
+        } => {
+            let created = entitlement_worker::kafka::admin::create_topics(
+                &settings.kafka,
+                &settings.topics,
+                partitions.unwrap_or(BROKER_DEFAULT),
+                replication_factor.unwrap_or(BROKER_DEFAULT),
+            )
+            .await?;
+            let all = settings.topics.all();
+            for name in &all {
+                let made = created.iter().any(|created| created == name);
+                let config = entitlement_worker::kafka::admin::topic_config(&settings.topics, name)
+                    .iter()
+                    .map(|(key, value)| format!(" ({key}={value})"))
+                    .collect::<String>();
+                let what = if made { "created" } else { "exists " };
+                println!("{what} {name}{config}");
+            }
+            println!("{} of {} topics created.", created.len(), all.len());
+        }
         Command::Report { org, format } => {
             let pool = ops::connect(&settings.database).await?;
             let report = ops::report::Report::load(&pool, &org, now).await?;

@@ -43,7 +43,9 @@ pub async fn run(
         auto_assign = settings.modules.auto_assign,
         "Starting the worker."
     );
-    let store = Store::connect(&settings.database).await?;
+    let store = Store::connect(&settings.database)
+        .await?
+        .publishing_state(settings.state.publish);
     let metrics = Metrics::new();
     let health = Health::new(Duration::from_secs(settings.metrics.stall_after_seconds));
     let cancel = CancellationToken::new();
@@ -80,6 +82,21 @@ pub async fn run(
             return Ok(());
         };
         return failed.map_err(Into::into);
+    }
+    let missing = crate::kafka::admin::missing_topics(&settings.kafka, &settings.topics).await;
+    let missing = match missing {
+        Ok(missing) if missing.is_empty() => None,
+        Ok(missing) => Some(anyhow::anyhow!(
+            "these topics are missing: {}; create them with `entitlement-worker create-topics` \
+             (or set topics.* to the names in use)",
+            missing.join(", ")
+        )),
+        Err(error) => Some(error.context("the worker could not list Kafka's topics")),
+    };
+    if let Some(error) = missing {
+        background_stop.cancel();
+        let _ = server.await;
+        return Err(error);
     }
 
     // Each lane is a member of the consumer group with its own consumer thread and apply

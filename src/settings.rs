@@ -30,6 +30,7 @@ pub struct Settings {
     pub batch: BatchSettings,
     pub clock: ClockSettings,
     pub outbox: OutboxSettings,
+    pub state: StateSettings,
     pub shutdown: ShutdownSettings,
     pub log: LogSettings,
 }
@@ -79,6 +80,14 @@ pub struct TopicSettings {
     pub shortfalls: String,
     pub ledger: String,
     pub dlq: String,
+    /// The compacted topic of the current state (version 2).
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct StateSettings {
+    /// Whether each batch publishes the new state of what it changed on `topics.state`.
+    pub publish: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -201,6 +210,8 @@ impl Settings {
             ("TOPICS__SHORTFALLS", topics.shortfalls.clone()),
             ("TOPICS__LEDGER", topics.ledger.clone()),
             ("TOPICS__DLQ", topics.dlq.clone()),
+            ("TOPICS__STATE", topics.state.clone()),
+            ("STATE__PUBLISH", self.state.publish.to_string()),
         ]
         .into_iter()
         .map(|(key, value)| (format!("ENTITLEMENTS__{key}"), value))
@@ -319,19 +330,21 @@ impl TopicSettings {
             &mut self.shortfalls,
             &mut self.ledger,
             &mut self.dlq,
+            &mut self.state,
         ] {
             name.push('-');
             name.push_str(suffix);
         }
     }
 
-    /// Every topic name: the inputs, then shortfalls, ledger and dead letters.
+    /// Every topic name: the inputs, then shortfalls, ledger, dead letters and state.
     pub fn all(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.inputs().map(|(_, name)| name).collect();
         names.extend([
             self.shortfalls.as_str(),
             self.ledger.as_str(),
             self.dlq.as_str(),
+            self.state.as_str(),
         ]);
         names
     }
@@ -429,7 +442,7 @@ mod tests {
         let mut topics = defaults.clone();
         topics.add_suffix("run-7");
         let (before, after) = (defaults.all(), topics.all());
-        assert_eq!(after.len(), 10);
+        assert_eq!(after.len(), 11);
         for (old, new) in before.iter().zip(&after) {
             assert_eq!(*new, format!("{old}-run-7"));
         }

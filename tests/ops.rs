@@ -938,3 +938,94 @@ async fn define_product_goes_through_the_worker() {
     let output = run(settings, &["verify"]);
     assert!(output.status.success(), "{}", stdout(&output));
 }
+
+/// `run` refuses to start without its topics and names every missing one; `create-topics`
+/// makes them (the state topic compacted), says what it made, and makes nothing the
+/// second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_topics_makes_what_run_says_is_missing() {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+
+    let kafka = common::kafka::Kafka::shared();
+    let settings = common::settings(&kafka.brokers);
+    let names: Vec<String> = settings
+        .topics
+        .all()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+
+    let refused = run(&settings, &["run"]);
+    assert!(!refused.status.success(), "{refused:?}");
+    let error = String::from_utf8_lossy(&refused.stderr);
+    assert!(error.contains("these topics are missing"), "{error}");
+    assert!(
+        error.contains("entitlement-worker create-topics"),
+        "{error}"
+    );
+    for name in &names {
+        assert!(error.contains(name.as_str()), "{name} in {error}");
+    }
+
+    let created = run(&settings, &["create-topics", "--partitions", "2"]);
+    assert!(created.status.success(), "{created:?}");
+    let said = stdout(&created);
+    assert!(
+        said.contains(&format!(
+            "created {} (cleanup.policy=compact)",
+            settings.topics.state
+        )),
+        "{said}"
+    );
+    for name in &names {
+        assert!(
+            said.contains(&format!("created {name}")),
+            "{name} in {said}"
+        );
+    }
+    assert!(
+        said.contains(&format!("{0} of {0} topics created.", names.len())),
+        "{said}"
+    );
+
+    let admin: AdminClient<DefaultClientContext> =
+        entitlement_worker::kafka::client_config(&settings.kafka)
+            .create()
+            .unwrap();
+    let configs = admin
+        .describe_configs(
+            [
+                &ResourceSpecifier::Topic(&settings.topics.state),
+                &ResourceSpecifier::Topic(&settings.topics.ledger),
+            ],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    let policy = |index: usize| {
+        let resource = configs[index].as_ref().expect("the topic's configuration");
+        resource
+            .get("cleanup.policy")
+            .and_then(|entry| entry.value.clone())
+    };
+    assert_eq!(policy(0).as_deref(), Some("compact"), "the state topic");
+    assert_eq!(policy(1).as_deref(), Some("delete"), "the ledger topic");
+    let consumer: BaseConsumer = entitlement_worker::kafka::client_config(&settings.kafka)
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(&settings.topics.dlq), Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(metadata.topics()[0].partitions().len(), 2);
+
+    let again = run(&settings, &["create-topics"]);
+    assert!(again.status.success(), "{again:?}");
+    let said = stdout(&again);
+    assert!(
+        said.contains(&format!("0 of {} topics created.", names.len())),
+        "{said}"
+    );
+    assert!(!said.contains("created "), "{said}");
+}

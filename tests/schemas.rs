@@ -5,7 +5,9 @@ use std::fs;
 use std::path::Path;
 
 use chrono::Utc;
-use entitlement_worker::codec::{self, AlertMessage, DeadLetterMessage, InputKind, LedgerMessage};
+use entitlement_worker::codec::{
+    self, AlertMessage, DeadLetterMessage, InputKind, LedgerMessage, StateMessage,
+};
 use serde_json::Value;
 
 const INPUTS: [(&str, InputKind); 7] = [
@@ -63,6 +65,7 @@ fn every_example_validates_or_fails_as_its_name_says() {
         "entitlement-shortfalls",
         "entitlement-ledger",
         "entitlement-dlq",
+        "entitlement-state",
     ]);
     for topic in topics {
         let validator = schema(topic);
@@ -243,6 +246,47 @@ fn the_messages_the_worker_publishes_validate() {
         };
         let message = serde_json::to_value(AlertMessage::from(&alert)).unwrap();
         assert!(alerts.is_valid(&message), "{message}");
+    }
+    let states = schema("entitlement-state");
+    let changes = [
+        StateChange {
+            key: StateKey::Workspace {
+                org_id: org.clone(),
+                workspace_id: workspace.clone(),
+                product: Product::seat(),
+            },
+            body: StateBody::Workspace(WorkspaceCounts {
+                required: 12,
+                allocated: 10,
+            }),
+            version: 3,
+            updated_at: now,
+            caused_by: cause.clone(),
+        },
+        StateChange {
+            key: StateKey::Pool {
+                org_id: org.clone(),
+                product: Product::parse("live-stream").unwrap(),
+            },
+            body: StateBody::Pool(PoolState {
+                available: 4,
+                pending: 10,
+                unlimited: true,
+                granted: 14,
+                transferred: 10,
+                expired: 0,
+                revoked: 0,
+            }),
+            version: 1,
+            updated_at: now,
+            caused_by: cause.clone(),
+        },
+    ];
+    for change in &changes {
+        for (name, live) in [(None, true), (Some("Summit 2026"), false)] {
+            let message = serde_json::to_value(StateMessage::new(change, name, live)).unwrap();
+            assert!(states.is_valid(&message), "{message}");
+        }
     }
     let dlq = schema("entitlement-dlq");
     // The last: a catalogue input, which names no organization.

@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use super::catalogue::Definition;
 use super::commands::{Command, CommandBody, Input, RevocationTarget};
 use super::ids::{EventId, OrgId, ParticipantId, Product, WorkspaceId};
+use super::state::{PoolState, StateChange, WorkspaceCounts};
 
 /// How the organization's modules are handed out.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -39,6 +40,13 @@ pub struct Pool {
     /// An unlimited grant of the product is valid now (rule 12); the counted units and
     /// totals above are kept apart from it.
     pub unlimited: bool,
+    /// The `version` of the pool's last state message (0: none yet).
+    pub state_version: i64,
+    /// The pool's state as stored before the batch, which its last state message carried;
+    /// None for a pool not stored yet.
+    pub loaded_state: Option<PoolState>,
+    /// The input that last changed the pool in this batch: its state message's `caused_by`.
+    pub last_cause: Option<EventId>,
     pub dirty: bool,
 }
 
@@ -130,6 +138,11 @@ pub struct Consumption {
     pub alert_revision: i64,
     /// The event that last changed it: the alert's `caused_by`.
     pub last_cause: Option<EventId>,
+    /// The `version` of its last state message (0: none yet).
+    pub state_version: i64,
+    /// `required` and `allocated` as stored before the batch, which its last state message
+    /// carried; None for a row not stored yet.
+    pub loaded_counts: Option<WorkspaceCounts>,
     /// True when the row is not stored yet (the store inserts it rather than updating it).
     pub is_new: bool,
     pub dirty: bool,
@@ -146,6 +159,8 @@ impl Consumption {
             reported_opened_at: None,
             alert_revision: 0,
             last_cause: None,
+            state_version: 0,
+            loaded_counts: None,
             is_new: true,
             dirty: false,
         }
@@ -377,6 +392,8 @@ pub struct Book {
     pub ledger: Vec<LedgerEntry>,
     /// Shortfall changes of this batch, filled by `finish`.
     pub alerts: Vec<Alert>,
+    /// The new state of every key the batch changed, filled by `finish`.
+    pub states: Vec<StateChange>,
 }
 
 impl Book {
@@ -458,9 +475,11 @@ impl Book {
         verdict
     }
 
-    /// Ends the batch: publishes the shortfall changes it made.
+    /// Ends the batch: publishes the shortfall changes it made and the new state of what
+    /// it changed.
     pub fn finish(&mut self, now: DateTime<Utc>) {
         self.collect_alerts(now);
+        self.collect_states(now);
     }
 
     pub(crate) fn organization_mut(&mut self, org_id: &OrgId) -> &mut Organization {
@@ -497,7 +516,9 @@ impl Book {
             movement.quantity > 0,
             "a ledger entry moves at least one unit"
         );
-        let pool_available_after = self.pool(org_id, movement.product).available;
+        let pool = self.pool_mut(org_id, movement.product);
+        pool.last_cause = Some(movement.caused_by.clone());
+        let pool_available_after = pool.available;
         debug_assert!(pool_available_after >= 0, "a pool never goes negative");
         let organization = self.organization_mut(org_id);
         organization.last_sequence += 1;

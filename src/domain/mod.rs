@@ -10,6 +10,7 @@
 //! | 11, revocations, also of grants that arrive later | [`revocations`] |
 //! | 14, the catalogue: names, and each module's assignment | [`catalogue`] |
 //! | alerts only on change | [`shortfalls`] |
+//! | the state of each key the batch changed, with its version | [`state`] |
 //!
 //! The store loads a [`book::Book`] with the state a batch needs, the batch's commands are
 //! applied one by one, and the store writes back what changed with the ledger entries and
@@ -23,6 +24,7 @@ pub mod participants;
 pub mod pools;
 pub mod revocations;
 pub mod shortfalls;
+pub mod state;
 pub mod tenancy;
 pub mod transfers;
 
@@ -36,6 +38,7 @@ pub use commands::{
     RevocationTarget,
 };
 pub use ids::{EventId, IdError, OrgId, ParticipantId, Product, Quantity, WorkspaceId};
+pub use state::{PoolState, StateBody, StateChange, StateKey, WorkspaceCounts};
 
 #[cfg(test)]
 mod tests;

@@ -68,6 +68,8 @@ impl Book {
             .entry((command.org_id.clone(), product.clone()))
             .or_default()
             .push(lot);
+        // A grant not valid yet changes the pool's state too (its `pending` units).
+        self.pool_mut(&command.org_id, product).last_cause = Some(command.event_id.clone());
         // Bring the new lot (and any other) up to now: activates it if it is valid.
         self.settled.remove(&command.org_id);
         self.settle_time(&command.org_id, now);

@@ -183,6 +183,7 @@ impl Relay {
                     Channel::Ledger => &topics.ledger,
                     Channel::Shortfalls => &topics.shortfalls,
                     Channel::Dlq => &topics.dlq,
+                    Channel::State => &topics.state,
                 };
                 let payload = self.payload_to_send(row.id, index, message);
                 loop {

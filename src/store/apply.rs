@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 
 use super::outbox::{Channel, OutboxMessage};
 use super::{Store, StoreError};
-use crate::codec::{AlertMessage, DeadLetterMessage, LedgerMessage, Rejection};
+use crate::codec::{AlertMessage, DeadLetterMessage, LedgerMessage, Rejection, StateMessage};
 use crate::domain::{Book, Input, LedgerKind, OrgId, Policy, Verdict};
 
 /// One consumed message and what decoding made of it.
@@ -214,7 +214,7 @@ impl Store {
             }
         }
         report.count_effects(&book);
-        outbox.extend(effects_to_publish(&book));
+        outbox.extend(self.effects_to_publish(&book));
         laps.lap(Stage::Core);
 
         super::write::write_book(&mut transaction, &book).await?;
@@ -259,7 +259,7 @@ impl Store {
             book.settle_time(org, now);
         }
         book.finish(now);
-        let outbox = effects_to_publish(&book);
+        let outbox = self.effects_to_publish(&book);
         super::write::write_book(&mut transaction, &book).await?;
         super::outbox::insert(&mut transaction, &outbox).await?;
         transaction.commit().await?;
@@ -268,24 +268,38 @@ impl Store {
     }
 }
 
-/// The ledger entries and alerts a book produced, as outbox messages keyed by organization,
-/// in the order they were recorded.
-fn effects_to_publish(book: &Book) -> Vec<OutboxMessage> {
-    let ledger = book.ledger.iter().map(|entry| {
-        OutboxMessage::new(
-            Channel::Ledger,
-            Some(entry.org_id.to_string()),
-            &LedgerMessage::from(entry),
-        )
-    });
-    let alerts = book.alerts.iter().map(|alert| {
-        OutboxMessage::new(
-            Channel::Shortfalls,
-            Some(alert.org_id.to_string()),
-            &AlertMessage::from(alert),
-        )
-    });
-    ledger.chain(alerts).collect()
+impl Store {
+    /// The ledger entries, alerts and (when the state topic is on) state messages a book
+    /// produced, as outbox messages in the order they were recorded: the ledger and alerts
+    /// keyed by organization, the state by its own key.
+    fn effects_to_publish(&self, book: &Book) -> Vec<OutboxMessage> {
+        let ledger = book.ledger.iter().map(|entry| {
+            OutboxMessage::new(
+                Channel::Ledger,
+                Some(entry.org_id.to_string()),
+                &LedgerMessage::from(entry),
+            )
+        });
+        let alerts = book.alerts.iter().map(|alert| {
+            OutboxMessage::new(
+                Channel::Shortfalls,
+                Some(alert.org_id.to_string()),
+                &AlertMessage::from(alert),
+            )
+        });
+        let states = book
+            .states
+            .iter()
+            .filter(|_| self.publish_state)
+            .map(|change| {
+                OutboxMessage::new(
+                    Channel::State,
+                    Some(change.key.to_json()),
+                    &StateMessage::new(change, None, true),
+                )
+            });
+        ledger.chain(alerts).chain(states).collect()
+    }
 }
 
 fn partitions_of(batch: &[Inbound]) -> Vec<(String, i32)> {

@@ -9,7 +9,7 @@ use super::StoreError;
 use crate::domain::{
     Assignment, Book, CommandBody, Consumption, Definition, EventId, GrantSource, Input, Lot,
     LotStatus, OrgId, Organization, ParticipantId, ParticipantRecord, Policy, Pool, Product,
-    Quantity, Revocation, RevocationTarget, WorkspaceId,
+    Quantity, Revocation, RevocationTarget, WorkspaceCounts, WorkspaceId,
 };
 
 /// The advisory lock of the catalogue (rule 14): shared by the transactions that may ask
@@ -430,11 +430,12 @@ async fn lock_and_load_pools(
         );
     }
 
-    /// org, product, available, granted, transferred, expired, revoked, unlimited.
-    type PoolRow = (String, String, i64, i64, i64, i64, i64, bool);
+    /// org, product, available, granted, transferred, expired, revoked, unlimited,
+    /// state version.
+    type PoolRow = (String, String, i64, i64, i64, i64, i64, bool, i64);
     let pools: Vec<PoolRow> = sqlx::query_as(
         "SELECT org_id, product, available, granted_total, transferred_total, expired_total,
-                revoked_total, unlimited
+                revoked_total, unlimited, state_version
            FROM pools WHERE org_id = ANY($1)",
     )
     .bind(&names)
@@ -449,6 +450,7 @@ async fn lock_and_load_pools(
         expired_total,
         revoked_total,
         unlimited,
+        state_version,
     ) in pools
     {
         book.pools.insert(
@@ -463,6 +465,9 @@ async fn lock_and_load_pools(
                 expired_total,
                 revoked_total,
                 unlimited,
+                state_version,
+                loaded_state: None,
+                last_cause: None,
                 dirty: false,
             },
         );
@@ -473,6 +478,7 @@ async fn lock_and_load_pools(
         .fetch_all(&mut *connection)
         .await?;
     insert_lots(&mut book, lots)?;
+    book.remember_pool_states();
     Ok(book)
 }
 
@@ -591,16 +597,17 @@ type ConsumptionRow = (
     Option<DateTime<Utc>>,
     i64,
     Option<String>,
+    i64,
 );
 
 const CONSUMPTION_COLUMNS_BY_WORKSPACE: &str =
     "SELECT workspace_id, product, org_id, required, allocated, shortfall_since,
-            reported_missing, reported_opened_at, alert_revision, last_cause
+            reported_missing, reported_opened_at, alert_revision, last_cause, state_version
        FROM consumption WHERE workspace_id = ANY($1)";
 
 const CONSUMPTION_COLUMNS_OPEN_BY_ORG: &str =
     "SELECT workspace_id, product, org_id, required, allocated, shortfall_since,
-            reported_missing, reported_opened_at, alert_revision, last_cause
+            reported_missing, reported_opened_at, alert_revision, last_cause, state_version
        FROM consumption WHERE org_id = ANY($1) AND required > allocated";
 
 fn insert_consumption(book: &mut Book, rows: Vec<ConsumptionRow>) -> Result<(), StoreError> {
@@ -615,6 +622,7 @@ fn insert_consumption(book: &mut Book, rows: Vec<ConsumptionRow>) -> Result<(), 
         reported_opened_at,
         alert_revision,
         last_cause,
+        state_version,
     ) in rows
     {
         book.consumption.insert(
@@ -635,6 +643,11 @@ fn insert_consumption(book: &mut Book, rows: Vec<ConsumptionRow>) -> Result<(), 
                     .map(EventId::parse)
                     .transpose()
                     .map_err(|error| StoreError::Corrupt(error.to_string()))?,
+                state_version,
+                loaded_counts: Some(WorkspaceCounts {
+                    required,
+                    allocated,
+                }),
                 is_new: false,
                 dirty: false,
             },

@@ -87,6 +87,8 @@ impl From<sqlx::Error> for StoreError {
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
+    /// Whether batches publish their state changes on `entitlement-state`.
+    publish_state: bool,
 }
 
 impl Store {
@@ -116,7 +118,18 @@ impl Store {
             .connect_with(options)
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            publish_state: true,
+        })
+    }
+
+    /// Turns the state messages on or off (`state.publish`); they are on by default. The
+    /// per-key versions go on counting while they are off, so a `snapshot` afterwards
+    /// gives a consumer every key's latest version.
+    pub fn publishing_state(mut self, publish: bool) -> Self {
+        self.publish_state = publish;
+        self
     }
 
     pub fn pool(&self) -> &PgPool {

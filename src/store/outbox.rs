@@ -14,6 +14,8 @@ pub enum Channel {
     Ledger,
     Shortfalls,
     Dlq,
+    /// `entitlement-state`, keyed by the state's key rather than by organization.
+    State,
 }
 
 impl Channel {
@@ -22,6 +24,7 @@ impl Channel {
             Channel::Ledger => "ledger",
             Channel::Shortfalls => "shortfalls",
             Channel::Dlq => "dlq",
+            Channel::State => "state",
         }
     }
 
@@ -30,6 +33,7 @@ impl Channel {
             "ledger" => Channel::Ledger,
             "shortfalls" => Channel::Shortfalls,
             "dlq" => Channel::Dlq,
+            "state" => Channel::State,
             _ => return None,
         })
     }

@@ -103,18 +103,20 @@ async fn write_pools(connection: &mut PgConnection, book: &Book) -> Result<(), S
     let expired: Vec<i64> = dirty.iter().map(|(_, pool)| pool.expired_total).collect();
     let revoked: Vec<i64> = dirty.iter().map(|(_, pool)| pool.revoked_total).collect();
     let unlimited: Vec<bool> = dirty.iter().map(|(_, pool)| pool.unlimited).collect();
+    let versions: Vec<i64> = dirty.iter().map(|(_, pool)| pool.state_version).collect();
     sqlx::query(
         "INSERT INTO pools (org_id, product, available, granted_total, transferred_total,
-                            expired_total, revoked_total, unlimited)
+                            expired_total, revoked_total, unlimited, state_version)
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[],
-                              $6::bigint[], $7::bigint[], $8::boolean[])
+                              $6::bigint[], $7::bigint[], $8::boolean[], $9::bigint[])
          ON CONFLICT (org_id, product) DO UPDATE SET
              available = EXCLUDED.available,
              granted_total = EXCLUDED.granted_total,
              transferred_total = EXCLUDED.transferred_total,
              expired_total = EXCLUDED.expired_total,
              revoked_total = EXCLUDED.revoked_total,
-             unlimited = EXCLUDED.unlimited",
+             unlimited = EXCLUDED.unlimited,
+             state_version = EXCLUDED.state_version",
     )
     .bind(&orgs)
     .bind(&products)
@@ -124,6 +126,7 @@ async fn write_pools(connection: &mut PgConnection, book: &Book) -> Result<(), S
     .bind(&expired)
     .bind(&revoked)
     .bind(&unlimited)
+    .bind(&versions)
     .execute(&mut *connection)
     .await?;
     Ok(())
@@ -313,15 +316,16 @@ async fn write_consumption(connection: &mut PgConnection, book: &Book) -> Result
 macro_rules! consumption_rows {
     () => {
         "UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::timestamptz[],
-            $7::bigint[], $8::timestamptz[], $9::bigint[], $10::text[])
+            $7::bigint[], $8::timestamptz[], $9::bigint[], $10::text[], $11::bigint[])
        AS c (workspace_id, product, org_id, required, allocated, shortfall_since,
-             reported_missing, reported_opened_at, alert_revision, last_cause)"
+             reported_missing, reported_opened_at, alert_revision, last_cause, state_version)"
     };
 }
 
 const INSERT_CONSUMPTION: &str = concat!(
     "INSERT INTO consumption (workspace_id, product, org_id, required, allocated, shortfall_since,
-                              reported_missing, reported_opened_at, alert_revision, last_cause)
+                              reported_missing, reported_opened_at, alert_revision, last_cause,
+                              state_version)
      SELECT * FROM ",
     consumption_rows!()
 );
@@ -334,7 +338,8 @@ const UPDATE_CONSUMPTION: &str = concat!(
          reported_missing = c.reported_missing,
          reported_opened_at = c.reported_opened_at,
          alert_revision = c.alert_revision,
-         last_cause = c.last_cause
+         last_cause = c.last_cause,
+         state_version = c.state_version
        FROM ",
     consumption_rows!(),
     " WHERE o.workspace_id = c.workspace_id AND o.product = c.product AND o.org_id = c.org_id"
@@ -364,6 +369,7 @@ fn bind_consumption<'q>(
         .iter()
         .map(|(_, c)| c.last_cause.as_ref().map(|cause| cause.as_str()))
         .collect();
+    let versions: Vec<i64> = rows.iter().map(|(_, c)| c.state_version).collect();
     statement
         .bind(workspaces)
         .bind(products)
@@ -375,6 +381,7 @@ fn bind_consumption<'q>(
         .bind(opened)
         .bind(revisions)
         .bind(causes)
+        .bind(versions)
 }
 
 /// Runs a statement that writes `expected` rows of `table` (nothing when there are none).

@@ -164,6 +164,7 @@ impl Kafka {
             &settings.kafka,
             &settings.topics,
             partitions,
+            1,
         )
         .await
         .unwrap_or_else(|error| panic!("the topics are created: {error}\n{}", self.tail_of_log()));

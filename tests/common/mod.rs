@@ -8,6 +8,7 @@ pub mod e2e;
 pub mod kafka;
 pub mod oracle;
 pub mod process;
+pub mod state_copy;
 pub mod stream;
 
 use entitlement_worker::settings::Settings;

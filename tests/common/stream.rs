@@ -483,10 +483,12 @@ pub struct Outputs {
     pub ledger: Vec<Value>,
     pub alerts: Vec<Value>,
     pub dead_letters: Vec<Value>,
+    /// The state topic's messages with their keys, in the order of each partition.
+    pub states: Vec<(String, Value)>,
 }
 
 impl Outputs {
-    /// Reads all three output topics from the beginning up to their high watermarks as
+    /// Reads all four output topics from the beginning up to their high watermarks as
     /// they are now (call it once the outbox is empty: everything is in the log), and
     /// checks that `ledger_entries` distinct ledger entries were among them.
     pub fn read(settings: &Settings, ledger_entries: usize, deadline: Duration) -> Self {
@@ -498,7 +500,12 @@ impl Outputs {
         let topics = &settings.topics;
         let mut assignment = TopicPartitionList::new();
         let mut remaining: HashMap<(String, i32), i64> = HashMap::new();
-        for topic in [&topics.ledger, &topics.shortfalls, &topics.dlq] {
+        for topic in [
+            &topics.ledger,
+            &topics.shortfalls,
+            &topics.dlq,
+            &topics.state,
+        ] {
             let metadata = consumer
                 .fetch_metadata(Some(topic), Duration::from_secs(10))
                 .expect("the topic's metadata");
@@ -542,6 +549,10 @@ impl Outputs {
                 outputs.ledger.push(value);
             } else if message.topic() == topics.shortfalls {
                 outputs.alerts.push(value);
+            } else if message.topic() == topics.state {
+                let key = message.key().expect("a state message has a key");
+                let key = String::from_utf8(key.to_vec()).expect("a UTF-8 key");
+                outputs.states.push((key, value));
             } else {
                 outputs.dead_letters.push(value);
             }
@@ -830,4 +841,14 @@ pub async fn check(pool: &PgPool, outputs: &Outputs, expected: &Expected) {
         })
         .collect();
     assert_eq!(refused, expected.forbidden, "refused requests");
+
+    // The state topic: a copy kept from it (last version per key) is what `report` shows.
+    super::state_copy::assert_copy_matches_report(
+        pool,
+        outputs
+            .states
+            .iter()
+            .map(|(key, message)| (key.as_str(), message)),
+    )
+    .await;
 }
