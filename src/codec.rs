@@ -47,11 +47,12 @@ pub enum InputKind {
     TransferRequested,
     EntitlementRevoked,
     ProductDefined,
+    WorkspaceUpdated,
 }
 
 impl InputKind {
     /// Every input topic's kind.
-    pub const ALL: [InputKind; 7] = [
+    pub const ALL: [InputKind; 8] = [
         InputKind::ParticipantAdded,
         InputKind::ParticipantCancelled,
         InputKind::ModuleEnabled,
@@ -59,6 +60,8 @@ impl InputKind {
         InputKind::TransferRequested,
         InputKind::EntitlementRevoked,
         InputKind::ProductDefined,
+        // Last: the fuzz seeds of the store pick their topic by index into this list.
+        InputKind::WorkspaceUpdated,
     ];
 }
 
@@ -105,6 +108,10 @@ struct RawEnvelope {
     requested_by: Option<RawActor>,
     grant_id: Option<String>,
     reason: Option<String>,
+    name: Option<String>,
+    starts_at: Option<String>,
+    ends_at: Option<String>,
+    archived: Option<bool>,
 }
 
 /// A `product-defined`: it has no `org_id` (the catalogue is global).
@@ -235,6 +242,9 @@ fn fields_of(kind: InputKind) -> &'static [&'static str] {
         ],
         InputKind::TransferRequested => &["workspace_id", "product", "quantity", "requested_by"],
         InputKind::EntitlementRevoked => &["grant_id", "source", "product", "quantity", "reason"],
+        InputKind::WorkspaceUpdated => {
+            &["workspace_id", "name", "starts_at", "ends_at", "archived"]
+        }
         InputKind::ProductDefined => &["product", "name", "description", "assignment"],
     }
 }
@@ -343,6 +353,31 @@ fn decode_value(kind: InputKind, mut value: serde_json::Value) -> Result<Command
                 })
                 .transpose()?,
         },
+        InputKind::WorkspaceUpdated => {
+            let workspace_id = workspace(&raw)?;
+            if let Some(name) = &raw.name {
+                free_text("name", name)?;
+            }
+            let starts_at = optional_timestamp("starts_at", raw.starts_at.as_deref())?;
+            let ends_at = optional_timestamp("ends_at", raw.ends_at.as_deref())?;
+            if let (Some(start), Some(end)) = (starts_at, ends_at) {
+                if end <= start {
+                    return Err(format!(
+                        "Field `ends_at` ({}) must be after `starts_at` ({}): a workspace \
+                         ends after it starts.",
+                        end.to_rfc3339(),
+                        start.to_rfc3339()
+                    ));
+                }
+            }
+            CommandBody::WorkspaceUpdated {
+                workspace_id,
+                name: raw.name,
+                starts_at,
+                ends_at,
+                archived: raw.archived.unwrap_or(false),
+            }
+        }
         InputKind::ProductDefined => {
             unreachable!("decode_definition() decodes the catalogue's inputs")
         }

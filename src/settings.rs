@@ -75,6 +75,7 @@ pub struct TopicSettings {
     pub entitlement_granted: String,
     pub transfer_requested: String,
     pub entitlement_revoked: String,
+    pub workspace_updated: String,
     pub product_defined: String,
     pub shortfalls: String,
     pub ledger: String,
@@ -197,6 +198,10 @@ impl Settings {
                 "TOPICS__ENTITLEMENT_REVOKED",
                 topics.entitlement_revoked.clone(),
             ),
+            (
+                "TOPICS__WORKSPACE_UPDATED",
+                topics.workspace_updated.clone(),
+            ),
             ("TOPICS__PRODUCT_DEFINED", topics.product_defined.clone()),
             ("TOPICS__SHORTFALLS", topics.shortfalls.clone()),
             ("TOPICS__LEDGER", topics.ledger.clone()),
@@ -300,6 +305,7 @@ impl TopicSettings {
                 InputKind::EntitlementRevoked,
                 self.entitlement_revoked.as_str(),
             ),
+            (InputKind::WorkspaceUpdated, self.workspace_updated.as_str()),
             (InputKind::ProductDefined, self.product_defined.as_str()),
         ]
         .into_iter()
@@ -315,6 +321,7 @@ impl TopicSettings {
             &mut self.entitlement_granted,
             &mut self.transfer_requested,
             &mut self.entitlement_revoked,
+            &mut self.workspace_updated,
             &mut self.product_defined,
             &mut self.shortfalls,
             &mut self.ledger,
@@ -429,7 +436,7 @@ mod tests {
         let mut topics = defaults.clone();
         topics.add_suffix("run-7");
         let (before, after) = (defaults.all(), topics.all());
-        assert_eq!(after.len(), 10);
+        assert_eq!(after.len(), 11);
         for (old, new) in before.iter().zip(&after) {
             assert_eq!(*new, format!("{old}-run-7"));
         }
@@ -474,6 +481,7 @@ mod tests {
             "entitlement-transfer-requested"
         );
         assert_eq!(settings.topics.entitlement_revoked, "entitlement-revoked");
+        assert_eq!(settings.topics.workspace_updated, "workspace-updated");
         assert_eq!(settings.topics.product_defined, "product-defined");
         assert_eq!(settings.topics.dlq, "entitlement-dlq");
     }

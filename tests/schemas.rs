@@ -8,7 +8,7 @@ use chrono::Utc;
 use entitlement_worker::codec::{self, AlertMessage, DeadLetterMessage, InputKind, LedgerMessage};
 use serde_json::Value;
 
-const INPUTS: [(&str, InputKind); 7] = [
+const INPUTS: [(&str, InputKind); 8] = [
     ("participant-added", InputKind::ParticipantAdded),
     ("participant-cancelled", InputKind::ParticipantCancelled),
     ("module-enabled", InputKind::ModuleEnabled),
@@ -18,6 +18,7 @@ const INPUTS: [(&str, InputKind); 7] = [
         InputKind::TransferRequested,
     ),
     ("entitlement-revoked", InputKind::EntitlementRevoked),
+    ("workspace-updated", InputKind::WorkspaceUpdated),
     ("product-defined", InputKind::ProductDefined),
 ];
 

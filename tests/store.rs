@@ -600,7 +600,7 @@ async fn the_upgrade_from_version_1_keeps_every_row_and_the_worker_goes_on_from_
     // when the worker starts on it and migrates it,
     let store = store_on(&url).await;
 
-    // then every row is still there with the same values, and only what rules 11 and 12
+    // then every row is still there with the same values, and only what rules 11, 12 and 13
     // need was added,
     let after = columns(store.pool()).await;
     for (table, columns) in &before {
@@ -632,6 +632,13 @@ async fn the_upgrade_from_version_1_keeps_every_row_and_the_worker_goes_on_from_
             "lots.expired",
             "pools.revoked_total",
             "pools.unlimited",
+            "workspaces.name",
+            "workspaces.starts_at",
+            "workspaces.ends_at",
+            "workspaces.archived",
+            "workspaces.live",
+            "workspaces.life_event_at",
+            "workspaces.life_event_id",
         ]
     );
     let new_tables: Vec<&String> = after
