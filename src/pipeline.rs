@@ -469,7 +469,8 @@ async fn clock_loop(
             _ = stop.cancelled() => return,
         }
         match store.settle_due(policy, Utc::now()).await {
-            Ok(report) if report.ledger_total() == 0 && report.alerts == 0 => {}
+            Ok(report)
+                if report.ledger_total() == 0 && report.alerts == 0 && report.states == 0 => {}
             Ok(report) => {
                 metrics.clock_entries.inc_by(report.ledger_total());
                 metrics.observe_effects(&report);

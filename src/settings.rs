@@ -76,6 +76,7 @@ pub struct TopicSettings {
     pub entitlement_granted: String,
     pub transfer_requested: String,
     pub entitlement_revoked: String,
+    pub workspace_updated: String,
     pub product_defined: String,
     pub shortfalls: String,
     pub ledger: String,
@@ -206,6 +207,10 @@ impl Settings {
                 "TOPICS__ENTITLEMENT_REVOKED",
                 topics.entitlement_revoked.clone(),
             ),
+            (
+                "TOPICS__WORKSPACE_UPDATED",
+                topics.workspace_updated.clone(),
+            ),
             ("TOPICS__PRODUCT_DEFINED", topics.product_defined.clone()),
             ("TOPICS__SHORTFALLS", topics.shortfalls.clone()),
             ("TOPICS__LEDGER", topics.ledger.clone()),
@@ -311,6 +316,7 @@ impl TopicSettings {
                 InputKind::EntitlementRevoked,
                 self.entitlement_revoked.as_str(),
             ),
+            (InputKind::WorkspaceUpdated, self.workspace_updated.as_str()),
             (InputKind::ProductDefined, self.product_defined.as_str()),
         ]
         .into_iter()
@@ -326,6 +332,7 @@ impl TopicSettings {
             &mut self.entitlement_granted,
             &mut self.transfer_requested,
             &mut self.entitlement_revoked,
+            &mut self.workspace_updated,
             &mut self.product_defined,
             &mut self.shortfalls,
             &mut self.ledger,
@@ -442,7 +449,7 @@ mod tests {
         let mut topics = defaults.clone();
         topics.add_suffix("run-7");
         let (before, after) = (defaults.all(), topics.all());
-        assert_eq!(after.len(), 11);
+        assert_eq!(after.len(), 12);
         for (old, new) in before.iter().zip(&after) {
             assert_eq!(*new, format!("{old}-run-7"));
         }
@@ -487,6 +494,7 @@ mod tests {
             "entitlement-transfer-requested"
         );
         assert_eq!(settings.topics.entitlement_revoked, "entitlement-revoked");
+        assert_eq!(settings.topics.workspace_updated, "workspace-updated");
         assert_eq!(settings.topics.product_defined, "product-defined");
         assert_eq!(settings.topics.dlq, "entitlement-dlq");
     }

@@ -42,6 +42,7 @@ pub struct Metrics {
     pub seats_transferred: IntCounter,
     pub ledger_entries: IntCounterVec,
     pub alerts: IntCounter,
+    pub state_changes: IntCounter,
     pub open_shortfalls: IntGauge,
     pub outbox_backlog: IntGauge,
     pub consumer_lag: IntGaugeVec,
@@ -252,6 +253,10 @@ impl Metrics {
                 "entitlements_shortfall_alerts_total",
                 "Shortfall changes recorded for publication.",
             ),
+            state_changes: counter(
+                "entitlements_state_changes_total",
+                "Workspace-product and pool states recorded for publication on the state topic.",
+            ),
             open_shortfalls: gauge(
                 "entitlements_open_shortfalls",
                 "(workspace, product) pairs missing entitlements, across all organizations.",
@@ -323,6 +328,7 @@ impl Metrics {
         self.seats_transferred
             .inc_by(report.seats_transferred.max(0) as u64);
         self.alerts.inc_by(report.alerts);
+        self.state_changes.inc_by(report.states);
     }
 
     pub fn render(&self) -> String {

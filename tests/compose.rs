@@ -122,6 +122,7 @@ fn compose_runs_kafka_postgres_the_worker_and_prometheus_with_health_checks() {
         "entitlement-granted",
         "entitlement-transfer-requested",
         "entitlement-revoked",
+        "workspace-updated",
         "product-defined",
         "entitlement-shortfalls",
         "entitlement-ledger",

@@ -534,6 +534,9 @@ async fn the_workbook_holds_the_pools_the_workspaces_and_every_transaction() {
         assert_eq!(integer(&workspaces, row, 2), required, "row {row}");
         assert_eq!(integer(&workspaces, row, 3), allocated, "row {row}");
         assert_eq!(integer(&workspaces, row, 4), missing, "row {row}");
+        // No workspace-updated: each is live and has no name (rule 13).
+        assert_eq!(cell(&workspaces, row, 6), Data::Empty, "row {row}");
+        assert_eq!(text(&workspaces, row, 7), "live", "row {row}");
         if since {
             assert_same_time(
                 datetime(&workspaces, row, 5),
@@ -613,10 +616,10 @@ async fn the_workbook_holds_the_pools_the_workspaces_and_every_transaction() {
         style.fill.as_deref() == Some(RED_FILL) && style.font.as_deref() == Some(RED_TEXT)
     };
     let sheet_xml = package_file(&path, "xl/worksheets/sheet2.xml");
-    assert_frozen_header_and_filter(&sheet_xml, "A1:F5", "Workspaces");
+    assert_frozen_header_and_filter(&sheet_xml, "A1:H5", "Workspaces");
     let cells = cell_styles(&sheet_xml);
     for (row, (.., missing)) in (1u32..).zip(expected_workspaces) {
-        for column in 0..6 {
+        for column in 0..8 {
             let style = cells
                 .get(&(row, column))
                 .map(|index| styles[*index].clone());

@@ -16,11 +16,11 @@ use chrono::{DateTime, Duration, Utc};
 use entitlement_worker::domain::{
     Actor, AlertStatus, Assignment, Book, Command, CommandBody, EventId, GrantSource, GrantUnits,
     Input, LedgerEntry, LedgerKind, LotStatus, OrgId, ParticipantId, Policy, Product,
-    ProductDefined, Quantity, RevocationTarget, Verdict, WorkspaceId,
+    ProductDefined, Quantity, RevocationTarget, Verdict, WorkspaceId, WorkspaceLife,
 };
 use oracle::{
-    EntryKind, Oracle, OracleBody, OracleDefinition, OracleEntry, OracleEvent, OracleTarget,
-    OracleVerdict, SEAT,
+    EntryKind, Oracle, OracleBody, OracleDefinition, OracleEntry, OracleEvent, OracleLife,
+    OracleTarget, OracleVerdict, SEAT,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -52,6 +52,9 @@ const UNRESOLVED_GRANT: &str = "pick";
 /// What the catalogue calls a product: few names, so that a definition often changes only
 /// the assignment.
 const NAMES: [&str; 2] = ["Engage", "Broadcast"];
+/// What the event platform calls a workspace: few names, so that an update often changes
+/// only the dates or the flag.
+const WORKSPACE_NAMES: [&str; 2] = ["Summit", "Expo"];
 
 fn minute(minute: i64) -> DateTime<Utc> {
     DateTime::from_timestamp(1_800_000_000, 0).unwrap() + Duration::minutes(minute)
@@ -248,6 +251,33 @@ fn draft() -> impl Strategy<Value = Draft> {
                 },
             )
         });
+    // Rule 13: a workspace's life now and then, at a random time, so that later updates
+    // arrive first; its end is often within the minutes the batches cover, so the clock
+    // and later batches see it pass; one in five is archived.
+    let life = (
+        0..=6i64,
+        named_workspace(),
+        prop::option::weighted(0.7, 0..WORKSPACE_NAMES.len()),
+        prop::option::weighted(0.5, 0..=10i64),
+        prop::option::weighted(0.6, 1..=30i64),
+        prop::bool::weighted(0.2),
+    )
+        .prop_map(|(at, (org, workspace_id), name, start, end, archived)| {
+            let starts_at = start.map(minute);
+            // After the start when there is one, as the decoder demands.
+            let ends_at = end.map(|end| minute(start.unwrap_or(0) + end));
+            (
+                at,
+                org,
+                OracleBody::WorkspaceUpdated {
+                    workspace_id,
+                    name: name.map(|name| WORKSPACE_NAMES[name].to_owned()),
+                    starts_at,
+                    ends_at,
+                    archived,
+                },
+            )
+        });
     prop_oneof![
         5 => participant_draft(named_workspace()),
         1 => module,
@@ -255,6 +285,7 @@ fn draft() -> impl Strategy<Value = Draft> {
         2 => transfer,
         1 => revocation,
         1 => definition,
+        1 => life,
     ]
 }
 
@@ -493,6 +524,19 @@ fn input(event: &OracleEvent) -> Input {
             },
             reason: Some("support".to_owned()),
         },
+        OracleBody::WorkspaceUpdated {
+            workspace_id,
+            name,
+            starts_at,
+            ends_at,
+            archived,
+        } => CommandBody::WorkspaceUpdated {
+            workspace_id: workspace(workspace_id),
+            name: name.clone(),
+            starts_at: *starts_at,
+            ends_at: *ends_at,
+            archived: *archived,
+        },
         OracleBody::TransferRequested {
             workspace_id,
             product: handle,
@@ -542,6 +586,8 @@ struct Core {
     published: BTreeMap<(String, String), i64>,
     /// (workspace, product) -> allocated after the previous round.
     allocated_before: BTreeMap<(String, String), i64>,
+    /// workspace -> (name, live) at the start of the round, as the store loaded them.
+    lives_before: BTreeMap<String, (Option<String>, bool)>,
 }
 
 impl Core {
@@ -553,6 +599,7 @@ impl Core {
             ledger: Vec::new(),
             published: BTreeMap::new(),
             allocated_before: BTreeMap::new(),
+            lives_before: BTreeMap::new(),
         }
     }
 
@@ -582,6 +629,15 @@ impl Core {
         }
         for definition in book.catalogue.values_mut() {
             definition.dirty = false;
+        }
+        self.lives_before.clear();
+        for (workspace_id, life) in &mut book.workspaces {
+            life.dirty = false;
+            life.is_new = false;
+            life.loaded_name = life.name.clone();
+            life.loaded_live = life.live;
+            self.lives_before
+                .insert(workspace_id.to_string(), (life.name.clone(), life.live));
         }
     }
 
@@ -613,6 +669,12 @@ impl Core {
             .collect();
         for org in &due {
             self.book.settle_time(org, now);
+        }
+        // The store's clock loads the live workspaces whose end has passed; refreshing the
+        // others changes nothing.
+        let workspaces: Vec<WorkspaceId> = self.book.workspaces.keys().cloned().collect();
+        for workspace_id in &workspaces {
+            self.book.refresh_life(workspace_id, now);
         }
         self.book.finish(now);
         self.ledger.extend(self.book.ledger.iter().cloned());
@@ -738,6 +800,12 @@ impl Core {
         lines.push(format!("{processed:?}"));
         let catalogue: BTreeMap<_, _> = book.catalogue.iter().collect();
         lines.push(format!("{catalogue:?}"));
+        let lives: BTreeMap<_, _> = book
+            .workspaces
+            .iter()
+            .map(|(workspace_id, life)| (workspace_id.clone(), life_of(life)))
+            .collect();
+        lines.push(format!("{lives:?}"));
         lines.join("\n")
     }
 }
@@ -795,6 +863,33 @@ fn check_core(core: &mut Core) -> Result<(), TestCaseError> {
         );
     }
     core.allocated_before = allocated;
+
+    // Rule 13: the round says which workspaces' name or liveness it changed, compared with
+    // what it started from (a workspace never updated is live and has no name); an
+    // archived workspace is past.
+    let mut changed: Vec<String> = book.life_changed().map(ToString::to_string).collect();
+    changed.sort();
+    let mut expected: Vec<String> = book
+        .workspaces
+        .iter()
+        .filter(|(workspace_id, life)| {
+            let before = core
+                .lives_before
+                .get(workspace_id.as_str())
+                .cloned()
+                .unwrap_or((None, true));
+            before != (life.name.clone(), life.live)
+        })
+        .map(|(workspace_id, _)| workspace_id.to_string())
+        .collect();
+    expected.sort();
+    prop_assert_eq!(changed, expected, "the workspaces whose life changed");
+    for (workspace_id, life) in &book.workspaces {
+        prop_assert!(
+            !(life.archived && life.live),
+            "archived workspace {workspace_id} is live"
+        );
+    }
 
     // The ledger explains every pool and every workspace, and reads as a consumer sees it:
     // per organization, sequences 1, 2, 3... and each entry's `pool_available_after` is
@@ -1111,6 +1206,30 @@ fn check_agreement(
         .collect();
     prop_assert_eq!(&catalogue, oracle.definitions(), "the catalogue");
 
+    let lives: BTreeMap<String, OracleLife> = core
+        .book
+        .workspaces
+        .iter()
+        .map(|(workspace_id, life)| (workspace_id.to_string(), life_of(life)))
+        .collect();
+    prop_assert_eq!(&lives, oracle.lives(), "the workspaces' lives");
+    for workspace in WORKSPACES.map(|(workspace, _)| workspace) {
+        let workspace_id = WorkspaceId::parse(workspace).unwrap();
+        let expected = oracle.lives().get(workspace);
+        prop_assert_eq!(
+            core.book.is_live(&workspace_id),
+            expected.is_none_or(|life| life.live),
+            "whether {} is live",
+            workspace
+        );
+        prop_assert_eq!(
+            core.book.workspace_name(&workspace_id),
+            expected.and_then(|life| life.name.as_deref()),
+            "the name of {}",
+            workspace
+        );
+    }
+
     let core_shortfalls: Shortfalls = core
         .book
         .consumption
@@ -1130,6 +1249,19 @@ fn check_agreement(
         .collect();
     prop_assert_eq!(core_shortfalls, oracle_shortfalls, "open shortfalls");
     Ok(())
+}
+
+/// A core's life as the oracle writes it.
+fn life_of(life: &WorkspaceLife) -> OracleLife {
+    OracleLife {
+        occurred_at: life.last_event_at,
+        event_id: life.last_event_id.to_string(),
+        name: life.name.clone(),
+        starts_at: life.starts_at,
+        ends_at: life.ends_at,
+        archived: life.archived,
+        live: life.live,
+    }
 }
 
 fn deliver(

@@ -190,7 +190,7 @@ async fn report_history_and_verify_tell_the_story_of_a_known_ledger() {
     let table = stdout(&run(&settings, &["report", "--org", "acme"]));
     let first_workspace_line = table
         .lines()
-        .skip_while(|line| !line.starts_with("WORKSPACES"))
+        .skip_while(|line| !line.starts_with("LIVE WORKSPACES"))
         .nth(2)
         .unwrap();
     assert!(

@@ -216,6 +216,89 @@ async fn text_postgresql_cannot_hold_is_rejected_and_the_partition_moves_on() {
 }
 
 #[tokio::test]
+async fn bad_workspace_updates_are_dead_lettered_saying_why_and_the_good_one_applied() {
+    let store = store().await;
+    let now = Utc::now();
+    let update = |event_id: &str, org: &str, fields: &str| {
+        format!(
+            r#"{{"event_id":"{event_id}","occurred_at":"2026-01-01T09:00:00Z","org_id":"{org}","workspace_id":"summit"{fields}}}"#
+        )
+    };
+    let inputs = [
+        update(
+            "u-good",
+            "acme",
+            r#","name":"Summit","ends_at":"2099-01-01T00:00:00Z""#,
+        ),
+        update(
+            "u-backwards",
+            "acme",
+            r#","starts_at":"2027-03-03T00:00:00Z","ends_at":"2027-03-01T00:00:00Z""#,
+        ),
+        update("u-nul", "acme", r#","name":"Sum\u0000mit""#),
+        update(
+            "u-long",
+            "acme",
+            &format!(r#","name":"{}""#, "n".repeat(257)),
+        ),
+        update("u-flag", "acme", r#","archived":"yes""#),
+        update("u-when", "acme", r#","ends_at":"next friday""#),
+        update("u-stray", "globex", r#","name":"Ours","archived":true"#),
+    ];
+    let batch: Vec<Inbound> = inputs
+        .iter()
+        .enumerate()
+        .map(|(offset, payload)| {
+            received(
+                "updated",
+                offset as i64,
+                InputKind::WorkspaceUpdated,
+                payload.as_bytes(),
+                now,
+            )
+        })
+        .collect();
+    apply(&store, &batch).await;
+    let letters = dead_letters(&store).await;
+    let reasons: Vec<(&str, &str, Option<&str>)> = letters
+        .iter()
+        .map(|(key, letter)| {
+            (
+                letter["event_id"].as_str().unwrap(),
+                letter["reason"].as_str().unwrap(),
+                key.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            ("u-backwards", "schema_violation", Some("acme")),
+            ("u-nul", "schema_violation", Some("acme")),
+            ("u-long", "schema_violation", Some("acme")),
+            ("u-flag", "schema_violation", Some("acme")),
+            ("u-when", "schema_violation", Some("acme")),
+            ("u-stray", "tenant_mismatch", Some("globex")),
+        ]
+    );
+    assert!(letters[0].1["detail"]
+        .as_str()
+        .unwrap()
+        .contains("must be after `starts_at`"));
+    assert_eq!(next_offset(&store, "updated").await, inputs.len() as i64);
+    let (owner, name, live): (String, Option<String>, bool) =
+        sqlx::query_as("SELECT org_id, name, live FROM workspaces WHERE workspace_id = 'summit'")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        (owner.as_str(), name.as_deref(), live),
+        ("acme", Some("Summit"), true),
+        "the good update is applied, the stray one changes nothing"
+    );
+}
+
+#[tokio::test]
 async fn a_dead_letter_stays_under_the_producer_limit_whatever_its_input() {
     // 64 KiB of control characters, each escaped as six bytes in JSON, and a 900 KB input
     // over the size limit: both dead letters stay under 1 MB, say how large the input was
@@ -456,13 +539,25 @@ mod random_inputs {
                     text(),
                 ]),
             ),
+            (
+                prop::option::of(time()),
+                prop::option::of(time()),
+                prop::option::of(prop_oneof![any::<bool>().prop_map(Value::from), text()]),
+            ),
         );
-        // The version 1 inputs and the catalogue's (revocations' fields are not drawn here).
-        let defined = InputKind::ALL
-            .iter()
-            .position(|kind| *kind == InputKind::ProductDefined)
-            .unwrap();
-        let kind = prop_oneof![0usize..5, Just(defined)];
+        // The version 1 inputs, the catalogue's and workspace updates (revocations' fields
+        // are not drawn here).
+        let position = |wanted: InputKind| {
+            InputKind::ALL
+                .iter()
+                .position(|kind| *kind == wanted)
+                .unwrap()
+        };
+        let kind = prop_oneof![
+            0usize..5,
+            Just(position(InputKind::ProductDefined)),
+            Just(position(InputKind::WorkspaceUpdated)),
+        ];
         (kind, fields).prop_map(
             |(
                 kind,
@@ -472,6 +567,7 @@ mod random_inputs {
                     (valid_from, expires_at),
                     (source, (user_id, role)),
                     (name, description, assignment),
+                    (starts_at, ends_at, archived),
                 ),
             )| {
                 let mut object = serde_json::json!({
@@ -493,6 +589,15 @@ mod random_inputs {
                 }
                 if let Some(expires_at) = expires_at {
                     object["expires_at"] = expires_at;
+                }
+                for (field, value) in [
+                    ("starts_at", starts_at),
+                    ("ends_at", ends_at),
+                    ("archived", archived),
+                ] {
+                    if let Some(value) = value {
+                        object[field] = value;
+                    }
                 }
                 if let Some((kind, reference)) = source {
                     object["source"] = serde_json::json!({"kind": kind, "reference": reference});

@@ -10,7 +10,7 @@ use entitlement_worker::codec::{
 };
 use serde_json::Value;
 
-const INPUTS: [(&str, InputKind); 7] = [
+const INPUTS: [(&str, InputKind); 8] = [
     ("participant-added", InputKind::ParticipantAdded),
     ("participant-cancelled", InputKind::ParticipantCancelled),
     ("module-enabled", InputKind::ModuleEnabled),
@@ -20,6 +20,7 @@ const INPUTS: [(&str, InputKind); 7] = [
         InputKind::TransferRequested,
     ),
     ("entitlement-revoked", InputKind::EntitlementRevoked),
+    ("workspace-updated", InputKind::WorkspaceUpdated),
     ("product-defined", InputKind::ProductDefined),
 ];
 

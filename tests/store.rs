@@ -8,6 +8,7 @@ use chrono::{DateTime, Duration, Utc};
 use entitlement_worker::codec::{decode, entry_id, InputKind};
 use entitlement_worker::domain::{OrgId, Policy};
 use entitlement_worker::store::{Inbound, Store};
+use serde_json::json;
 
 fn inbound(topic: &str, offset: i64, kind: InputKind, payload: &str) -> Inbound {
     Inbound {
@@ -184,7 +185,8 @@ async fn a_batch_leaves_its_messages_in_one_outbox_row_read_whole_and_in_order()
         "a grant and the transfer it allowed"
     );
     assert_eq!(second.alerts, 1, "the shortfall is resolved");
-    assert_eq!(store.outbox_backlog().await.unwrap(), 4 + 3);
+    // Each batch also carries the new state of the pool and of the workspace it changed.
+    assert_eq!(store.outbox_backlog().await.unwrap(), 6 + 5);
 
     // A round asking for fewer messages than the first row holds still gets that row whole.
     let rows = store.pending_outbox(1).await.unwrap();
@@ -194,7 +196,10 @@ async fn a_batch_leaves_its_messages_in_one_outbox_row_read_whole_and_in_order()
         .iter()
         .map(|message| message.channel.as_str())
         .collect();
-    assert_eq!(kinds, ["dlq", "ledger", "ledger", "shortfalls"]);
+    assert_eq!(
+        kinds,
+        ["dlq", "ledger", "ledger", "shortfalls", "state", "state"]
+    );
     let sequences: Vec<i64> = rows[0]
         .messages
         .iter()
@@ -211,7 +216,7 @@ async fn a_batch_leaves_its_messages_in_one_outbox_row_read_whole_and_in_order()
     let rows = store.pending_outbox(100).await.unwrap();
     assert_eq!(rows.len(), 2);
     assert!(rows[0].id < rows[1].id);
-    assert_eq!(rows[1].messages.len(), 3);
+    assert_eq!(rows[1].messages.len(), 5);
     let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
     store.remove_published(&ids).await.unwrap();
     assert_eq!(store.outbox_backlog().await.unwrap(), 0);
@@ -600,8 +605,8 @@ async fn the_upgrade_from_version_1_keeps_every_row_and_the_worker_goes_on_from_
     // when the worker starts on it and migrates it,
     let store = store_on(&url).await;
 
-    // then every row is still there with the same values, and only what rules 11 and 12
-    // need was added,
+    // then every row is still there with the same values, and only what rules 11, 12 and 13
+    // and the state topic's versions need was added,
     let after = columns(store.pool()).await;
     for (table, columns) in &before {
         assert_eq!(
@@ -623,6 +628,7 @@ async fn the_upgrade_from_version_1_keeps_every_row_and_the_worker_goes_on_from_
     assert_eq!(
         added,
         [
+            "consumption.state_version",
             "ledger.grant_id",
             "ledger.unlimited",
             "lots.revoked",
@@ -632,6 +638,14 @@ async fn the_upgrade_from_version_1_keeps_every_row_and_the_worker_goes_on_from_
             "lots.expired",
             "pools.revoked_total",
             "pools.unlimited",
+            "pools.state_version",
+            "workspaces.name",
+            "workspaces.starts_at",
+            "workspaces.ends_at",
+            "workspaces.archived",
+            "workspaces.live",
+            "workspaces.life_event_at",
+            "workspaces.life_event_id",
         ]
     );
     let new_tables: Vec<&String> = after
@@ -1191,4 +1205,221 @@ async fn a_module_enabled_while_it_becomes_automatic_never_waits_with_units_in_t
         .unwrap();
         assert_eq!(allocated, 1, "round {round}: the workspace got its unit");
     }
+}
+
+/// A `workspace-updated` of acme's `summit` at `offset`.
+fn workspace_update(offset: i64, event_id: &str, at: DateTime<Utc>, fields: &str) -> Inbound {
+    let payload = format!(
+        r#"{{"event_id":"{event_id}","occurred_at":"{}","org_id":"acme","workspace_id":"summit"{fields}}}"#,
+        at.to_rfc3339()
+    );
+    inbound("updated", offset, InputKind::WorkspaceUpdated, &payload)
+}
+
+type LifeRow = (Option<String>, bool, Option<DateTime<Utc>>, Option<String>);
+
+async fn life_of(store: &Store, workspace: &str) -> LifeRow {
+    sqlx::query_as(
+        "SELECT name, live, ends_at, life_event_id FROM workspaces WHERE workspace_id = $1",
+    )
+    .bind(workspace)
+    .fetch_one(store.pool())
+    .await
+    .unwrap()
+}
+
+/// The state messages waiting in the outbox, oldest first.
+async fn state_messages(store: &Store) -> Vec<serde_json::Value> {
+    store
+        .pending_outbox(100_000)
+        .await
+        .unwrap()
+        .iter()
+        .flat_map(|row| row.messages.iter())
+        .filter(|message| message.channel.as_str() == "state")
+        .map(|message| serde_json::from_slice(&message.payload).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_workspace_turns_past_when_its_end_passes_and_the_report_lists_it_apart() {
+    use entitlement_worker::ops::report::Report;
+    use entitlement_worker::store::StoreError;
+
+    // Given acme's summit, named and ending 2 s from now, with a participant, and expo,
+    // never updated, with one too,
+    let store = store().await;
+    let now = Utc::now();
+    let ends = now + Duration::seconds(2);
+    let summit = workspace_update(
+        0,
+        "u-2",
+        now,
+        &format!(
+            r#","name":"Summit 2026","starts_at":"{}","ends_at":"{}""#,
+            (now - Duration::hours(1)).to_rfc3339(),
+            ends.to_rfc3339()
+        ),
+    );
+    let grant = r#"{"event_id":"g1","occurred_at":"2026-01-01T09:00:00Z","org_id":"acme","product":"seat","quantity":5}"#;
+    let join = |offset, workspace: &str| {
+        let payload = format!(
+            r#"{{"event_id":"a-{workspace}","occurred_at":"2026-01-01T09:00:00Z","org_id":"acme","workspace_id":"{workspace}","participant_id":"p1"}}"#
+        );
+        inbound("added", offset, InputKind::ParticipantAdded, &payload)
+    };
+    store
+        .apply_batch(
+            &[
+                inbound("granted", 0, InputKind::EntitlementGranted, grant),
+                summit,
+                join(0, "summit"),
+                join(1, "expo"),
+            ],
+            Policy::default(),
+            now,
+        )
+        .await
+        .expect("the batch commits");
+    let stored = life_of(&store, "summit").await;
+    assert_eq!(
+        (stored.0.as_deref(), stored.1, stored.3.as_deref()),
+        (Some("Summit 2026"), true, Some("u-2")),
+        "summit is live and named"
+    );
+    assert_eq!(life_of(&store, "expo").await, (None, true, None, None));
+
+    // when an older update arrives late, it changes nothing,
+    let older = workspace_update(
+        1,
+        "u-1",
+        now - Duration::minutes(1),
+        r#","name":"Old name","archived":true"#,
+    );
+    let report = store
+        .apply_batch(&[older], Policy::default(), now)
+        .await
+        .unwrap();
+    assert_eq!((report.stale, report.rejected.len()), (1, 0));
+    assert_eq!(life_of(&store, "summit").await, stored);
+
+    // and before its end the clock leaves it live,
+    let report = store
+        .settle_due(Policy::default(), now + Duration::seconds(1))
+        .await
+        .unwrap();
+    assert_eq!(report.workspaces_turned_past, 0);
+
+    // then once its end has passed the clock turns it past, without any event, keeping its
+    // seat; and only once,
+    let later = now + Duration::seconds(3);
+    let report = store.settle_due(Policy::default(), later).await.unwrap();
+    assert_eq!(report.workspaces_turned_past, 1);
+    assert_eq!(report.ledger_total(), 0);
+    let past = life_of(&store, "summit").await;
+    assert_eq!((past.0.as_deref(), past.1), (Some("Summit 2026"), false));
+    // and its state message says so: the next version, caused by the update that set the
+    // end; expo's state is not published again,
+    let states = state_messages(&store).await;
+    let summit: Vec<&serde_json::Value> = states
+        .iter()
+        .filter(|state| state["workspace_id"] == "summit")
+        .collect();
+    assert_eq!(summit.len(), 2, "{summit:?}");
+    assert_eq!(
+        (
+            &summit[0]["live"],
+            &summit[0]["name"],
+            &summit[0]["version"]
+        ),
+        (&json!(true), &json!("Summit 2026"), &json!(1))
+    );
+    assert_eq!(
+        (
+            &summit[1]["live"],
+            &summit[1]["name"],
+            &summit[1]["version"]
+        ),
+        (&json!(false), &json!("Summit 2026"), &json!(2))
+    );
+    assert_eq!(summit[1]["caused_by"], "u-2");
+    assert_eq!(summit[1]["required"], 1);
+    assert_eq!(
+        states
+            .iter()
+            .filter(|state| state["workspace_id"] == "expo")
+            .count(),
+        1
+    );
+    let report = store.settle_due(Policy::default(), later).await.unwrap();
+    assert_eq!(report.workspaces_turned_past, 0);
+    assert_eq!(report.states, 0, "nothing changed, nothing is published");
+    let (required, allocated): (i64, i64) = sqlx::query_as(
+        "SELECT required, allocated FROM consumption
+          WHERE workspace_id = 'summit' AND product = 'seat'",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!((required, allocated), (1, 1));
+
+    // and the report lists the live workspaces first, the past ones apart, with names.
+    let report = Report::load(store.pool(), "acme", later).await.unwrap();
+    let lines: Vec<(&str, Option<&str>, bool)> = report
+        .workspaces
+        .iter()
+        .map(|line| (line.workspace_id.as_str(), line.name.as_deref(), line.live))
+        .collect();
+    assert_eq!(
+        lines,
+        [("expo", None, true), ("summit", Some("Summit 2026"), false)]
+    );
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["workspaces"][1]["name"], "Summit 2026");
+    assert_eq!(json["workspaces"][1]["live"], false);
+    let table = report.to_table();
+    let live = table.find("LIVE WORKSPACES").expect("a live section");
+    let past = table.find("PAST WORKSPACES").expect("a past section");
+    let expo = table.find("  expo ").expect("expo by its id");
+    let named = table.find("  Summit 2026 ").expect("summit by its name");
+    assert!(live < expo && expo < past && past < named, "{table}");
+
+    // The database refuses what rule 13 forbids: a live archived workspace, an end before
+    // the start, a life without its event, and a life replaced by an older one.
+    for (statement, constraint) in [
+        (
+            "UPDATE workspaces SET archived = true, live = true WHERE workspace_id = 'summit'",
+            "archived_workspace_is_past",
+        ),
+        (
+            "UPDATE workspaces SET ends_at = starts_at WHERE workspace_id = 'summit'",
+            "workspace_ends_after_it_starts",
+        ),
+        (
+            "UPDATE workspaces SET name = 'Expo' WHERE workspace_id = 'expo'",
+            "workspace_life_comes_from_an_event",
+        ),
+        (
+            "UPDATE workspaces SET life_event_id = NULL WHERE workspace_id = 'summit'",
+            "workspace_life_has_its_event",
+        ),
+    ] {
+        assert_eq!(
+            refused_by(store.pool(), statement).await.as_deref(),
+            Some(constraint),
+            "{statement}"
+        );
+    }
+    let older = sqlx::query(
+        "UPDATE workspaces SET life_event_at = life_event_at - interval '1 second'
+          WHERE workspace_id = 'summit'",
+    )
+    .execute(store.pool())
+    .await
+    .map_err(StoreError::from)
+    .unwrap_err();
+    assert!(
+        older.to_string().contains("is older than the one at"),
+        "{older}"
+    );
 }

@@ -285,9 +285,39 @@ fn check_command(kind: InputKind, data: &[u8], command: &Command) {
             check_length("requested_by.role", &requested_by.role, 64);
         }
         (
-            CommandBody::EntitlementRevoked { target, reason },
-            InputKind::EntitlementRevoked,
+            CommandBody::WorkspaceUpdated {
+                name,
+                starts_at,
+                ends_at,
+                archived,
+                ..
+            },
+            InputKind::WorkspaceUpdated,
         ) => {
+            if let Some(name) = name {
+                check_length("name", name, 256);
+            }
+            assert_eq!(field("name"), name.as_deref());
+            let time = |name: &str| field(name).map(parse_time);
+            assert_eq!(time("starts_at"), *starts_at);
+            assert_eq!(time("ends_at"), *ends_at);
+            for (name, at) in [("starts_at", starts_at), ("ends_at", ends_at)] {
+                if let Some(at) = at {
+                    check_time(name, *at);
+                }
+            }
+            if let (Some(start), Some(end)) = (starts_at, ends_at) {
+                assert!(end > start, "ends_at {end} not after starts_at {start}");
+            }
+            assert_eq!(
+                object
+                    .get("archived")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
+                *archived
+            );
+        }
+        (CommandBody::EntitlementRevoked { target, reason }, InputKind::EntitlementRevoked) => {
             match target {
                 RevocationTarget::Grant { grant_id, quantity } => {
                     check_identifier("grant_id", grant_id.as_str());
@@ -313,7 +343,10 @@ fn check_command(kind: InputKind, data: &[u8], command: &Command) {
                 }
             }
             if let Some(reason) = reason {
-                assert!(reason.chars().count() <= 256, "a reason over 256 characters");
+                assert!(
+                    reason.chars().count() <= 256,
+                    "a reason over 256 characters"
+                );
             }
         }
         (body, kind) => panic!("{kind:?} decoded into {body:?}"),

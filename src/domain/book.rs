@@ -1,5 +1,5 @@
 //! The book: the slice of state one batch needs (organizations, pools and their lots,
-//! workspace consumption, participants), and the effects the batch produced. The store
+//! workspace consumption and life, participants), and the effects the batch produced. The store
 //! loads it, the rules in the sibling modules change it, the store writes back what is
 //! marked dirty.
 
@@ -11,6 +11,7 @@ use super::catalogue::Definition;
 use super::commands::{Command, CommandBody, Input, RevocationTarget};
 use super::ids::{EventId, OrgId, ParticipantId, Product, WorkspaceId};
 use super::state::{PoolState, StateChange, WorkspaceCounts};
+use super::workspaces::{LifeUpdate, WorkspaceLife};
 
 /// How the organization's modules are handed out.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -300,7 +301,8 @@ pub enum Verdict {
     Applied,
     /// The same `event_id` was already applied: nothing changes (rule 1).
     Duplicate,
-    /// An older participant event arrived after a newer one: nothing changes (rule 2).
+    /// An older participant, definition or workspace-updated event arrived after a newer
+    /// one: nothing changes (rules 2, 13 and 14).
     Stale,
     Refused {
         refusal: Refusal,
@@ -375,6 +377,9 @@ pub struct Book {
     pub owners: HashMap<WorkspaceId, OrgId>,
     /// Workspaces first claimed in this batch; the store inserts them.
     pub new_claims: Vec<(WorkspaceId, OrgId)>,
+    /// The lives of the workspaces in the book that were ever updated (rule 13); a
+    /// workspace missing from it is live and has no name.
+    pub workspaces: HashMap<WorkspaceId, WorkspaceLife>,
     pub consumption: HashMap<(WorkspaceId, Product), Consumption>,
     pub participants: HashMap<(WorkspaceId, ParticipantId), ParticipantRecord>,
     /// Deduplicated events already applied, stored or earlier in this batch. Event ids are
@@ -443,6 +448,9 @@ impl Book {
             }
         }
         self.settle_time(&command.org_id, now);
+        if let Some(workspace_id) = command.workspace_id() {
+            self.refresh_life(workspace_id, now);
+        }
         let verdict = match &command.body {
             CommandBody::ParticipantAdded {
                 workspace_id,
@@ -466,6 +474,23 @@ impl Book {
             CommandBody::EntitlementGranted { .. } => self.grant(command, now),
             CommandBody::TransferRequested { .. } => self.manual_transfer(command, now),
             CommandBody::EntitlementRevoked { .. } => self.revoke(command, now),
+            CommandBody::WorkspaceUpdated {
+                workspace_id,
+                name,
+                starts_at,
+                ends_at,
+                archived,
+            } => self.update_life(
+                command,
+                workspace_id,
+                LifeUpdate {
+                    name: name.as_deref(),
+                    starts_at: *starts_at,
+                    ends_at: *ends_at,
+                    archived: *archived,
+                },
+                now,
+            ),
         };
         if verdict == Verdict::Applied {
             if let Some(workspace_id) = command.workspace_id() {

@@ -52,6 +52,19 @@ pub enum CommandBody {
         /// Why, for the people reading the ledger; at most 256 characters.
         reason: Option<String>,
     },
+    /// Rule 13: the workspace's whole life as the event platform sees it now. The latest
+    /// such event of a workspace replaces everything an earlier one said; a field it does
+    /// not carry is not set.
+    WorkspaceUpdated {
+        workspace_id: WorkspaceId,
+        /// What people call the workspace: 1 to 256 characters.
+        name: Option<String>,
+        starts_at: Option<DateTime<Utc>>,
+        /// When the workspace ends; after `starts_at` when both are given.
+        ends_at: Option<DateTime<Utc>>,
+        /// False when the event carries no `archived`.
+        archived: bool,
+    },
 }
 
 /// What a grant brings to the pool.
@@ -175,7 +188,8 @@ impl Command {
             CommandBody::ParticipantAdded { workspace_id, .. }
             | CommandBody::ParticipantCancelled { workspace_id, .. }
             | CommandBody::ModuleEnabled { workspace_id, .. }
-            | CommandBody::TransferRequested { workspace_id, .. } => Some(workspace_id),
+            | CommandBody::TransferRequested { workspace_id, .. }
+            | CommandBody::WorkspaceUpdated { workspace_id, .. } => Some(workspace_id),
             CommandBody::EntitlementGranted { .. } | CommandBody::EntitlementRevoked { .. } => None,
         }
     }
@@ -192,7 +206,8 @@ impl Command {
             } => product.as_ref(),
             CommandBody::ParticipantAdded { .. }
             | CommandBody::ParticipantCancelled { .. }
-            | CommandBody::EntitlementRevoked { .. } => None,
+            | CommandBody::EntitlementRevoked { .. }
+            | CommandBody::WorkspaceUpdated { .. } => None,
         }
     }
 
@@ -213,8 +228,8 @@ impl Command {
     }
 
     /// Grants, transfer requests and revocations are deduplicated by `event_id` through a
-    /// stored set;
-    /// participant and module events are idempotent by their own ordering and need no set.
+    /// stored set; participant, module and workspace-updated events are idempotent by their
+    /// own ordering and need no set.
     pub fn needs_deduplication(&self) -> bool {
         matches!(
             self.body,

@@ -8,6 +8,7 @@
 //! | 5, seats move by themselves; 6, modules wait; 7, manual transfers | [`transfers`] |
 //! | 8, refills oldest first; 9, earliest expiry, never negative, expiry | [`pools`] |
 //! | 11, revocations, also of grants that arrive later | [`revocations`] |
+//! | 13, workspaces have a life: live, then past | [`workspaces`] |
 //! | 14, the catalogue: names, and each module's assignment | [`catalogue`] |
 //! | alerts only on change | [`shortfalls`] |
 //! | the state of each key the batch changed, with its version | [`state`] |
@@ -27,6 +28,7 @@ pub mod shortfalls;
 pub mod state;
 pub mod tenancy;
 pub mod transfers;
+pub mod workspaces;
 
 pub use book::{
     Alert, AlertStatus, Book, Consumption, LedgerEntry, LedgerKind, Lot, LotStatus, Organization,
@@ -39,6 +41,7 @@ pub use commands::{
 };
 pub use ids::{EventId, IdError, OrgId, ParticipantId, Product, Quantity, WorkspaceId};
 pub use state::{PoolState, StateBody, StateChange, StateKey, WorkspaceCounts};
+pub use workspaces::WorkspaceLife;
 
 #[cfg(test)]
 mod tests;

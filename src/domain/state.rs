@@ -3,6 +3,8 @@
 //! per-key `version` that increases with every message. A key whose state the batch left
 //! as it was gets no message.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
@@ -55,6 +57,14 @@ impl StateKey {
     pub fn org_id(&self) -> &OrgId {
         match self {
             StateKey::Workspace { org_id, .. } | StateKey::Pool { org_id, .. } => org_id,
+        }
+    }
+
+    /// The workspace of a workspace's key.
+    pub fn workspace_id(&self) -> Option<&WorkspaceId> {
+        match self {
+            StateKey::Workspace { workspace_id, .. } => Some(workspace_id),
+            StateKey::Pool { .. } => None,
         }
     }
 
@@ -169,10 +179,21 @@ impl Book {
                 caused_by,
             });
         }
+        // Rule 13: a workspace whose name or liveness changed has a new state for every
+        // product it holds.
+        let life_changed: HashMap<WorkspaceId, EventId> = self
+            .life_changed()
+            .map(|workspace_id| {
+                let life = &self.workspaces[workspace_id];
+                (workspace_id.clone(), life.last_event_id.clone())
+            })
+            .collect();
         let mut workspaces: Vec<(WorkspaceId, Product)> = self
             .consumption
             .iter()
-            .filter(|(_, consumption)| consumption.dirty)
+            .filter(|((workspace_id, _), consumption)| {
+                consumption.dirty || life_changed.contains_key(workspace_id)
+            })
             .map(|(key, _)| key.clone())
             .collect();
         workspaces.sort();
@@ -185,15 +206,22 @@ impl Book {
                 required: consumption.required,
                 allocated: consumption.allocated,
             };
-            if consumption.loaded_counts == Some(counts) {
+            let life_cause = life_changed.get(&workspace_id);
+            let counts_changed = consumption.loaded_counts != Some(counts);
+            if !counts_changed && life_cause.is_none() {
                 continue;
             }
             consumption.state_version += 1;
             consumption.loaded_counts = Some(counts);
-            let caused_by = consumption
-                .last_cause
-                .clone()
-                .expect("a changed consumption knows its cause");
+            consumption.dirty = true;
+            // The counts' cause when they changed, else the update that changed the life.
+            let caused_by = match life_cause {
+                Some(cause) if !counts_changed => cause.clone(),
+                _ => consumption
+                    .last_cause
+                    .clone()
+                    .expect("a changed consumption knows its cause"),
+            };
             self.states.push(StateChange {
                 key: StateKey::Workspace {
                     org_id: consumption.org_id.clone(),

@@ -63,6 +63,13 @@ impl World {
         for consumption in self.book.consumption.values_mut() {
             consumption.dirty = false;
         }
+        // As the store loads them: what was stored is what the batch compares with.
+        for life in self.book.workspaces.values_mut() {
+            life.loaded_name = life.name.clone();
+            life.loaded_live = life.live;
+            life.is_new = false;
+            life.dirty = false;
+        }
         let verdicts = inputs
             .iter()
             .map(|input| self.book.apply_input(input, now))
@@ -1057,4 +1064,198 @@ fn a_product_never_defined_is_named_by_its_handle_and_seats_move_whatever_the_ca
     let joined = world.command("acme", join("summit", "p1"), at(1));
     world.batch(&[units, joined], at(1));
     assert_eq!(world.consumption("summit", "seat").allocated, 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// Rule 13: workspaces have a life.
+
+fn update(
+    workspace: &str,
+    name: Option<&str>,
+    ends_at: Option<DateTime<Utc>>,
+    archived: bool,
+) -> CommandBody {
+    CommandBody::WorkspaceUpdated {
+        workspace_id: WorkspaceId::parse(workspace).unwrap(),
+        name: name.map(str::to_owned),
+        starts_at: None,
+        ends_at,
+        archived,
+    }
+}
+
+impl World {
+    /// (name, live) of a workspace, as the book answers.
+    fn life(&self, workspace: &str) -> (Option<String>, bool) {
+        let workspace_id = WorkspaceId::parse(workspace).unwrap();
+        (
+            self.book.workspace_name(&workspace_id).map(str::to_owned),
+            self.book.is_live(&workspace_id),
+        )
+    }
+
+    fn life_changed(&self) -> Vec<String> {
+        let mut changed: Vec<String> = self.book.life_changed().map(|w| w.to_string()).collect();
+        changed.sort();
+        changed
+    }
+}
+
+#[test]
+fn a_workspace_never_updated_is_live_and_has_no_name() {
+    let mut world = World::new();
+    let joined = world.command("acme", join("summit", "p1"), at(0));
+    world.batch(&[joined], at(1));
+    assert_eq!(world.life("summit"), (None, true));
+    assert!(world.life_changed().is_empty());
+}
+
+#[test]
+fn the_latest_update_wins_whole_and_an_older_one_arriving_late_changes_nothing() {
+    let mut world = World::new();
+    let first = world.command(
+        "acme",
+        update("summit", Some("Summit"), Some(at(600)), false),
+        at(0),
+    );
+    // Later, and it names no end and no name: they are not set any more.
+    let latest = world.command("acme", update("summit", None, None, false), at(5));
+    let older = world.command(
+        "acme",
+        update("summit", Some("Summit 2026"), Some(at(700)), false),
+        at(3),
+    );
+    let verdicts = world.batch(&[first.clone(), latest.clone()], at(10));
+    assert_eq!(verdicts, [Verdict::Applied, Verdict::Applied]);
+    assert_eq!(world.life("summit"), (None, true));
+    let life = &world.book.workspaces[&WorkspaceId::parse("summit").unwrap()];
+    assert_eq!(
+        (life.ends_at, &life.last_event_id),
+        (None, &latest.event_id)
+    );
+    assert!(
+        world.life_changed().is_empty(),
+        "named, then unnamed in the same batch: nothing to tell"
+    );
+
+    let verdicts = world.batch(&[older, latest, first], at(11));
+    assert_eq!(
+        verdicts,
+        [Verdict::Stale, Verdict::Duplicate, Verdict::Stale],
+        "an older update, and the latest again, change nothing"
+    );
+    assert_eq!(world.life("summit"), (None, true));
+    assert!(world.life_changed().is_empty());
+}
+
+#[test]
+fn updates_of_one_minute_are_ordered_by_event_id() {
+    let mut world = World::new();
+    let mut a = world.command("acme", update("summit", Some("A"), None, false), at(0));
+    let mut b = world.command("acme", update("summit", Some("B"), None, false), at(0));
+    a.event_id = EventId::parse("u-a").unwrap();
+    b.event_id = EventId::parse("u-b").unwrap();
+    assert_eq!(
+        world.batch(&[b, a], at(1)),
+        [Verdict::Applied, Verdict::Stale]
+    );
+    assert_eq!(world.life("summit"), (Some("B".to_owned()), true));
+}
+
+#[test]
+fn an_update_under_another_organization_is_refused_and_changes_nothing() {
+    let mut world = World::new();
+    let claim = world.command("acme", update("summit", Some("Summit"), None, false), at(0));
+    let stray = world.command("globex", update("summit", Some("Ours"), None, true), at(1));
+    let verdicts = world.batch(&[claim, stray], at(2));
+    assert_eq!(verdicts[0], Verdict::Applied);
+    assert_eq!(refused(&verdicts[1]), Some(Refusal::TenantMismatch));
+    assert_eq!(world.life("summit"), (Some("Summit".to_owned()), true));
+    assert_eq!(
+        world.book.new_claims,
+        [(
+            WorkspaceId::parse("summit").unwrap(),
+            OrgId::parse("acme").unwrap()
+        )],
+        "the first update claims the workspace for its organization (rule 4)"
+    );
+
+    // And an update naming a workspace another organization's participant claimed.
+    let mut world = World::new();
+    let joined = world.command("acme", join("expo", "p1"), at(0));
+    world.batch(&[joined], at(1));
+    let stray = world.command("globex", update("expo", Some("Expo"), None, false), at(2));
+    let verdicts = world.batch(&[stray], at(3));
+    assert_eq!(refused(&verdicts[0]), Some(Refusal::TenantMismatch));
+    assert_eq!(world.life("expo"), (None, true));
+}
+
+#[test]
+fn a_workspace_turns_past_when_its_end_passes_and_keeps_what_it_holds() {
+    let mut world = World::new();
+    let grant = world.command("acme", grant("seat", 5), at(0));
+    let life = world.command(
+        "acme",
+        update("summit", Some("Summit"), Some(at(60)), false),
+        at(0),
+    );
+    let joined = world.command("acme", join("summit", "p1"), at(0));
+    world.batch(&[grant, life, joined], at(1));
+    assert_eq!(world.life("summit"), (Some("Summit".to_owned()), true));
+    assert_eq!(world.life_changed(), ["summit"], "it got its name");
+
+    // Before the end, the clock changes nothing; at the end, the workspace is past.
+    let summit = WorkspaceId::parse("summit").unwrap();
+    world.batch(&[], at(59));
+    world.book.refresh_life(&summit, at(59));
+    assert!(world.life_changed().is_empty());
+    world.batch(&[], at(60));
+    world.book.refresh_life(&summit, at(60));
+    assert_eq!(world.life("summit"), (Some("Summit".to_owned()), false));
+    assert_eq!(world.life_changed(), ["summit"]);
+    assert!(world.book.workspaces[&summit].dirty);
+
+    // Past workspaces keep what they hold and still count their participants.
+    let joined = world.command("acme", join("summit", "p2"), at(61));
+    world.batch(&[joined], at(61));
+    let summit_seats = world.consumption("summit", "seat");
+    assert_eq!((summit_seats.required, summit_seats.allocated), (2, 2));
+    assert!(
+        world.life_changed().is_empty(),
+        "already past when the batch began"
+    );
+}
+
+#[test]
+fn an_event_naming_a_workspace_whose_end_passed_finds_it_past() {
+    let mut world = World::new();
+    let life = world.command("acme", update("summit", None, Some(at(60)), false), at(0));
+    world.batch(&[life], at(1));
+    let joined = world.command("acme", join("summit", "p1"), at(61));
+    world.batch(&[joined], at(61));
+    assert_eq!(world.life("summit"), (None, false));
+    assert_eq!(world.life_changed(), ["summit"]);
+}
+
+#[test]
+fn an_archived_workspace_is_past_and_a_later_update_can_bring_it_back() {
+    let mut world = World::new();
+    let archive = world.command("acme", update("summit", Some("Summit"), None, true), at(0));
+    world.batch(&[archive], at(1));
+    assert_eq!(world.life("summit"), (Some("Summit".to_owned()), false));
+    assert_eq!(world.life_changed(), ["summit"]);
+
+    let restore = world.command("acme", update("summit", Some("Summit"), None, false), at(2));
+    world.batch(&[restore], at(3));
+    assert_eq!(world.life("summit"), (Some("Summit".to_owned()), true));
+    assert_eq!(world.life_changed(), ["summit"]);
+
+    // An end already passed makes it past at once.
+    let ended = world.command(
+        "acme",
+        update("summit", Some("Summit"), Some(at(2)), false),
+        at(4),
+    );
+    world.batch(&[ended], at(5));
+    assert_eq!(world.life("summit"), (Some("Summit".to_owned()), false));
 }

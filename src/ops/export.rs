@@ -7,8 +7,9 @@
 //!   pending), where their units came from (per source: granted, used, revoked, expired,
 //!   available, pending; unlimited grants on lines of their own) and the totals per
 //!   product (required, allocated, missing, workspaces missing).
-//! - **Workspaces**: one row per (workspace, product), those missing entitlements first and
-//!   in red.
+//! - **Workspaces**: one row per (workspace, product), live workspaces before past ones
+//!   (rule 13: ended or archived), with their names; in each, those missing entitlements
+//!   first and in red.
 //! - **Transactions**: every ledger entry, newest first.
 //!
 //! Products appear by their catalogue names, with their handles: "Live streaming
@@ -66,8 +67,8 @@ pub struct ExportSummary {
     /// The ledger entries written on the Transactions sheet.
     pub ledger_entries: u64,
     /// True when a sheet reached Excel's row limit and rows were left out: the oldest
-    /// ledger entries, or the last workspace rows (those missing least). The sheet and the
-    /// Overview say how many.
+    /// ledger entries, or the last workspace rows (past workspaces, then those missing
+    /// least). The sheet and the Overview say how many.
     pub truncated: bool,
 }
 
@@ -110,13 +111,15 @@ pub const TOTAL_HEADERS: [&str; 5] = [
     "Workspaces missing",
 ];
 /// The headers of the Workspaces sheet.
-pub const WORKSPACE_HEADERS: [&str; 6] = [
+pub const WORKSPACE_HEADERS: [&str; 8] = [
     "Workspace",
     "Product",
     "Required",
     "Allocated",
     "Missing",
     "Missing since (UTC)",
+    "Name",
+    "Life",
 ];
 /// The headers of the Transactions sheet.
 pub const TRANSACTION_HEADERS: [&str; 11] = [
@@ -133,7 +136,7 @@ pub const TRANSACTION_HEADERS: [&str; 11] = [
     "Entry ID",
 ];
 
-const WORKSPACE_WIDTHS: [f64; 6] = [34.0, 20.0, 11.0, 11.0, 11.0, 21.0];
+const WORKSPACE_WIDTHS: [f64; 8] = [34.0, 20.0, 11.0, 11.0, 11.0, 21.0, 34.0, 8.0];
 const TRANSACTION_WIDTHS: [f64; 11] = [
     11.0, 21.0, 17.0, 20.0, 10.0, 34.0, 20.0, 36.0, 36.0, 24.0, 38.0,
 ];
@@ -228,7 +231,8 @@ pub async fn export(
     if omitted_workspaces > 0 {
         let note = format!(
             "Only the first {workspace_rows} of {workspace_total} rows fit in an Excel sheet: \
-             the last {omitted_workspaces} in this order (those missing least) are left out."
+             the last {omitted_workspaces} in this order (past workspaces, then those missing \
+             least) are left out."
         );
         write_note(sheet, &formats, WORKSPACE_HEADERS.len(), &note)?;
     }
@@ -638,6 +642,13 @@ fn write_workspace(
         None if line.missing > 0 => sheet.write_blank(row, 5, datetime)?,
         None => sheet,
     };
+    match &line.name {
+        Some(name) => sheet.write_string_with_format(row, 6, name, text)?,
+        None if line.missing > 0 => sheet.write_blank(row, 6, text)?,
+        None => sheet,
+    };
+    let life = if line.live { "live" } else { "past" };
+    sheet.write_string_with_format(row, 7, life, text)?;
     Ok(())
 }
 

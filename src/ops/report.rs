@@ -1,6 +1,7 @@
 //! `entitlement-worker report`: an organization's pools, where their units came from (by
 //! source: plan, add-on, subscription, trial, manual), and its workspaces' consumption,
-//! those missing entitlements first, its products by their catalogue names (rule 14).
+//! live workspaces before past ones (rule 13) and those missing entitlements first, its
+//! products by their catalogue names (rule 14).
 
 use chrono::{DateTime, Duration, Utc};
 use futures::stream::{BoxStream, StreamExt as _};
@@ -85,6 +86,10 @@ pub struct SourceLine {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct WorkspaceLine {
     pub workspace_id: String,
+    /// The name its latest `workspace-updated` gave it, if any (rule 13).
+    pub name: Option<String>,
+    /// Live, or past: ended or archived (rule 13). A workspace never updated is live.
+    pub live: bool,
     pub product: String,
     /// The product's name in the catalogue; its handle when it was never defined.
     pub product_name: String,
@@ -249,28 +254,48 @@ impl Report {
                 line.pending
             ));
         }
-        out.push_str("\nWORKSPACES (missing entitlements first)\n");
-        out.push_str(&format!(
-            "  {} {} {:>9} {:>9} {:>8}\n",
-            cell("workspace", 28),
-            cell("product", 16),
-            "required",
-            "allocated",
-            "missing"
-        ));
-        for line in &self.workspaces {
+        for (live, title) in [
+            (true, "LIVE WORKSPACES (missing entitlements first)"),
+            (
+                false,
+                "PAST WORKSPACES (ended or archived; missing entitlements first)",
+            ),
+        ] {
+            let lines: Vec<&WorkspaceLine> = self
+                .workspaces
+                .iter()
+                .filter(|line| line.live == live)
+                .collect();
+            // Past workspaces are shown only when there are some: most organizations have
+            // none for a while.
+            if !live && lines.is_empty() {
+                continue;
+            }
+            out.push_str(&format!("\n{title}\n"));
             out.push_str(&format!(
-                "{} {} {} {:>9} {:>9} {:>8}\n",
-                if line.missing > 0 { "!" } else { " " },
-                cell(&line.workspace_id, 28),
-                cell(&line.product_name, 16),
-                line.required,
-                line.allocated,
-                line.missing
+                "  {} {} {:>9} {:>9} {:>8}\n",
+                cell("workspace", 28),
+                cell("product", 16),
+                "required",
+                "allocated",
+                "missing"
             ));
-        }
-        if self.workspaces.is_empty() {
-            out.push_str("  (no workspaces yet)\n");
+            for line in &lines {
+                out.push_str(&format!(
+                    "{} {} {} {:>9} {:>9} {:>8}\n",
+                    if line.missing > 0 { "!" } else { " " },
+                    cell(line.name.as_deref().unwrap_or(&line.workspace_id), 28),
+                    cell(&line.product_name, 16),
+                    line.required,
+                    line.allocated,
+                    line.missing
+                ));
+            }
+            if self.workspaces.is_empty() {
+                out.push_str("  (no workspaces yet)\n");
+            } else if lines.is_empty() {
+                out.push_str("  (no live workspaces)\n");
+            }
         }
         out.push_str("\nTOTALS\n");
         for total in &self.totals {
@@ -364,21 +389,32 @@ pub async fn source_lines(
     .await?)
 }
 
-/// The organization's (workspace, product) rows, those missing entitlements first (most
-/// missing first), then by workspace and product; the first `limit` if given; streamed,
-/// for large organizations.
+/// The organization's (workspace, product) rows, live workspaces first (rule 13), then
+/// those missing entitlements (most missing first), then by workspace and product; the
+/// first `limit` if given; streamed, for large organizations.
 pub fn workspace_lines<'a>(
     connection: &'a mut PgConnection,
     org_id: &'a str,
     limit: Option<u64>,
 ) -> BoxStream<'a, Result<WorkspaceLine, sqlx::Error>> {
-    sqlx::query_as::<_, (String, String, String, i64, i64, Option<DateTime<Utc>>)>(
-        "SELECT w.workspace_id, w.product, COALESCE(c.name, w.product), w.required,
-                w.allocated, w.shortfall_since
+    type Row = (
+        String,
+        Option<String>,
+        bool,
+        String,
+        String,
+        i64,
+        i64,
+        Option<DateTime<Utc>>,
+    );
+    sqlx::query_as::<_, Row>(
+        "SELECT w.workspace_id, s.name, s.live, w.product, COALESCE(c.name, w.product),
+                w.required, w.allocated, w.shortfall_since
            FROM consumption w
+           JOIN workspaces s ON s.workspace_id = w.workspace_id
            LEFT JOIN products c ON c.product = w.product
           WHERE w.org_id = $1
-          ORDER BY GREATEST(w.required - w.allocated, 0) DESC, w.workspace_id,
+          ORDER BY s.live DESC, GREATEST(w.required - w.allocated, 0) DESC, w.workspace_id,
                    w.product <> 'seat', w.product
           LIMIT $2",
     )
@@ -387,9 +423,20 @@ pub fn workspace_lines<'a>(
     .fetch(connection)
     .map(|row| {
         row.map(
-            |(workspace_id, product, product_name, required, allocated, missing_since)| {
+            |(
+                workspace_id,
+                name,
+                live,
+                product,
+                product_name,
+                required,
+                allocated,
+                missing_since,
+            )| {
                 WorkspaceLine {
                     workspace_id,
+                    name,
+                    live,
                     product,
                     product_name,
                     required,

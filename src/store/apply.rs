@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use super::outbox::{Channel, OutboxMessage};
 use super::{Store, StoreError};
 use crate::codec::{AlertMessage, DeadLetterMessage, LedgerMessage, Rejection, StateMessage};
-use crate::domain::{Book, Input, LedgerKind, OrgId, Policy, Verdict};
+use crate::domain::{Book, Input, LedgerKind, OrgId, Policy, Verdict, WorkspaceId};
 
 /// One consumed message and what decoding made of it.
 #[derive(Debug, Clone)]
@@ -42,6 +42,10 @@ pub struct BatchReport {
     pub ledger_entries: BTreeMap<&'static str, u64>,
     pub seats_transferred: i64,
     pub alerts: u64,
+    /// State messages of changed keys (published when `state.publish` is on).
+    pub states: u64,
+    /// Workspaces the clock turned past because their `ends_at` passed (rule 13).
+    pub workspaces_turned_past: u64,
     /// The next offset per partition after this batch.
     pub next_offsets: Vec<(String, i32, i64)>,
     /// Where the transaction that committed spent its time, stage by stage.
@@ -119,6 +123,7 @@ impl BatchReport {
             }
         }
         self.alerts += book.alerts.len() as u64;
+        self.states += book.states.len() as u64;
     }
 
     /// How many ledger entries the batch or clock round recorded.
@@ -228,8 +233,10 @@ impl Store {
         Ok(report)
     }
 
-    /// Runs the clock for every organization with units that became valid or expired by
-    /// `now`, through the same path as a batch: lock, load, core, write, commit.
+    /// Runs the clock through the same path as a batch (lock, load, core, write, commit)
+    /// for every organization with units that became valid or expired by `now`, and for
+    /// every live workspace whose `ends_at` has passed by `now`, which turns past (rule 13)
+    /// without any event.
     pub async fn settle_due(
         &self,
         policy: Policy,
@@ -244,20 +251,42 @@ impl Store {
         .bind(now)
         .fetch_all(&self.pool)
         .await?;
+        let ending: Vec<(String, String)> = sqlx::query_as(
+            "SELECT workspace_id, org_id FROM workspaces
+              WHERE live AND ends_at <= $1
+              ORDER BY ends_at, workspace_id LIMIT 500",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
         let mut report = BatchReport::default();
-        if due.is_empty() {
+        if due.is_empty() && ending.is_empty() {
             return Ok(report);
         }
-        let orgs: Vec<OrgId> = due
+        let orgs: BTreeSet<OrgId> = due
             .iter()
-            .filter_map(|(org,)| OrgId::parse(org).ok())
+            .map(|(org,)| org)
+            .chain(ending.iter().map(|(_, org)| org))
+            .filter_map(|org| OrgId::parse(org).ok())
+            .collect();
+        let orgs: Vec<OrgId> = orgs.into_iter().collect();
+        let workspaces: Vec<String> = ending
+            .into_iter()
+            .map(|(workspace_id, _)| workspace_id)
             .collect();
         let mut transaction = self.pool.begin().await?;
         let mut book: Book =
-            super::load::load_book_for_orgs(&mut transaction, &orgs, policy).await?;
+            super::load::load_book_for_orgs(&mut transaction, &orgs, &workspaces, policy).await?;
         for org in &orgs {
             book.settle_time(org, now);
         }
+        // Loaded under their organizations' locks: a workspace-updated committed since the
+        // query above (a later end, say) is what the book holds now.
+        let ending: Vec<WorkspaceId> = book.workspaces.keys().cloned().collect();
+        for workspace_id in &ending {
+            book.refresh_life(workspace_id, now);
+        }
+        report.workspaces_turned_past = book.life_changed().count() as u64;
         book.finish(now);
         let outbox = self.effects_to_publish(&book);
         super::write::write_book(&mut transaction, &book).await?;
@@ -295,7 +324,14 @@ impl Store {
                 OutboxMessage::new(
                     Channel::State,
                     Some(change.key.to_json()),
-                    &StateMessage::new(change, None, true),
+                    &StateMessage::new(
+                        change,
+                        change
+                            .key
+                            .workspace_id()
+                            .and_then(|id| book.workspace_name(id)),
+                        change.key.workspace_id().is_none_or(|id| book.is_live(id)),
+                    ),
                 )
             });
         ledger.chain(alerts).chain(states).collect()

@@ -9,7 +9,7 @@ use super::StoreError;
 use crate::domain::{
     Assignment, Book, CommandBody, Consumption, Definition, EventId, GrantSource, Input, Lot,
     LotStatus, OrgId, Organization, ParticipantId, ParticipantRecord, Policy, Pool, Product,
-    Quantity, Revocation, RevocationTarget, WorkspaceCounts, WorkspaceId,
+    Quantity, Revocation, RevocationTarget, WorkspaceCounts, WorkspaceId, WorkspaceLife,
 };
 
 /// The advisory lock of the catalogue (rule 14): shared by the transactions that may ask
@@ -19,8 +19,8 @@ const CATALOGUE_LOCK_KEY: i64 = 0x6361_7461_6c6f_6775; // "catalogu"
 /// Loads what the inputs need: their organizations (locked), pools and lots; the open
 /// shortfalls of the organizations whose pools the batch can credit at `now`, or whose
 /// waiting workspaces a module the batch defines may fill; the workspaces, consumption and
-/// participants they name; which of their event ids were already applied; the catalogue's
-/// definitions of the products they name or may move.
+/// participants they name, with the workspaces' owners and lives; which of their event ids
+/// were already applied; the catalogue's definitions of the products they name or may move.
 pub(super) async fn load_book<'a>(
     connection: &mut PgConnection,
     inputs: impl Iterator<Item = &'a Input>,
@@ -100,24 +100,7 @@ pub(super) async fn load_book<'a>(
     }
     lock_and_load_catalogue(connection, &mut book, named_products, &defined, &orgs).await?;
     let workspaces: Vec<String> = workspaces.into_iter().collect();
-
-    let owners: Vec<(String, String)> =
-        sqlx::query_as("SELECT workspace_id, org_id FROM workspaces WHERE workspace_id = ANY($1)")
-            .bind(&workspaces)
-            .fetch_all(&mut *connection)
-            .await?;
-    for (workspace_id, org_id) in owners {
-        book.owners.insert(
-            parse(WorkspaceId::parse(&workspace_id))?,
-            parse(OrgId::parse(&org_id))?,
-        );
-    }
-
-    let rows: Vec<ConsumptionRow> = sqlx::query_as(CONSUMPTION_COLUMNS_BY_WORKSPACE)
-        .bind(&workspaces)
-        .fetch_all(&mut *connection)
-        .await?;
-    insert_consumption(&mut book, rows)?;
+    load_workspaces(connection, &workspaces, &mut book).await?;
 
     let (participant_workspaces, participant_ids): (Vec<String>, Vec<String>) =
         participants.into_iter().unzip();
@@ -174,10 +157,12 @@ pub(super) async fn load_book<'a>(
 
 /// Locks the organizations (creating their rows if new) and loads their pools, lots, open
 /// shortfalls and the definitions of their lots' products: what the clock needs to settle
-/// validity windows.
+/// validity windows. Loads also the owners, lives and consumption of `workspaces` (which
+/// belong to those organizations): what it needs to turn them past.
 pub(super) async fn load_book_for_orgs(
     connection: &mut PgConnection,
     orgs: &[OrgId],
+    workspaces: &[String],
     policy: Policy,
 ) -> Result<Book, StoreError> {
     let mut book = lock_and_load_pools(connection, orgs, policy).await?;
@@ -192,7 +177,75 @@ pub(super) async fn load_book_for_orgs(
         orgs,
     )
     .await?;
+    load_workspaces(connection, workspaces, &mut book).await?;
     Ok(book)
+}
+
+/// The workspaces by id, with their owner (rule 4) and life (rule 13).
+const WORKSPACES_BY_ID: &str =
+    "SELECT workspace_id, org_id, name, starts_at, ends_at, archived, live, life_event_at,
+            life_event_id
+       FROM workspaces WHERE workspace_id = ANY($1)";
+
+type WorkspaceRow = (
+    String,
+    String,
+    Option<String>,
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
+    bool,
+    bool,
+    Option<DateTime<Utc>>,
+    Option<String>,
+);
+
+/// Loads the owners and lives of `workspaces`, and all their consumption rows. Called
+/// under the locks of the organizations that own them, since a life or a row only changes
+/// under its organization's lock.
+async fn load_workspaces(
+    connection: &mut PgConnection,
+    workspaces: &[String],
+    book: &mut Book,
+) -> Result<(), StoreError> {
+    load_owners_and_lives(connection, workspaces, book).await?;
+    let rows: Vec<ConsumptionRow> = sqlx::query_as(CONSUMPTION_COLUMNS_BY_WORKSPACE)
+        .bind(workspaces)
+        .fetch_all(&mut *connection)
+        .await?;
+    insert_consumption(book, rows)
+}
+
+/// Loads the owners and lives of `workspaces`.
+async fn load_owners_and_lives(
+    connection: &mut PgConnection,
+    workspaces: &[String],
+    book: &mut Book,
+) -> Result<(), StoreError> {
+    let rows: Vec<WorkspaceRow> = sqlx::query_as(WORKSPACES_BY_ID)
+        .bind(workspaces)
+        .fetch_all(&mut *connection)
+        .await?;
+    for (workspace_id, org_id, name, starts_at, ends_at, archived, live, event_at, event_id) in rows
+    {
+        let workspace_id = parse(WorkspaceId::parse(&workspace_id))?;
+        if let (Some(event_at), Some(event_id)) = (event_at, event_id) {
+            book.workspaces.insert(
+                workspace_id.clone(),
+                WorkspaceLife::stored(
+                    name,
+                    starts_at,
+                    ends_at,
+                    archived,
+                    live,
+                    event_at,
+                    parse(EventId::parse(&event_id))?,
+                ),
+            );
+        }
+        book.owners
+            .insert(workspace_id, parse(OrgId::parse(&org_id))?);
+    }
+    Ok(())
 }
 
 /// The organizations with open shortfalls of the modules among `products`, in `org_id`
@@ -388,7 +441,15 @@ async fn load_open_shortfalls(
         .bind(orgs)
         .fetch_all(&mut *connection)
         .await?;
-    insert_consumption(book, rows)
+    // A refill changes these workspaces' state, whose messages carry their names and lives.
+    let mut waiting: Vec<String> = rows.iter().map(|row| row.0.clone()).collect();
+    waiting.sort_unstable();
+    waiting.dedup();
+    insert_consumption(book, rows)?;
+    if waiting.is_empty() {
+        return Ok(());
+    }
+    load_owners_and_lives(connection, &waiting, book).await
 }
 
 /// Locks the organizations (creating their rows if new) in `org_id` order, so that two

@@ -15,6 +15,7 @@ pub(super) async fn write_book(
     book: &Book,
 ) -> Result<(), StoreError> {
     claim_workspaces(connection, book).await?;
+    write_lives(connection, book).await?;
     write_organizations(connection, book).await?;
     write_pools(connection, book).await?;
     write_lots(connection, book).await?;
@@ -61,6 +62,51 @@ async fn claim_workspaces(connection: &mut PgConnection, book: &Book) -> Result<
     }
     Ok(())
 }
+
+/// The lives the batch changed (rule 13), each on its workspace's row, claimed before. A
+/// life new to the workspace goes where none is stored yet, a changed one where one is: any
+/// other count means the tables changed behind the worker's back.
+async fn write_lives(connection: &mut PgConnection, book: &Book) -> Result<(), StoreError> {
+    let mut dirty: Vec<_> = book
+        .workspaces
+        .iter()
+        .filter(|(_, life)| life.dirty)
+        .collect();
+    // In workspace order, so that two batches would wait on the rows in the same order.
+    dirty.sort_by_key(|(workspace_id, _)| *workspace_id);
+    let workspaces: Vec<&str> = dirty.iter().map(|(id, _)| id.as_str()).collect();
+    let names: Vec<Option<&str>> = dirty.iter().map(|(_, l)| l.name.as_deref()).collect();
+    let starts: Vec<Option<DateTime<Utc>>> = dirty.iter().map(|(_, l)| l.starts_at).collect();
+    let ends: Vec<Option<DateTime<Utc>>> = dirty.iter().map(|(_, l)| l.ends_at).collect();
+    let archived: Vec<bool> = dirty.iter().map(|(_, l)| l.archived).collect();
+    let live: Vec<bool> = dirty.iter().map(|(_, l)| l.live).collect();
+    let times: Vec<DateTime<Utc>> = dirty.iter().map(|(_, l)| l.last_event_at).collect();
+    let events: Vec<&str> = dirty
+        .iter()
+        .map(|(_, l)| l.last_event_id.as_str())
+        .collect();
+    let new: Vec<bool> = dirty.iter().map(|(_, l)| l.is_new).collect();
+    let statement = sqlx::query(UPDATE_LIVES)
+        .bind(workspaces)
+        .bind(names)
+        .bind(starts)
+        .bind(ends)
+        .bind(archived)
+        .bind(live)
+        .bind(times)
+        .bind(events)
+        .bind(new);
+    execute_for_each(connection, statement, "workspaces", dirty.len()).await
+}
+
+const UPDATE_LIVES: &str = "UPDATE workspaces w SET
+         name = u.name, starts_at = u.starts_at, ends_at = u.ends_at, archived = u.archived,
+         live = u.live, life_event_at = u.life_event_at, life_event_id = u.life_event_id
+       FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::bool[],
+                   $6::bool[], $7::timestamptz[], $8::text[], $9::bool[])
+         AS u (workspace_id, name, starts_at, ends_at, archived, live, life_event_at,
+               life_event_id, is_new)
+      WHERE w.workspace_id = u.workspace_id AND (w.life_event_id IS NULL) = u.is_new";
 
 async fn write_organizations(connection: &mut PgConnection, book: &Book) -> Result<(), StoreError> {
     let (orgs, sequences): (Vec<&str>, Vec<i64>) = book

@@ -1,5 +1,5 @@
 //! A reference model of the contract (`../shared/CONTRACT.md`: rules 1 to 9, and rules 11,
-//! 12 and 14 of version 2), for tests only.
+//! 12, 13 and 14 of version 2), for tests only.
 //!
 //! Written apart from `src/domain` and kept as naive as possible: plain strings, ordered
 //! maps, one event at a time, and state recomputed from scratch where that is simpler
@@ -38,7 +38,13 @@
 //! - a definition that makes a module automatic first brings the validity windows of each
 //!   organization waiting for it up to `now` (as before any event of that organization),
 //!   then fills that organization's waiting workspaces, oldest first, caused by the
-//!   definition; organizations in `org_id` order.
+//!   definition; organizations in `org_id` order;
+//! - a `workspace-updated` is a duplicate when it is the workspace's latest one, and stale
+//!   when a later one is known, like a participant event; the latest replaces the whole
+//!   life (a field it does not carry is not set, `archived` absent is false);
+//! - whether a workspace is live is looked at (its `ends_at` against `now`) when its
+//!   `workspace-updated` is applied, when an event that names it passes the tenancy check,
+//!   and for every workspace by [`Oracle::settle`] (the worker's clock).
 
 #![allow(dead_code)]
 
@@ -102,6 +108,14 @@ pub enum OracleBody {
         description: Option<String>,
         /// `automatic`, `manual`, or None: `modules.auto_assign` decides.
         assignment: Option<String>,
+    },
+    /// Rule 13: a workspace's name, dates and archived flag.
+    WorkspaceUpdated {
+        workspace_id: String,
+        name: Option<String>,
+        starts_at: Option<DateTime<Utc>>,
+        ends_at: Option<DateTime<Utc>>,
+        archived: bool,
     },
 }
 
@@ -195,7 +209,8 @@ impl OracleEvent {
     /// Builds an event from the JSON of one of the input topics; `topic_kind` is the
     /// contract's default topic name (`participant-added`, `participant-cancelled`,
     /// `module-enabled`, `entitlement-granted`, `entitlement-transfer-requested`,
-    /// `entitlement-revoked`, `product-defined`; `_` for `-` is accepted too). None when the
+    /// `entitlement-revoked`, `workspace-updated`, `product-defined`; `_` for `-` is accepted
+    /// too). None when the
     /// message would not reach the core (a missing or malformed field: the worker
     /// dead-letters it as `schema_violation`).
     pub fn from_json(topic_kind: &str, value: &Value) -> Option<OracleEvent> {
@@ -358,6 +373,36 @@ impl OracleEvent {
                     assignment,
                 }
             }
+            "workspace-updated" => {
+                let name = match optional("name") {
+                    None => None,
+                    Some(raw) => {
+                        let name = raw?.as_str()?;
+                        if !(1..=256).contains(&name.chars().count()) {
+                            return None;
+                        }
+                        Some(name.to_owned())
+                    }
+                };
+                let starts_at = time("starts_at")?;
+                let ends_at = time("ends_at")?;
+                if let (Some(start), Some(end)) = (starts_at, ends_at) {
+                    if end <= start {
+                        return None;
+                    }
+                }
+                let archived = match optional("archived") {
+                    None => false,
+                    Some(raw) => raw?.as_bool()?,
+                };
+                OracleBody::WorkspaceUpdated {
+                    workspace_id: text("workspace_id")?,
+                    name,
+                    starts_at,
+                    ends_at,
+                    archived,
+                }
+            }
             "entitlement-transfer-requested" | "transfer-requested" => {
                 let product = handle("product")?;
                 let quantity = quantity()?;
@@ -394,7 +439,8 @@ impl OracleEvent {
             OracleBody::ParticipantAdded { workspace_id, .. }
             | OracleBody::ParticipantCancelled { workspace_id, .. }
             | OracleBody::ModuleEnabled { workspace_id, .. }
-            | OracleBody::TransferRequested { workspace_id, .. } => Some(workspace_id),
+            | OracleBody::TransferRequested { workspace_id, .. }
+            | OracleBody::WorkspaceUpdated { workspace_id, .. } => Some(workspace_id),
             OracleBody::Granted { .. }
             | OracleBody::Revoked { .. }
             | OracleBody::ProductDefined { .. } => None,
@@ -503,6 +549,26 @@ pub struct OracleDefinition {
     pub assignment: Option<String>,
 }
 
+/// A workspace's life (rule 13): its latest `workspace-updated`, and whether it was live
+/// when last looked at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OracleLife {
+    pub occurred_at: DateTime<Utc>,
+    pub event_id: String,
+    pub name: Option<String>,
+    pub starts_at: Option<DateTime<Utc>>,
+    pub ends_at: Option<DateTime<Utc>>,
+    pub archived: bool,
+    pub live: bool,
+}
+
+impl OracleLife {
+    /// Live until its end has passed or it is archived.
+    fn live_at(&self, now: DateTime<Utc>) -> bool {
+        !self.archived && self.ends_at.is_none_or(|end| end > now)
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Latest {
     occurred_at: DateTime<Utc>,
@@ -533,6 +599,8 @@ pub struct Oracle {
     revocations: Vec<Revocation>,
     /// product -> its latest definition.
     definitions: BTreeMap<String, OracleDefinition>,
+    /// workspace -> its life, for the workspaces ever updated.
+    lives: BTreeMap<String, OracleLife>,
     ledger: Vec<OracleEntry>,
     verdicts: Vec<(String, OracleVerdict)>,
 }
@@ -552,6 +620,7 @@ impl Oracle {
             grants: Vec::new(),
             revocations: Vec::new(),
             definitions: BTreeMap::new(),
+            lives: BTreeMap::new(),
             ledger: Vec::new(),
             verdicts: Vec::new(),
         }
@@ -574,6 +643,9 @@ impl Oracle {
             .collect();
         for org in orgs {
             self.settle_org(&org, now);
+        }
+        for life in self.lives.values_mut() {
+            life.live = life.live_at(now);
         }
     }
 
@@ -700,6 +772,12 @@ impl Oracle {
         &self.owners
     }
 
+    /// workspace -> its life (rule 13), for the workspaces ever updated; any other is live
+    /// and has no name.
+    pub fn lives(&self) -> &BTreeMap<String, OracleLife> {
+        &self.lives
+    }
+
     /// The catalogue: product -> its latest definition.
     pub fn definitions(&self) -> &BTreeMap<String, OracleDefinition> {
         &self.definitions
@@ -748,6 +826,9 @@ impl Oracle {
                 .is_some_and(|owner| owner != &event.org_id)
             {
                 return OracleVerdict::Refused("tenant_mismatch");
+            }
+            if let Some(life) = self.lives.get_mut(workspace) {
+                life.live = life.live_at(now);
             }
         }
         let org = event.org_id.as_str();
@@ -843,6 +924,35 @@ impl Oracle {
                 OracleVerdict::Applied
             }
             OracleBody::ProductDefined { .. } => unreachable!("decided by define() above"),
+            OracleBody::WorkspaceUpdated {
+                workspace_id,
+                name,
+                starts_at,
+                ends_at,
+                archived,
+            } => {
+                if let Some(life) = self.lives.get(workspace_id) {
+                    if life.event_id == event.event_id {
+                        return OracleVerdict::Duplicate;
+                    }
+                    if (event.occurred_at, &event.event_id) < (life.occurred_at, &life.event_id) {
+                        return OracleVerdict::Stale;
+                    }
+                }
+                self.claim(workspace_id, org);
+                let mut life = OracleLife {
+                    occurred_at: event.occurred_at,
+                    event_id: event.event_id.clone(),
+                    name: name.clone(),
+                    starts_at: *starts_at,
+                    ends_at: *ends_at,
+                    archived: *archived,
+                    live: true,
+                };
+                life.live = life.live_at(now);
+                self.lives.insert(workspace_id.clone(), life);
+                OracleVerdict::Applied
+            }
             OracleBody::Revoked { target } => {
                 self.revocations.push(Revocation {
                     event_id: event.event_id.clone(),

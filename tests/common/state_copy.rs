@@ -153,6 +153,8 @@ fn workspace_line(line: &Value) -> Value {
         "required": line["required"],
         "allocated": line["allocated"],
         "missing": line["missing"],
+        "name": line["name"],
+        "live": line["live"],
     })
 }
 

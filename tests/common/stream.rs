@@ -9,6 +9,8 @@
 //! Revocations (rule 11) name only products no workspace uses, so what they take does not
 //! depend on when they arrive either; and the one unlimited grant (rule 12) is of a module
 //! with no counted units, which every workspace enabling it gets, before or after it.
+//! Workspace updates (rule 13) come several per workspace at distinct times: the latest
+//! decides, and ends that are past are past by the time any of them arrives.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -52,7 +54,12 @@ pub struct Expected {
     pub revoked: BTreeMap<(String, String), i64>,
     /// event ids of the manual transfers refused for want of the role.
     pub forbidden: BTreeSet<String>,
+    /// workspace -> (name, live, ends_at) of the workspaces updated.
+    pub lives: BTreeMap<String, Life>,
 }
+
+/// A workspace's life as the checks compare it: name, live, ends_at.
+pub type Life = (Option<String>, bool, Option<DateTime<Utc>>);
 
 pub struct Scenario {
     /// Delivered and applied before `events`: the module grant that manual transfers
@@ -270,6 +277,7 @@ pub fn scenario(seed: u64, scale: usize) -> Scenario {
         .insert(("scarce".into(), "live-stream".into()), 0);
     revocations(&mut events, &mut expected, &mut id);
     unlimited(&mut events, &mut expected, &mut id);
+    lives(&mut events, &mut expected, &mut id, &mut rng);
     events.shuffle(&mut rng);
     Scenario {
         setup,
@@ -340,6 +348,62 @@ fn revocations(
     }
 }
 
+/// Rule 13: one to three updates of each workspace, at distinct times, and of a lobby that
+/// nothing else names; each with or without a name, a start, an end that is past or far
+/// ahead, archived one time in five. The latest by `occurred_at` decides; the end that is
+/// past has passed before any event arrives, so the order cannot matter.
+fn lives(
+    events: &mut Vec<Event>,
+    expected: &mut Expected,
+    id: &mut impl FnMut(&str) -> String,
+    rng: &mut StdRng,
+) {
+    let past = time(100);
+    let ahead = Utc.with_ymd_and_hms(2099, 1, 1, 0, 0, 0).unwrap();
+    let mut workspaces: Vec<(String, String)> = ["ample", "refilled", "scarce"]
+        .into_iter()
+        .flat_map(|org| (0..4).map(move |w| (org.to_owned(), format!("{org}-ws{w}"))))
+        .collect();
+    workspaces.push(("ample".to_owned(), "ample-lobby".to_owned()));
+    for (org, workspace) in workspaces {
+        let updates = rng.random_range(1..=3);
+        let mut latest = None;
+        for update in 0..updates {
+            let name = rng
+                .random_bool(0.7)
+                .then(|| format!("{workspace} (take {update})"));
+            let ends_at = match rng.random_range(0..3) {
+                0 => None,
+                1 => Some(past),
+                _ => Some(ahead),
+            };
+            let archived = rng.random_bool(0.2);
+            let mut body = json!({"org_id": org, "workspace_id": workspace, "archived": archived});
+            if let Some(name) = &name {
+                body["name"] = json!(name);
+            }
+            if rng.random_bool(0.5) {
+                body["starts_at"] = json!(time(50).to_rfc3339());
+            }
+            if let Some(end) = ends_at {
+                body["ends_at"] = json!(end.to_rfc3339());
+            }
+            events.push(event(
+                InputKind::WorkspaceUpdated,
+                &org,
+                &id("life"),
+                200 + update * 10,
+                &body,
+                json!({}),
+            ));
+            latest = Some((name, !archived && ends_at != Some(past), ends_at));
+        }
+        expected
+            .lives
+            .insert(workspace, latest.expect("at least one update"));
+    }
+}
+
 /// Rule 12 for `refilled`: an unlimited plan of captions, which three of its workspaces
 /// enable; modules wait for a person, but not while unlimited, so each gets its unit
 /// whether it enabled captions before the grant arrived or after.
@@ -399,6 +463,7 @@ pub fn topic_of(topics: &TopicSettings, kind: InputKind) -> &str {
         InputKind::EntitlementGranted => &topics.entitlement_granted,
         InputKind::TransferRequested => &topics.transfer_requested,
         InputKind::EntitlementRevoked => &topics.entitlement_revoked,
+        InputKind::WorkspaceUpdated => &topics.workspace_updated,
         InputKind::ProductDefined => &topics.product_defined,
     }
 }
@@ -581,6 +646,7 @@ pub fn assert_oracle_agrees(scenario: &Scenario) {
             InputKind::EntitlementGranted => "entitlement-granted",
             InputKind::TransferRequested => "entitlement-transfer-requested",
             InputKind::EntitlementRevoked => "entitlement-revoked",
+            InputKind::WorkspaceUpdated => "workspace-updated",
             InputKind::ProductDefined => "product-defined",
         };
         let decoded = OracleEvent::from_json(kind, &event.body).expect("a valid event");
@@ -630,6 +696,17 @@ pub fn assert_oracle_agrees(scenario: &Scenario) {
         .map(|(event_id, _)| event_id.clone())
         .collect();
     assert_eq!(forbidden, expected.forbidden, "the oracle's refusals");
+    let lives: BTreeMap<String, Life> = oracle
+        .lives()
+        .iter()
+        .map(|(workspace, life)| {
+            (
+                workspace.clone(),
+                (life.name.clone(), life.live, life.ends_at),
+            )
+        })
+        .collect();
+    assert_eq!(lives, expected.lives, "the oracle's workspace lives");
 }
 
 /// Compares the worker's database and outputs with what the events demand.
@@ -686,6 +763,16 @@ pub async fn check(pool: &PgPool, outputs: &Outputs, expected: &Expected) {
         .map(|(o, p, .., revoked)| ((o.clone(), p.clone()), *revoked))
         .collect();
     assert_eq!(revoked, expected.revoked, "units revoked");
+    let lives: BTreeMap<String, Life> = sqlx::query_as::<_, (String, Option<String>, bool, _)>(
+        "SELECT workspace_id, name, live, ends_at FROM workspaces WHERE life_event_id IS NOT NULL",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|(workspace, name, live, ends_at)| (workspace, (name, live, ends_at)))
+    .collect();
+    assert_eq!(lives, expected.lives, "the workspaces' lives");
 
     // The ledger in PostgreSQL: gapless per organization, summing to the balances.
     let ledger: Vec<Value> = sqlx::query_scalar(
