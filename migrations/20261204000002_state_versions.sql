@@ -10,3 +10,11 @@ ALTER TABLE consumption
 ALTER TABLE outbox DROP CONSTRAINT outbox_batches_channels_check;
 ALTER TABLE outbox ADD CONSTRAINT outbox_channels
     CHECK (channels <@ ARRAY['ledger', 'shortfalls', 'dlq', 'state']);
+
+-- A pool's state message names the input that last changed it; kept for `snapshot`,
+-- which republishes the state. Pools stored before know it from their last ledger entry.
+ALTER TABLE pools ADD COLUMN last_cause text;
+UPDATE pools p
+   SET last_cause = (SELECT l.caused_by FROM ledger l
+                      WHERE l.org_id = p.org_id AND l.product = p.product
+                      ORDER BY l.sequence DESC LIMIT 1);

@@ -50,6 +50,17 @@ enum Command {
         #[arg(long, value_parser = clap::value_parser!(i32).range(1..=32))]
         replication_factor: Option<i32>,
     },
+    /// Republish the whole state on entitlement-state (for a new consumer, or after the
+    /// topic was lost): queued under the organizations' locks, published in order with
+    /// everything else, in bounded memory, with a progress bar on a terminal.
+    ///
+    /// Example: entitlement-worker snapshot
+    Snapshot {
+        /// How long to wait for the messages to be published before leaving them to the
+        /// worker's relay.
+        #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+        wait: u64,
+    },
     /// Start an embedded broker and the worker, play a story and print what the worker
     /// publishes. Needs only PostgreSQL.
     ///
@@ -349,6 +360,16 @@ async fn ops_command(settings: &Settings, command: Command) -> anyhow::Result<Ex
                 println!("{what} {name}{config}");
             }
             println!("{} of {} topics created.", created.len(), all.len());
+        }
+        Command::Snapshot { wait } => {
+            let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let summary =
+                ops::snapshot::snapshot(settings, std::time::Duration::from_secs(wait), progress)
+                    .await?;
+            print!("{}", summary.to_text(&settings.topics.state));
+            if summary.unpublished > 0 {
+                return Ok(ExitCode::FAILURE);
+            }
         }
         Command::Report { org, format } => {
             let pool = ops::connect(&settings.database).await?;

@@ -37,6 +37,7 @@ pub struct Metrics {
     pub batches: IntCounter,
     pub batch_size: HistogramVec,
     pub commit_latency: HistogramVec,
+    pub publish_delay: HistogramVec,
     pub batch_stage_seconds: CounterVec,
     pub lane_wait_seconds: CounterVec,
     pub seats_transferred: IntCounter,
@@ -226,6 +227,13 @@ impl Metrics {
                 "Time to apply and commit one batch, retries included.",
                 vec![
                     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+                ],
+            ),
+            publish_delay: histogram(
+                "entitlements_publish_delay_seconds",
+                "From the start of the transaction that committed an outbox row to the broker's acknowledgement of all its messages: how far the topics, the state topic's copies included, trail the database.",
+                vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                 ],
             ),
             batch_stage_seconds: seconds_vec(

@@ -78,6 +78,13 @@ async fn events_delivered_twice_shuffled_and_randomly_keyed_end_as_one_clean_del
     );
     let status = worker.terminate(Duration::from_secs(30));
     assert!(status.success(), "SIGTERM exits 0: {status}");
+    // How far the topics trailed the database (docs/local-copy.md quotes it).
+    for line in metrics
+        .lines()
+        .filter(|line| line.starts_with("entitlements_publish_delay_seconds"))
+    {
+        eprintln!("publish-delay {line}");
+    }
     eprintln!(
         "fault-summary twice: events={} messages={total} ledger_entries={entries} lost=0 doubled=0",
         scenario.events.len() + scenario.setup.len()
@@ -146,4 +153,80 @@ async fn secrets_in_the_configuration_stay_out_of_logs_and_metrics() {
             "{secret} leaked into the metrics"
         );
     }
+}
+
+/// `snapshot` republishes the whole state: with the worker running, on its state topic
+/// (every key again under the version it has, so a consumer's copy is unchanged); then,
+/// the worker stopped, on a new state topic (a topic lost, or a consumer that starts
+/// afresh), where a copy kept from it is again exactly what `report` shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_gives_a_new_state_topic_what_report_shows() {
+    let setup = Setup::new().await;
+    let scenario = stream::scenario(13, 3);
+    let before = setup.deliver_setup(&scenario).await;
+    let events: Vec<_> = scenario.events.iter().collect();
+    let total = before + stream::produce(&setup.settings, &events, Keys::ByOrganization).await;
+    let mut worker = setup.start_worker();
+    setup.wait_until_done(total, &worker).await;
+    setup.check(&scenario).await;
+    let keys: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM pools) + (SELECT count(*) FROM consumption)",
+    )
+    .fetch_one(&setup.database)
+    .await
+    .unwrap();
+    assert!(keys > 0);
+    let ledger_entries: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger")
+        .fetch_one(&setup.database)
+        .await
+        .unwrap();
+
+    let snapshot = |settings: &entitlement_worker::settings::Settings| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_entitlement-worker"))
+            .arg("snapshot")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(common::process::environment(settings, "127.0.0.1:0"))
+            .output()
+            .expect("the binary runs")
+    };
+    let output = snapshot(&setup.settings);
+    let said = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{output:?}");
+    assert!(said.contains("Every message was published."), "{said}");
+    let outputs = stream::Outputs::read(&setup.settings, ledger_entries as usize, DEADLINE);
+    let copy = common::state_copy::assert_copy_matches_report(
+        &setup.database,
+        outputs
+            .states
+            .iter()
+            .map(|(key, value)| (key.as_str(), value)),
+    )
+    .await;
+    assert_eq!(
+        copy.repeated as i64, keys,
+        "every key once more, same version"
+    );
+    assert!(worker.terminate(Duration::from_secs(30)).success());
+
+    let mut fresh = setup.settings.clone();
+    fresh.topics.state = common::unique("state-again");
+    common::kafka::Kafka::shared()
+        .create_topics(&fresh, 3)
+        .await;
+    let output = snapshot(&fresh);
+    let said = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{output:?}");
+    assert!(said.contains("Every message was published."), "{said}");
+    let outputs = stream::Outputs::read(&fresh, ledger_entries as usize, DEADLINE);
+    assert_eq!(outputs.states.len() as i64, keys, "one message per key");
+    let copy = common::state_copy::assert_copy_matches_report(
+        &setup.database,
+        outputs
+            .states
+            .iter()
+            .map(|(key, value)| (key.as_str(), value)),
+    )
+    .await;
+    assert_eq!(copy.repeated, 0);
 }

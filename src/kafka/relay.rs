@@ -231,6 +231,11 @@ impl Relay {
             }
             acknowledged.push(row.id);
             published += row.messages.len();
+            let delay = (chrono::Utc::now() - row.created_at).num_microseconds();
+            self.metrics
+                .publish_delay
+                .with_label_values::<&str>(&[])
+                .observe(delay.unwrap_or(0).max(0) as f64 / 1e6);
         }
         if !acknowledged.is_empty() {
             self.store.remove_published(&acknowledged).await?;

@@ -47,7 +47,6 @@ use std::time::Duration as StdDuration;
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt as _;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressFinish, ProgressStyle};
 use rust_xlsxwriter::{Color, Format, FormatBorder, Workbook, Worksheet, XlsxError};
 use sqlx::{PgConnection, PgPool};
 
@@ -198,7 +197,7 @@ pub async fn export(
 
     let formats = Formats::new();
 
-    let bar = progress_bar(progress, workspace_rows + ledger_rows);
+    let bar = super::progress_bar(progress, workspace_rows + ledger_rows, "exporting", "rows");
     write_overview(
         workbook.add_worksheet(),
         &formats,
@@ -411,22 +410,6 @@ impl Formats {
             datetime_red: red(Format::new().set_num_format(DATETIME)),
         }
     }
-}
-
-fn progress_bar(progress: bool, rows: u64) -> ProgressBar {
-    if !progress {
-        return ProgressBar::hidden();
-    }
-    // Cleared when dropped too, so that an error is not printed after a half-drawn bar.
-    let bar = ProgressBar::with_draw_target(Some(rows), ProgressDrawTarget::stderr())
-        .with_message("exporting")
-        .with_finish(ProgressFinish::AndClear);
-    if let Ok(style) = ProgressStyle::with_template(
-        "{msg:>11} [{bar:40}] {human_pos}/{human_len} rows, {elapsed} (eta {eta})",
-    ) {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar
 }
 
 /// A sheet's header row (frozen) and its columns' widths.

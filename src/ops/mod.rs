@@ -6,11 +6,13 @@ pub mod export;
 pub mod history;
 pub mod publish;
 pub mod report;
+pub mod snapshot;
 pub mod verify;
 
 use std::str::FromStr;
 
 use anyhow::Context as _;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressFinish, ProgressStyle};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
@@ -81,4 +83,28 @@ pub(crate) fn cell(text: &str, width: usize) -> String {
     } else {
         format!("{text}{}", " ".repeat(width - count))
     }
+}
+
+/// A progress bar on stderr counting `unit`, hidden when `progress` is false (no
+/// terminal). Cleared when dropped too, so that an error is not printed after a half-drawn
+/// bar.
+pub(crate) fn progress_bar(
+    progress: bool,
+    total: u64,
+    message: &'static str,
+    unit: &'static str,
+) -> ProgressBar {
+    if !progress {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr())
+        .with_message(message)
+        .with_finish(ProgressFinish::AndClear);
+    let template = format!(
+        "{{msg:>11}} [{{bar:40}}] {{human_pos}}/{{human_len}} {unit}, {{elapsed}} (eta {{eta}})"
+    );
+    if let Ok(style) = ProgressStyle::with_template(&template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
 }

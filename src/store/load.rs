@@ -492,11 +492,22 @@ async fn lock_and_load_pools(
     }
 
     /// org, product, available, granted, transferred, expired, revoked, unlimited,
-    /// state version.
-    type PoolRow = (String, String, i64, i64, i64, i64, i64, bool, i64);
+    /// state version, last cause.
+    type PoolRow = (
+        String,
+        String,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        bool,
+        i64,
+        Option<String>,
+    );
     let pools: Vec<PoolRow> = sqlx::query_as(
         "SELECT org_id, product, available, granted_total, transferred_total, expired_total,
-                revoked_total, unlimited, state_version
+                revoked_total, unlimited, state_version, last_cause
            FROM pools WHERE org_id = ANY($1)",
     )
     .bind(&names)
@@ -512,6 +523,7 @@ async fn lock_and_load_pools(
         revoked_total,
         unlimited,
         state_version,
+        last_cause,
     ) in pools
     {
         book.pools.insert(
@@ -528,7 +540,11 @@ async fn lock_and_load_pools(
                 unlimited,
                 state_version,
                 loaded_state: None,
-                last_cause: None,
+                last_cause: last_cause
+                    .as_deref()
+                    .map(EventId::parse)
+                    .transpose()
+                    .map_err(|error| StoreError::Corrupt(error.to_string()))?,
                 dirty: false,
             },
         );

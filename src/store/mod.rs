@@ -4,6 +4,7 @@
 mod apply;
 mod load;
 mod outbox;
+mod snapshot;
 mod write;
 
 use std::collections::HashMap;
@@ -15,6 +16,7 @@ use sqlx::{ConnectOptions, Connection, PgPool};
 
 pub use apply::{BatchReport, Inbound, Stage};
 pub use outbox::{Channel, OutboxMessage, OutboxRow};
+pub use snapshot::Queued;
 
 use crate::settings::DatabaseSettings;
 

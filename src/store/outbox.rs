@@ -62,33 +62,36 @@ impl OutboxMessage {
 #[derive(Debug, Clone)]
 pub struct OutboxRow {
     pub id: i64,
+    /// When the transaction that wrote the row began: its commit came a little later.
+    pub created_at: chrono::DateTime<chrono::Utc>,
     pub messages: Vec<OutboxMessage>,
 }
 
 /// Writes a batch's messages as one row: the cost of the outbox is per batch, not per
-/// message.
+/// message. Returns the row's id, None when there was nothing to write.
 pub(super) async fn insert(
     connection: &mut PgConnection,
     messages: &[OutboxMessage],
-) -> Result<(), StoreError> {
+) -> Result<Option<i64>, StoreError> {
     if messages.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let count = i32::try_from(messages.len()).expect("a batch holds fewer than 2^31 messages");
     let channels: Vec<&str> = messages.iter().map(|m| m.channel.as_str()).collect();
     let keys: Vec<Option<&str>> = messages.iter().map(|m| m.key.as_deref()).collect();
     let payloads: Vec<&[u8]> = messages.iter().map(|m| m.payload.as_slice()).collect();
-    sqlx::query(
+    let id: i64 = sqlx::query_scalar(
         "INSERT INTO outbox (messages, channels, message_keys, payloads)
-         VALUES ($1, $2::text[], $3::text[], $4::bytea[])",
+         VALUES ($1, $2::text[], $3::text[], $4::bytea[])
+         RETURNING id",
     )
     .bind(count)
     .bind(&channels)
     .bind(&keys)
     .bind(&payloads)
-    .execute(&mut *connection)
+    .fetch_one(&mut *connection)
     .await?;
-    Ok(())
+    Ok(Some(id))
 }
 
 impl Store {
@@ -97,13 +100,19 @@ impl Store {
     pub async fn pending_outbox(&self, limit_messages: i64) -> Result<Vec<OutboxRow>, StoreError> {
         // The row sizes are read first (without the payloads, which live out of line), so
         // a round never reads more than it publishes.
-        type Row = (i64, Vec<String>, Vec<Option<String>>, Vec<Vec<u8>>);
+        type Row = (
+            i64,
+            chrono::DateTime<chrono::Utc>,
+            Vec<String>,
+            Vec<Option<String>>,
+            Vec<Vec<u8>>,
+        );
         let rows: Vec<Row> = sqlx::query_as(
             "WITH head AS (
                  SELECT id, sum(messages) OVER (ORDER BY id) - messages AS before
                    FROM (SELECT id, messages FROM outbox ORDER BY id LIMIT $1) AS oldest
              )
-             SELECT o.id, o.channels, o.message_keys, o.payloads
+             SELECT o.id, o.created_at, o.channels, o.message_keys, o.payloads
                FROM outbox o JOIN head h ON h.id = o.id
               WHERE h.before = 0 OR h.before + o.messages <= $1
               ORDER BY o.id",
@@ -112,7 +121,7 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
-            .map(|(id, channels, keys, payloads)| {
+            .map(|(id, created_at, channels, keys, payloads)| {
                 if channels.len() != keys.len() || channels.len() != payloads.len() {
                     return Err(StoreError::Corrupt(format!(
                         "outbox row {id} has arrays of different lengths"
@@ -133,7 +142,11 @@ impl Store {
                         })
                     })
                     .collect::<Result<_, StoreError>>()?;
-                Ok(OutboxRow { id, messages })
+                Ok(OutboxRow {
+                    id,
+                    created_at,
+                    messages,
+                })
             })
             .collect()
     }
@@ -145,6 +158,16 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// Messages of the rows up to `id` not yet published.
+    pub async fn unpublished_up_to(&self, id: i64) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT coalesce(sum(messages), 0)::bigint FROM outbox WHERE id <= $1",
+        )
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await?)
     }
 
     /// Messages committed and not yet published, for the gauge.

@@ -150,11 +150,15 @@ async fn write_pools(connection: &mut PgConnection, book: &Book) -> Result<(), S
     let revoked: Vec<i64> = dirty.iter().map(|(_, pool)| pool.revoked_total).collect();
     let unlimited: Vec<bool> = dirty.iter().map(|(_, pool)| pool.unlimited).collect();
     let versions: Vec<i64> = dirty.iter().map(|(_, pool)| pool.state_version).collect();
+    let causes: Vec<Option<&str>> = dirty
+        .iter()
+        .map(|(_, pool)| pool.last_cause.as_ref().map(|cause| cause.as_str()))
+        .collect();
     sqlx::query(
         "INSERT INTO pools (org_id, product, available, granted_total, transferred_total,
-                            expired_total, revoked_total, unlimited, state_version)
+                            expired_total, revoked_total, unlimited, state_version, last_cause)
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[],
-                              $6::bigint[], $7::bigint[], $8::boolean[], $9::bigint[])
+                              $6::bigint[], $7::bigint[], $8::boolean[], $9::bigint[], $10::text[])
          ON CONFLICT (org_id, product) DO UPDATE SET
              available = EXCLUDED.available,
              granted_total = EXCLUDED.granted_total,
@@ -162,7 +166,8 @@ async fn write_pools(connection: &mut PgConnection, book: &Book) -> Result<(), S
              expired_total = EXCLUDED.expired_total,
              revoked_total = EXCLUDED.revoked_total,
              unlimited = EXCLUDED.unlimited,
-             state_version = EXCLUDED.state_version",
+             state_version = EXCLUDED.state_version,
+             last_cause = COALESCE(EXCLUDED.last_cause, pools.last_cause)",
     )
     .bind(&orgs)
     .bind(&products)
@@ -173,6 +178,7 @@ async fn write_pools(connection: &mut PgConnection, book: &Book) -> Result<(), S
     .bind(&revoked)
     .bind(&unlimited)
     .bind(&versions)
+    .bind(&causes)
     .execute(&mut *connection)
     .await?;
     Ok(())
