@@ -379,6 +379,37 @@ async fn bench(
         "end to end, fresh database (with the worker's stop)",
     );
 
+    // The same stream without the state topic (state.publish = false), on a fresh database:
+    // what the state messages cost.
+    let mut settings = bench.run_settings("nostate", &format!("bench_{}_nostate", bench.run_id));
+    settings.state.publish = false;
+    cleanup
+        .databases
+        .push(database_name(&settings.database.url));
+    entitlement_worker::kafka::admin::create_topics(
+        &settings.kafka,
+        &settings.topics,
+        args.partitions,
+        1,
+    )
+    .await?;
+    let without_state = bench
+        .end_to_end("nostate", &settings, total, 0, 0.0)
+        .await?;
+    println!("{}", without_state.one_line());
+    println!(
+        "state topic: {} events/s with it, {} without it ({:.1}% of the rate without)",
+        fmt_int(main_run.rate() as u64),
+        fmt_int(without_state.rate() as u64),
+        100.0 * main_run.rate() / without_state.rate()
+    );
+    if !args.keep {
+        cleanup
+            .drop_now(&database_name(&settings.database.url))
+            .await;
+    }
+    lap(&mut phases, "end to end without the state topic");
+
     // State growth.
     let mut growth = Vec::new();
     for size in sizes {
@@ -457,6 +488,7 @@ async fn bench(
         copy_limit,
         participant_events,
         main_run,
+        without_state,
         growth,
         latency,
         phases,
@@ -484,7 +516,12 @@ impl Bench<'_> {
             settings.batch.max_wait_ms = wait;
         }
         let mut topics = self.inputs.clone();
-        for name in [&mut topics.shortfalls, &mut topics.ledger, &mut topics.dlq] {
+        for name in [
+            &mut topics.shortfalls,
+            &mut topics.ledger,
+            &mut topics.dlq,
+            &mut topics.state,
+        ] {
             *name = format!("bench-{}-{label}-{name}", self.run_id);
         }
         settings.topics = topics;
@@ -3078,6 +3115,8 @@ struct Report {
     copy_limit: Rate,
     participant_events: u64,
     main_run: RunResult,
+    /// The same stream with `state.publish = false`.
+    without_state: RunResult,
     growth: Vec<RunResult>,
     /// One latency phase per offered rate, in order.
     latency: Vec<LatencyResult>,
@@ -3631,6 +3670,8 @@ impl Report {
             },
             "end_to_end": self.main_run.json(),
             "ratio_to_slower_limit": self.main_run.rate() / slower,
+            "end_to_end_without_state_topic": self.without_state.json(),
+            "state_topic_rate_ratio": self.main_run.rate() / self.without_state.rate(),
             "latency": self.latency.iter().map(|l| json!({
                 "offered_rate": l.offered_rate, "produced": l.produced, "produce_seconds": l.produce_seconds,
                 "broker": l.on.name(),
