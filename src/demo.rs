@@ -16,7 +16,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{AlertMessage, DeadLetterMessage, LedgerMessage};
+use crate::codec::{AlertMessage, DeadLetterMessage, LedgerMessage, StateMessage};
 use crate::settings::Settings;
 
 /// The pause between two steps of the story, so a person can follow it.
@@ -233,6 +233,11 @@ async fn play_story(
             vec![(topics.entitlement_revoked.clone(), event(json!({"org_id": "acme", "source": {"kind": "add_on", "reference": "ADD-77"}, "reason": "event over"})))],
         ),
         (
+            "summit-2026 is over: the platform names it and dates it (it ended yesterday), so it moves to the past workspaces, keeping its seats.",
+            "",
+            vec![(topics.workspace_updated.clone(), event(json!({"org_id": "acme", "workspace_id": summit, "name": "Summit 2026", "starts_at": (Utc::now() - chrono::Duration::days(3)).to_rfc3339_opts(SecondsFormat::Secs, true), "ends_at": (Utc::now() - chrono::Duration::days(1)).to_rfc3339_opts(SecondsFormat::Secs, true)})))],
+        ),
+        (
             "acme upgrades to the unlimited Enterprise plan: the old plan is removed (nothing of it is left), the new one has no limit.",
             "",
             vec![
@@ -358,7 +363,7 @@ struct Outputs {
 
 /// One output, as the demo prints it, with what orders it within a step.
 struct Printed {
-    /// 0 for ledger entries, 1 for alerts, 2 for dead letters.
+    /// 0 for ledger entries, 1 for alerts, 2 for dead letters, 3 for states.
     rank: u8,
     /// The organization and the entry's sequence (ledger entries only).
     sequence: (String, i64),
@@ -374,7 +379,12 @@ impl Outputs {
             .create()?;
         let topics = settings.topics.clone();
         let mut assignment = TopicPartitionList::new();
-        for topic in [&topics.ledger, &topics.shortfalls, &topics.dlq] {
+        for topic in [
+            &topics.ledger,
+            &topics.shortfalls,
+            &topics.dlq,
+            &topics.state,
+        ] {
             let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
             for partition in metadata
                 .topics()
@@ -429,7 +439,7 @@ impl Outputs {
             if let Some(message) = self.consumer.poll(Duration::from_millis(100)) {
                 let message = message?;
                 printed
-                    .push(self.describe(message.topic(), message.payload().unwrap_or_default())?);
+                    .extend(self.describe(message.topic(), message.payload().unwrap_or_default())?);
             }
         }
         printed.sort_by(|a, b| (a.rank, &a.sequence).cmp(&(b.rank, &b.sequence)));
@@ -454,8 +464,32 @@ impl Outputs {
         Ok(true)
     }
 
-    fn describe(&self, topic: &str, payload: &[u8]) -> anyhow::Result<Printed> {
-        if topic == self.topics.ledger {
+    /// The line of one output; of the state topic, only past workspaces' states are shown.
+    fn describe(&self, topic: &str, payload: &[u8]) -> anyhow::Result<Option<Printed>> {
+        if topic == self.topics.state {
+            let StateMessage::Workspace(state) = serde_json::from_slice(payload)? else {
+                return Ok(None);
+            };
+            if state.live {
+                return Ok(None);
+            }
+            return Ok(Some(Printed {
+                rank: 3,
+                sequence: (String::new(), 0),
+                line: format!(
+                    "   state    {} {} ({}) {}: past, required {}, allocated {} (version {})",
+                    state.org_id,
+                    state.workspace_id,
+                    state.name.as_deref().unwrap_or("no name"),
+                    state.product,
+                    state.required,
+                    state.allocated,
+                    state.version
+                ),
+                expiry: false,
+            }));
+        }
+        let printed = if topic == self.topics.ledger {
             let entry: LedgerMessage = serde_json::from_slice(payload)?;
             let place = entry
                 .workspace_id
@@ -467,7 +501,7 @@ impl Outputs {
                 .as_deref()
                 .map(|actor| format!(" by {actor}"))
                 .unwrap_or_default();
-            Ok(Printed {
+            Printed {
                 rank: 0,
                 sequence: (entry.org_id.clone(), entry.sequence),
                 line: format!(
@@ -481,10 +515,10 @@ impl Outputs {
                     entry.pool_available_after
                 ),
                 expiry: entry.kind == "expiry",
-            })
+            }
         } else if topic == self.topics.shortfalls {
             let alert: AlertMessage = serde_json::from_slice(payload)?;
-            Ok(Printed {
+            Printed {
                 rank: 1,
                 sequence: (String::new(), 0),
                 line: format!(
@@ -497,16 +531,17 @@ impl Outputs {
                     alert.allocated
                 ),
                 expiry: false,
-            })
+            }
         } else {
             let letter: DeadLetterMessage = serde_json::from_slice(payload)?;
-            Ok(Printed {
+            Printed {
                 rank: 2,
                 sequence: (String::new(), 0),
                 line: format!("   DLQ      {}: {}", letter.reason, letter.detail),
                 expiry: false,
-            })
-        }
+            }
+        };
+        Ok(Some(printed))
     }
 }
 

@@ -75,7 +75,7 @@ fn the_demo_prints_each_steps_effects_under_it_in_the_order_they_happened() {
         "the story ends:\n{stdout}"
     );
     let steps = steps(&stdout);
-    assert_eq!(steps.len(), 18, "eighteen steps:\n{stdout}");
+    assert_eq!(steps.len(), 19, "nineteen steps:\n{stdout}");
 
     let plan = step(&steps, "acme buys a plan with 10 seats");
     assert_eq!(plan.len(), 1, "{plan:#?}");
@@ -150,6 +150,17 @@ fn the_demo_prints_each_steps_effects_under_it_in_the_order_they_happened() {
     assert!(
         removed[0].contains(" revocation ") && removed[0].contains("4 seat; pool now 0"),
         "{removed:#?}"
+    );
+    let past = step(&steps, "summit-2026 is over");
+    assert!(
+        past.iter().any(|line| line.starts_with("state")
+            && line.contains("summit-2026 (Summit 2026) seat: past, required 11, allocated 11")),
+        "its state says it is past, with its name and seats: {past:#?}"
+    );
+    assert!(
+        past.iter()
+            .all(|line| !line.starts_with("ledger") && !line.starts_with("ALERT")),
+        "nothing moves: {past:#?}"
     );
     let upgrade = step(&steps, "acme upgrades to the unlimited Enterprise plan");
     assert_eq!(

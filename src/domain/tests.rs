@@ -59,9 +59,14 @@ impl World {
     fn inputs(&mut self, inputs: &[Input], now: DateTime<Utc>) -> Vec<Verdict> {
         self.book.ledger.clear();
         self.book.alerts.clear();
+        self.book.states.clear();
         self.book.settled.clear();
         for consumption in self.book.consumption.values_mut() {
             consumption.dirty = false;
+            consumption.is_new = false;
+        }
+        for pool in self.book.pools.values_mut() {
+            pool.dirty = false;
         }
         // As the store loads them: what was stored is what the batch compares with.
         for life in self.book.workspaces.values_mut() {
@@ -1258,4 +1263,89 @@ fn an_archived_workspace_is_past_and_a_later_update_can_bring_it_back() {
     );
     world.batch(&[ended], at(5));
     assert_eq!(world.life("summit"), (Some("Summit".to_owned()), false));
+}
+
+/// The state messages of the last batch: (key as JSON, version, caused_by).
+fn states(world: &World) -> Vec<(String, i64, String)> {
+    world
+        .book
+        .states
+        .iter()
+        .map(|change| {
+            (
+                change.key.to_json(),
+                change.version,
+                change.caused_by.to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_batch_publishes_the_new_state_of_each_key_it_changed_once_with_the_next_version() {
+    let mut w = World::new();
+    let g = w.command("acme", grant("seat", 2), at(0));
+    w.batch(std::slice::from_ref(&g), at(0));
+    assert_eq!(
+        states(&w),
+        [(r#"["acme","seat"]"#.to_owned(), 1, g.event_id.to_string())]
+    );
+    // Three joins in one batch: one message per key, whatever the events.
+    let joins: Vec<Command> = (1..=3)
+        .map(|n| w.command("acme", join("summit", &format!("p{n}")), at(1)))
+        .collect();
+    w.batch(&joins, at(1));
+    let last = joins[2].event_id.to_string();
+    assert_eq!(
+        states(&w),
+        [
+            (
+                r#"["acme","seat"]"#.to_owned(),
+                2,
+                joins[1].event_id.to_string()
+            ),
+            (r#"["acme","summit","seat"]"#.to_owned(), 1, last),
+        ]
+    );
+    let StateBody::Workspace(counts) = &w.book.states[1].body else {
+        panic!("a workspace's state");
+    };
+    assert_eq!(
+        (counts.required, counts.allocated, counts.missing()),
+        (3, 2, 1)
+    );
+}
+
+#[test]
+fn a_batch_that_changes_no_state_publishes_none() {
+    let mut w = World::new();
+    let g = w.command("acme", grant("seat", 5), at(0));
+    let j = w.command("acme", join("summit", "p1"), at(1));
+    w.batch(&[g.clone(), j.clone()], at(1));
+    assert_eq!(states(&w).len(), 2);
+    // The same events again, and a cancellation that still counts (rule 3).
+    let still_counts = w.command("acme", cancel("summit", "p1", true), at(2));
+    w.batch(&[g, j, still_counts], at(2));
+    assert_eq!(states(&w), [], "nothing changed, nothing is published");
+}
+
+#[test]
+fn a_grant_not_valid_yet_is_published_as_pending_and_then_as_available() {
+    let mut w = World::new();
+    let g = w.command("acme", grant_window("seat", 4, Some(at(10)), None), at(0));
+    w.batch(std::slice::from_ref(&g), at(0));
+    let StateBody::Pool(pool) = &w.book.states[0].body else {
+        panic!("a pool's state");
+    };
+    assert_eq!((pool.pending, pool.available, pool.granted), (4, 0, 0));
+    assert_eq!(w.book.states[0].caused_by, g.event_id);
+    // The clock's round at 11: the units become valid.
+    w.batch(&[], at(11));
+    w.book.settle_time(&OrgId::parse("acme").unwrap(), at(11));
+    w.book.finish(at(11));
+    let StateBody::Pool(pool) = &w.book.states[0].body else {
+        panic!("a pool's state");
+    };
+    assert_eq!((pool.pending, pool.available, pool.granted), (0, 4, 4));
+    assert_eq!(w.book.states[0].version, 2);
 }
