@@ -20,9 +20,14 @@ pub struct StateCopy {
 
 impl StateCopy {
     /// Folds `messages` (key, value) in the order the topic holds them per partition. A
-    /// key's versions never go down, and a version seen twice carries the same state.
+    /// message whose version is not above the one kept is a repeat (the outbox republishes
+    /// what a crash or a refused message left unacknowledged, in order): it must be one
+    /// seen before, with the same state. And the last message of each key, the one
+    /// compaction keeps, is its highest version.
     pub fn build<'a>(messages: impl IntoIterator<Item = (&'a str, &'a Value)>) -> Self {
         let mut copy = Self::default();
+        let mut seen: BTreeMap<(String, i64), Value> = BTreeMap::new();
+        let mut last: BTreeMap<String, i64> = BTreeMap::new();
         for (key, message) in messages {
             let version = message["version"].as_i64().expect("a version");
             assert_eq!(
@@ -30,22 +35,34 @@ impl StateCopy {
                 key_of(message),
                 "a state message's key names its state"
             );
-            match copy.latest.get(key) {
-                Some(kept) if kept["version"].as_i64().unwrap() > version => {
-                    panic!("the state of {key} went back from {kept} to {message}")
-                }
-                Some(kept) if kept["version"].as_i64().unwrap() == version => {
+            last.insert(key.to_owned(), version);
+            let state = without_time(message);
+            match seen.get(&(key.to_owned(), version)) {
+                Some(earlier) => {
                     assert_eq!(
-                        without_time(kept),
-                        without_time(message),
+                        earlier, &state,
                         "version {version} of {key} published twice with different states"
                     );
                     copy.repeated += 1;
                 }
-                _ => {
+                None => {
+                    if let Some(kept) = copy.latest.get(key) {
+                        assert!(
+                            kept["version"].as_i64().unwrap() < version,
+                            "the state of {key} went back from {kept} to {message}, never seen before"
+                        );
+                    }
+                    seen.insert((key.to_owned(), version), state);
                     copy.latest.insert(key.to_owned(), message.clone());
                 }
             }
+        }
+        for (key, version) in last {
+            assert_eq!(
+                copy.latest[&key]["version"].as_i64(),
+                Some(version),
+                "the last message of {key}, which compaction keeps, is its latest state"
+            );
         }
         copy
     }
