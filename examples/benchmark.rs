@@ -381,18 +381,8 @@ async fn bench(
 
     // The same stream without the state topic (state.publish = false), on a fresh database:
     // what the state messages cost.
-    let mut settings = bench.run_settings("nostate", &format!("bench_{}_nostate", bench.run_id));
+    let mut settings = bench.fresh_run("nostate", cleanup).await?;
     settings.state.publish = false;
-    cleanup
-        .databases
-        .push(database_name(&settings.database.url));
-    entitlement_worker::kafka::admin::create_topics(
-        &settings.kafka,
-        &settings.topics,
-        args.partitions,
-        1,
-    )
-    .await?;
     let without_state = bench
         .end_to_end("nostate", &settings, total, 0, 0.0)
         .await?;
@@ -414,17 +404,7 @@ async fn bench(
     let mut growth = Vec::new();
     for size in sizes {
         let label = format!("s{size}");
-        let settings = bench.run_settings(&label, &format!("bench_{}_{label}", bench.run_id));
-        cleanup
-            .databases
-            .push(database_name(&settings.database.url));
-        entitlement_worker::kafka::admin::create_topics(
-            &settings.kafka,
-            &settings.topics,
-            args.partitions,
-            1,
-        )
-        .await?;
+        let settings = bench.fresh_run(&label, cleanup).await?;
         let started = Instant::now();
         entitlement_worker::store::Store::connect(&settings.database)
             .await
@@ -497,6 +477,23 @@ async fn bench(
 }
 
 impl Bench<'_> {
+    /// The settings of a run on a database of its own (dropped at the end) with output
+    /// topics of its own, created.
+    async fn fresh_run(&self, label: &str, cleanup: &mut Cleanup) -> anyhow::Result<Settings> {
+        let settings = self.run_settings(label, &format!("bench_{}_{label}", self.run_id));
+        cleanup
+            .databases
+            .push(database_name(&settings.database.url));
+        entitlement_worker::kafka::admin::create_topics(
+            &settings.kafka,
+            &settings.topics,
+            self.args.partitions,
+            1,
+        )
+        .await?;
+        Ok(settings)
+    }
+
     /// Settings for one run: the shared input topics, output topics of the run's own, a
     /// fresh consumer group, and the given database.
     fn run_settings(&self, label: &str, database: &str) -> Settings {

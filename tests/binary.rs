@@ -195,14 +195,8 @@ async fn a_snapshot_gives_a_new_state_topic_what_report_shows() {
     assert!(output.status.success(), "{output:?}");
     assert!(said.contains("Every message was published."), "{said}");
     let outputs = stream::Outputs::read(&setup.settings, ledger_entries as usize, DEADLINE);
-    let copy = common::state_copy::assert_copy_matches_report(
-        &setup.database,
-        outputs
-            .states
-            .iter()
-            .map(|(key, value)| (key.as_str(), value)),
-    )
-    .await;
+    let copy =
+        common::state_copy::assert_copy_matches_report(&setup.database, outputs.states()).await;
     assert_eq!(
         copy.repeated as i64, keys,
         "every key once more, same version"
@@ -220,13 +214,7 @@ async fn a_snapshot_gives_a_new_state_topic_what_report_shows() {
     assert!(said.contains("Every message was published."), "{said}");
     let outputs = stream::Outputs::read(&fresh, ledger_entries as usize, DEADLINE);
     assert_eq!(outputs.states.len() as i64, keys, "one message per key");
-    let copy = common::state_copy::assert_copy_matches_report(
-        &setup.database,
-        outputs
-            .states
-            .iter()
-            .map(|(key, value)| (key.as_str(), value)),
-    )
-    .await;
+    let copy =
+        common::state_copy::assert_copy_matches_report(&setup.database, outputs.states()).await;
     assert_eq!(copy.repeated, 0);
 }

@@ -735,6 +735,6 @@ fn insert_consumption(book: &mut Book, rows: Vec<ConsumptionRow>) -> Result<(), 
 
 /// Values read back were valid when written; one that is not means the table was edited
 /// by hand.
-fn parse<T>(value: Result<T, crate::domain::IdError>) -> Result<T, StoreError> {
+pub(super) fn parse<T>(value: Result<T, crate::domain::IdError>) -> Result<T, StoreError> {
     value.map_err(|error| StoreError::Corrupt(format!("a stored identifier {error}")))
 }

@@ -6,6 +6,7 @@
 
 use chrono::{DateTime, Utc};
 
+use super::load::parse;
 use super::outbox::{Channel, OutboxMessage};
 use super::{Store, StoreError};
 use crate::codec::StateMessage;
@@ -143,8 +144,8 @@ impl Store {
             };
             let change = StateChange {
                 key: StateKey::Pool {
-                    org_id: stored(OrgId::parse(&org))?,
-                    product: stored(Product::parse(&product))?,
+                    org_id: parse(OrgId::parse(&org))?,
+                    product: parse(Product::parse(&product))?,
                 },
                 body: StateBody::Pool(PoolState {
                     available,
@@ -157,7 +158,7 @@ impl Store {
                 }),
                 version,
                 updated_at: now,
-                caused_by: stored(EventId::parse(&caused_by))?,
+                caused_by: parse(EventId::parse(&caused_by))?,
             };
             messages.push(state_message(&change, None, true));
             queued.pools += 1;
@@ -191,9 +192,9 @@ impl Store {
                 };
                 let change = StateChange {
                     key: StateKey::Workspace {
-                        org_id: stored(OrgId::parse(&org))?,
-                        workspace_id: stored(WorkspaceId::parse(&workspace))?,
-                        product: stored(Product::parse(&product))?,
+                        org_id: parse(OrgId::parse(&org))?,
+                        workspace_id: parse(WorkspaceId::parse(&workspace))?,
+                        product: parse(Product::parse(&product))?,
                     },
                     body: StateBody::Workspace(WorkspaceCounts {
                         required,
@@ -201,7 +202,7 @@ impl Store {
                     }),
                     version,
                     updated_at: now,
-                    caused_by: stored(EventId::parse(&caused_by))?,
+                    caused_by: parse(EventId::parse(&caused_by))?,
                 };
                 messages.push(state_message(&change, name.as_deref(), live));
                 queued.workspaces += 1;
@@ -225,8 +226,4 @@ fn state_message(change: &StateChange, name: Option<&str>, live: bool) -> Outbox
         Some(change.key.to_json()),
         &StateMessage::new(change, name, live),
     )
-}
-
-fn stored<T>(value: Result<T, crate::domain::IdError>) -> Result<T, StoreError> {
-    value.map_err(|error| StoreError::Corrupt(format!("a stored identifier {error}")))
 }

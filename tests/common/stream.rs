@@ -553,6 +553,11 @@ pub struct Outputs {
 }
 
 impl Outputs {
+    /// The state topic's messages as (key, message), in the order they were read.
+    pub fn states(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.states.iter().map(|(key, value)| (key.as_str(), value))
+    }
+
     /// Reads all four output topics from the beginning up to their high watermarks as
     /// they are now (call it once the outbox is empty: everything is in the log), and
     /// checks that `ledger_entries` distinct ledger entries were among them.
@@ -930,12 +935,5 @@ pub async fn check(pool: &PgPool, outputs: &Outputs, expected: &Expected) {
     assert_eq!(refused, expected.forbidden, "refused requests");
 
     // The state topic: a copy kept from it (last version per key) is what `report` shows.
-    super::state_copy::assert_copy_matches_report(
-        pool,
-        outputs
-            .states
-            .iter()
-            .map(|(key, message)| (key.as_str(), message)),
-    )
-    .await;
+    super::state_copy::assert_copy_matches_report(pool, outputs.states()).await;
 }
