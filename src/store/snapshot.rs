@@ -117,12 +117,14 @@ impl Store {
             .bind(orgs)
             .execute(&mut *transaction)
             .await?;
-        for statement in [FIRST_POOL_VERSIONS, FIRST_WORKSPACE_VERSIONS] {
-            sqlx::query(statement)
-                .bind(orgs)
-                .execute(&mut *transaction)
-                .await?;
-        }
+        sqlx::query(FIRST_POOL_VERSIONS)
+            .bind(orgs)
+            .execute(&mut *transaction)
+            .await?;
+        sqlx::query(FIRST_WORKSPACE_VERSIONS)
+            .bind(orgs)
+            .execute(&mut *transaction)
+            .await?;
         let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
             .fetch_one(&mut *transaction)
             .await?;
