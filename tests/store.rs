@@ -639,6 +639,7 @@ async fn the_upgrade_from_version_1_keeps_every_row_and_the_worker_goes_on_from_
             "pools.revoked_total",
             "pools.unlimited",
             "pools.state_version",
+            "pools.last_cause",
             "workspaces.name",
             "workspaces.starts_at",
             "workspaces.ends_at",
@@ -648,6 +649,20 @@ async fn the_upgrade_from_version_1_keeps_every_row_and_the_worker_goes_on_from_
             "workspaces.life_event_id",
         ]
     );
+    // each pool knows the input behind its last ledger entry, for its state messages,
+    let causes: Vec<(String, Option<String>, String)> = sqlx::query_as(
+        "SELECT p.product, p.last_cause,
+                (SELECT l.caused_by FROM ledger l WHERE l.org_id = p.org_id
+                    AND l.product = p.product ORDER BY l.sequence DESC LIMIT 1)
+           FROM pools p ORDER BY p.org_id, p.product",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert!(!causes.is_empty());
+    for (product, cause, last_entry) in &causes {
+        assert_eq!(cause.as_ref(), Some(last_entry), "{product}");
+    }
     let new_tables: Vec<&String> = after
         .keys()
         .filter(|table| !before.contains_key(*table))
