@@ -406,9 +406,6 @@ async fn bench(
         let label = format!("s{size}");
         let settings = bench.fresh_run(&label, cleanup).await?;
         let started = Instant::now();
-        entitlement_worker::store::Store::connect(&settings.database)
-            .await
-            .context("creating and migrating a state-growth database")?;
         let populated = populate(&settings.database.url, *size, args.seed).await?;
         let populate_seconds = started.elapsed().as_secs_f64();
         lap(
@@ -477,8 +474,8 @@ async fn bench(
 }
 
 impl Bench<'_> {
-    /// The settings of a run on a database of its own (dropped at the end) with output
-    /// topics of its own, created.
+    /// The settings of a run on a database of its own (created and migrated, dropped at
+    /// the end) with output topics of its own, created.
     async fn fresh_run(&self, label: &str, cleanup: &mut Cleanup) -> anyhow::Result<Settings> {
         let settings = self.run_settings(label, &format!("bench_{}_{label}", self.run_id));
         cleanup
@@ -491,6 +488,9 @@ impl Bench<'_> {
             1,
         )
         .await?;
+        entitlement_worker::store::Store::connect(&settings.database)
+            .await
+            .with_context(|| format!("creating and migrating the database of run {label}"))?;
         Ok(settings)
     }
 
