@@ -10,8 +10,8 @@ use uuid::Uuid;
 use crate::domain::shortfalls::{alert_id, ID_NAMESPACE};
 use crate::domain::{
     Actor, Alert, Assignment, Command, CommandBody, EventId, GrantSource, GrantUnits, IdError,
-    Input, LedgerEntry, OrgId, ParticipantId, Product, ProductDefined, Quantity, RevocationTarget,
-    StateBody, StateChange, StateKey, WorkspaceId,
+    Input, LedgerEntry, OrgId, ParticipantId, PoolWarning, Product, ProductDefined, Quantity,
+    RevocationTarget, StateBody, StateChange, StateKey, WarningNumbers, WorkspaceId,
 };
 
 /// The largest input message accepted, in bytes (the contract's 64 KiB).
@@ -622,6 +622,59 @@ impl From<&Alert> for AlertMessage {
             opened_at: alert.opened_at,
             occurred_at: alert.occurred_at,
             caused_by: alert.caused_by.to_string(),
+        }
+    }
+}
+
+/// A message on `entitlement-pool-warnings` (rule 15). A `low` warning carries
+/// `available` and `threshold`; an `expiring` one `grant_id`, `units` and `expires_at`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolWarningMessage {
+    pub warning_id: Uuid,
+    pub status: String,
+    pub kind: String,
+    pub org_id: String,
+    pub product: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub available: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub units: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    pub opened_at: DateTime<Utc>,
+    pub occurred_at: DateTime<Utc>,
+    pub caused_by: String,
+}
+
+impl From<&PoolWarning> for PoolWarningMessage {
+    fn from(warning: &PoolWarning) -> Self {
+        let (available, threshold, units, expires_at) = match warning.numbers {
+            WarningNumbers::Low {
+                available,
+                threshold,
+            } => (Some(available), Some(threshold), None, None),
+            WarningNumbers::Expiring { units, expires_at } => {
+                (None, None, Some(units), Some(expires_at))
+            }
+        };
+        Self {
+            warning_id: warning.key.warning_id(warning.revision),
+            status: warning.status.as_str().to_owned(),
+            kind: warning.key.kind().to_owned(),
+            org_id: warning.key.org_id.to_string(),
+            product: warning.key.product.to_string(),
+            available,
+            threshold,
+            grant_id: warning.key.grant_id.as_ref().map(ToString::to_string),
+            units,
+            expires_at,
+            opened_at: warning.opened_at,
+            occurred_at: warning.occurred_at,
+            caused_by: warning.caused_by.to_string(),
         }
     }
 }

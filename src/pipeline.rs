@@ -52,9 +52,7 @@ pub async fn run(
     let relay_stop = CancellationToken::new();
     let background_stop = CancellationToken::new();
     let wake = Arc::new(Notify::new());
-    let policy = Policy {
-        modules_auto_assign: settings.modules.auto_assign,
-    };
+    let policy = settings.policy();
 
     let (address, server) = telemetry::serve(
         &settings.metrics.listen,
@@ -470,7 +468,10 @@ async fn clock_loop(
         }
         match store.settle_due(policy, Utc::now()).await {
             Ok(report)
-                if report.ledger_total() == 0 && report.alerts == 0 && report.states == 0 => {}
+                if report.ledger_total() == 0
+                    && report.alerts == 0
+                    && report.warnings.is_empty()
+                    && report.states == 0 => {}
             Ok(report) => {
                 metrics.clock_entries.inc_by(report.ledger_total());
                 metrics.observe_effects(&report);
@@ -493,6 +494,14 @@ async fn gauge_loop(store: Store, metrics: Metrics, stop: CancellationToken) {
         }
         if let Ok(open) = store.open_shortfalls().await {
             metrics.open_shortfalls.set(open);
+        }
+        if let Ok(counts) = store.open_pool_warnings().await {
+            for (kind, open) in counts {
+                metrics
+                    .open_pool_warnings
+                    .with_label_values(&[kind])
+                    .set(open);
+            }
         }
         if let Ok(backlog) = store.outbox_backlog().await {
             metrics.outbox_backlog.set(backlog);

@@ -31,6 +31,7 @@ pub struct Settings {
     pub clock: ClockSettings,
     pub outbox: OutboxSettings,
     pub state: StateSettings,
+    pub warnings: WarningSettings,
     pub shutdown: ShutdownSettings,
     pub log: LogSettings,
 }
@@ -83,12 +84,27 @@ pub struct TopicSettings {
     pub dlq: String,
     /// The compacted topic of the current state (version 2).
     pub state: String,
+    /// Pool warnings, `low` and `expiring` (version 2, rule 15).
+    pub pool_warnings: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
 pub struct StateSettings {
     /// Whether each batch publishes the new state of what it changed on `topics.state`.
     pub publish: bool,
+}
+
+/// The thresholds of pool warnings (rule 15).
+#[derive(Clone, Debug, Deserialize)]
+pub struct WarningSettings {
+    /// `low` opens when a pool's available counted units fall to or below this percentage
+    /// of the units of its valid counted grants (rounded up) ...
+    pub low_percent: u32,
+    /// ... or to or below this many units, whichever is larger.
+    pub low_units: i64,
+    /// `expiring` opens for a grant whose units still in the pool expire within this many
+    /// days; 0 turns these warnings off.
+    pub expiring_within_days: u32,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -151,6 +167,20 @@ pub struct LogSettings {
 }
 
 impl Settings {
+    /// The rules' settings, as the domain core takes them.
+    pub fn policy(&self) -> crate::domain::Policy {
+        crate::domain::Policy {
+            modules_auto_assign: self.modules.auto_assign,
+            warnings: crate::domain::WarningThresholds {
+                low_percent: self.warnings.low_percent,
+                low_units: self.warnings.low_units,
+                expiring_within: chrono::Duration::days(i64::from(
+                    self.warnings.expiring_within_days,
+                )),
+            },
+        }
+    }
+
     /// The `ENTITLEMENTS__` environment variables that configure another process (a worker
     /// started by the tests or the benchmark) like `self`, for the keys those change.
     pub fn environment(&self) -> Vec<(String, String)> {
@@ -216,7 +246,17 @@ impl Settings {
             ("TOPICS__LEDGER", topics.ledger.clone()),
             ("TOPICS__DLQ", topics.dlq.clone()),
             ("TOPICS__STATE", topics.state.clone()),
+            ("TOPICS__POOL_WARNINGS", topics.pool_warnings.clone()),
             ("STATE__PUBLISH", self.state.publish.to_string()),
+            (
+                "WARNINGS__LOW_PERCENT",
+                self.warnings.low_percent.to_string(),
+            ),
+            ("WARNINGS__LOW_UNITS", self.warnings.low_units.to_string()),
+            (
+                "WARNINGS__EXPIRING_WITHIN_DAYS",
+                self.warnings.expiring_within_days.to_string(),
+            ),
         ]
         .into_iter()
         .map(|(key, value)| (format!("ENTITLEMENTS__{key}"), value))
@@ -282,6 +322,15 @@ impl Settings {
                 "database.max_connections must be at least batch.lanes + 4 = {needed}"
             ));
         }
+        if self.warnings.low_percent > 100 {
+            return invalid("warnings.low_percent must be between 0 and 100".into());
+        }
+        if self.warnings.low_units < 0 {
+            return invalid("warnings.low_units must not be negative".into());
+        }
+        if self.warnings.expiring_within_days > 3650 {
+            return invalid("warnings.expiring_within_days must be between 0 and 3650".into());
+        }
         let mut names = self.topics.all();
         let count = names.len();
         names.sort();
@@ -338,13 +387,15 @@ impl TopicSettings {
             &mut self.ledger,
             &mut self.dlq,
             &mut self.state,
+            &mut self.pool_warnings,
         ] {
             name.push('-');
             name.push_str(suffix);
         }
     }
 
-    /// Every topic name: the inputs, then shortfalls, ledger, dead letters and state.
+    /// Every topic name: the inputs, then shortfalls, ledger, dead letters, state and pool
+    /// warnings.
     pub fn all(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.inputs().map(|(_, name)| name).collect();
         names.extend([
@@ -352,6 +403,7 @@ impl TopicSettings {
             self.ledger.as_str(),
             self.dlq.as_str(),
             self.state.as_str(),
+            self.pool_warnings.as_str(),
         ]);
         names
     }
@@ -449,7 +501,7 @@ mod tests {
         let mut topics = defaults.clone();
         topics.add_suffix("run-7");
         let (before, after) = (defaults.all(), topics.all());
-        assert_eq!(after.len(), 12);
+        assert_eq!(after.len(), 13);
         for (old, new) in before.iter().zip(&after) {
             assert_eq!(*new, format!("{old}-run-7"));
         }
@@ -497,6 +549,44 @@ mod tests {
         assert_eq!(settings.topics.workspace_updated, "workspace-updated");
         assert_eq!(settings.topics.product_defined, "product-defined");
         assert_eq!(settings.topics.dlq, "entitlement-dlq");
+        assert_eq!(settings.topics.state, "entitlement-state");
+        assert_eq!(settings.topics.pool_warnings, "entitlement-pool-warnings");
+        assert_eq!(
+            (
+                settings.warnings.low_percent,
+                settings.warnings.low_units,
+                settings.warnings.expiring_within_days
+            ),
+            (10, 0, 30)
+        );
+        assert_eq!(
+            settings.policy().warnings,
+            crate::domain::WarningThresholds::default()
+        );
+    }
+
+    #[test]
+    fn warning_thresholds_out_of_range_are_refused_by_name() {
+        let defaults = Settings::load(None).unwrap();
+        type Change = fn(&mut WarningSettings);
+        let cases: [(Change, &str); 3] = [
+            (|w| w.low_percent = 101, "warnings.low_percent"),
+            (|w| w.low_units = -1, "warnings.low_units"),
+            (
+                |w| w.expiring_within_days = 5000,
+                "warnings.expiring_within_days",
+            ),
+        ];
+        for (change, named) in cases {
+            let mut settings = defaults.clone();
+            change(&mut settings.warnings);
+            let error = settings.validate().err().map(|error| error.to_string());
+            assert!(
+                error.as_deref().is_some_and(|error| error.contains(named)),
+                "{named}: {error:?}"
+            );
+        }
+        assert!(defaults.validate().is_ok());
     }
 
     #[test]

@@ -44,7 +44,9 @@ pub struct Metrics {
     pub ledger_entries: IntCounterVec,
     pub alerts: IntCounter,
     pub state_changes: IntCounter,
+    pub pool_warnings: IntCounterVec,
     pub open_shortfalls: IntGauge,
+    pub open_pool_warnings: IntGaugeVec,
     pub outbox_backlog: IntGauge,
     pub consumer_lag: IntGaugeVec,
     pub published: IntCounterVec,
@@ -153,6 +155,17 @@ impl Metrics {
         .expect("valid metric");
         registry
             .register(Box::new(consumer_lag.clone()))
+            .expect("unique metric");
+        let open_pool_warnings = IntGaugeVec::new(
+            Opts::new(
+                "entitlements_open_pool_warnings",
+                "Pool warnings open now, across all organizations, per kind (low, expiring).",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(open_pool_warnings.clone()))
             .expect("unique metric");
         let consumer_queued_bytes = IntGaugeVec::new(
             Opts::new(
@@ -265,6 +278,12 @@ impl Metrics {
                 "entitlements_state_changes_total",
                 "Workspace-product and pool states recorded for publication on the state topic.",
             ),
+            pool_warnings: counter_vec(
+                "entitlements_pool_warnings_total",
+                "Pool warning changes recorded for publication, per kind (low, expiring) and status (open, resolved).",
+                &["kind", "status"],
+            ),
+            open_pool_warnings,
             open_shortfalls: gauge(
                 "entitlements_open_shortfalls",
                 "(workspace, product) pairs missing entitlements, across all organizations.",
@@ -326,7 +345,8 @@ impl Metrics {
         self.observe_effects(report);
     }
 
-    /// Counts the ledger entries, seats transferred and alerts of a batch or clock round.
+    /// Counts the ledger entries, seats transferred, alerts, pool warnings and state changes
+    /// of a batch or clock round.
     pub fn observe_effects(&self, report: &BatchReport) {
         for (kind, count) in &report.ledger_entries {
             self.ledger_entries
@@ -337,6 +357,11 @@ impl Metrics {
             .inc_by(report.seats_transferred.max(0) as u64);
         self.alerts.inc_by(report.alerts);
         self.state_changes.inc_by(report.states);
+        for ((kind, status), count) in &report.warnings {
+            self.pool_warnings
+                .with_label_values(&[kind, status])
+                .inc_by(*count);
+        }
     }
 
     pub fn render(&self) -> String {

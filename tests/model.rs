@@ -595,6 +595,7 @@ impl Core {
         Self {
             book: Book::new(Policy {
                 modules_auto_assign: auto_assign,
+                ..Policy::default()
             }),
             ledger: Vec::new(),
             published: BTreeMap::new(),

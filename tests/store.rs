@@ -4,7 +4,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, SubsecRound, Utc};
 use entitlement_worker::codec::{decode, entry_id, InputKind};
 use entitlement_worker::domain::{OrgId, Policy};
 use entitlement_worker::store::{Inbound, Store};
@@ -185,8 +185,10 @@ async fn a_batch_leaves_its_messages_in_one_outbox_row_read_whole_and_in_order()
         "a grant and the transfer it allowed"
     );
     assert_eq!(second.alerts, 1, "the shortfall is resolved");
-    // Each batch also carries the new state of the pool and of the workspace it changed.
-    assert_eq!(store.outbox_backlog().await.unwrap(), 6 + 5);
+    // Each batch also carries the new state of the pool and of the workspace it changed;
+    // the first one the pool's low warning too (0 left of 1), which the second leaves
+    // unchanged (0 left of 3: the threshold is still 1).
+    assert_eq!(store.outbox_backlog().await.unwrap(), 7 + 5);
 
     // A round asking for fewer messages than the first row holds still gets that row whole.
     let rows = store.pending_outbox(1).await.unwrap();
@@ -198,7 +200,15 @@ async fn a_batch_leaves_its_messages_in_one_outbox_row_read_whole_and_in_order()
         .collect();
     assert_eq!(
         kinds,
-        ["dlq", "ledger", "ledger", "shortfalls", "state", "state"]
+        [
+            "dlq",
+            "ledger",
+            "ledger",
+            "shortfalls",
+            "pool_warnings",
+            "state",
+            "state"
+        ]
     );
     let sequences: Vec<i64> = rows[0]
         .messages
@@ -669,8 +679,8 @@ async fn the_upgrade_from_version_1_keeps_every_row_and_the_worker_goes_on_from_
         .collect();
     assert_eq!(
         new_tables,
-        ["products", "revocations"],
-        "and the catalogue's"
+        ["pool_warnings", "products", "revocations"],
+        "the catalogue's, the revocations' and the pool warnings'"
     );
 
     // nothing was revoked before: each lot's grant is dated the earlier of its start of
@@ -1436,5 +1446,167 @@ async fn a_workspace_turns_past_when_its_end_passes_and_the_report_lists_it_apar
     assert!(
         older.to_string().contains("is older than the one at"),
         "{older}"
+    );
+}
+
+/// The pool warnings waiting in the outbox, oldest first.
+async fn warning_messages(store: &Store) -> Vec<serde_json::Value> {
+    store
+        .pending_outbox(100_000)
+        .await
+        .unwrap()
+        .iter()
+        .flat_map(|row| row.messages.iter())
+        .filter(|message| message.channel.as_str() == "pool_warnings")
+        .map(|message| serde_json::from_slice(&message.payload).unwrap())
+        .collect()
+}
+
+/// What a warning message says: status, kind, and its numbers.
+fn told(message: &serde_json::Value) -> (String, String, String) {
+    let numbers = match message["kind"].as_str() {
+        Some("low") => format!("{} of {}", message["available"], message["threshold"]),
+        _ => format!("{} of {}", message["units"], message["grant_id"]),
+    };
+    (
+        message["status"].as_str().unwrap().to_owned(),
+        message["kind"].as_str().unwrap().to_owned(),
+        numbers,
+    )
+}
+
+#[tokio::test]
+async fn pool_warnings_open_change_and_resolve_across_batches_and_clock_rounds() {
+    let store = store().await;
+    let now = Utc::now();
+    let occurred = now.to_rfc3339();
+    let grant = |offset, id: &str, quantity, expires: Option<DateTime<Utc>>| {
+        let expiry = expires.map_or(String::new(), |at| {
+            format!(r#","expires_at":"{}""#, at.to_rfc3339())
+        });
+        let payload = format!(
+            r#"{{"event_id":"{id}","occurred_at":"{occurred}","org_id":"acme","product":"seat","quantity":{quantity}{expiry}}}"#
+        );
+        inbound("granted", offset, InputKind::EntitlementGranted, &payload)
+    };
+    let joins = |from: i64, to: i64| -> Vec<Inbound> {
+        (from..to)
+            .map(|n| {
+                let payload = format!(
+                    r#"{{"event_id":"a{n}","occurred_at":"{occurred}","org_id":"acme","workspace_id":"summit","participant_id":"p{n}"}}"#
+                );
+                inbound("added", n, InputKind::ParticipantAdded, &payload)
+            })
+            .collect()
+    };
+    let policy = Policy::default();
+
+    // Given a plan of 100 seats and the default 10% threshold, 90 participants warn once.
+    store
+        .apply_batch(&[grant(0, "plan", 100, None)], policy, now)
+        .await
+        .unwrap();
+    store.apply_batch(&joins(0, 89), policy, now).await.unwrap();
+    assert!(warning_messages(&store).await.is_empty(), "11 left");
+    store
+        .apply_batch(&joins(89, 90), policy, now)
+        .await
+        .unwrap();
+    // The next batch loads the open warning from PostgreSQL and follows its numbers.
+    store
+        .apply_batch(&joins(90, 91), policy, now)
+        .await
+        .unwrap();
+    // A refill of 50 resolves it: 59 left of 150, threshold 15.
+    store
+        .apply_batch(&[grant(1, "add-on", 50, None)], policy, now)
+        .await
+        .unwrap();
+    let low = warning_messages(&store).await;
+    assert_eq!(
+        low.iter().map(told).collect::<Vec<_>>(),
+        [
+            ("open".into(), "low".into(), "10 of 10".into()),
+            ("open".into(), "low".into(), "9 of 10".into()),
+            ("resolved".into(), "low".into(), "59 of 15".into()),
+        ]
+    );
+    assert!(low
+        .iter()
+        .all(|message| message["opened_at"] == low[0]["opened_at"]));
+    let ids: std::collections::BTreeSet<&str> = low
+        .iter()
+        .map(|message| message["warning_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 3, "every message has its own id");
+    assert_eq!(
+        low.iter()
+            .map(|message| message["caused_by"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["a89", "a90", "add-on"]
+    );
+
+    // A grant expiring in 40 days is warned by the clock 30 days before, without any event,
+    // and resolved when its units expire.
+    let expires = now + Duration::days(40);
+    store
+        .apply_batch(&[grant(2, "trial", 20, Some(expires))], policy, now)
+        .await
+        .unwrap();
+    let before = warning_messages(&store).await.len();
+    store
+        .settle_due(policy, expires - Duration::days(30) - Duration::minutes(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        warning_messages(&store).await.len(),
+        before,
+        "not in range yet"
+    );
+    let raised = store
+        .settle_due(policy, expires - Duration::days(30))
+        .await
+        .unwrap();
+    assert_eq!(raised.warnings.get(&("expiring", "open")), Some(&1));
+    let again = store
+        .settle_due(policy, expires - Duration::days(29))
+        .await
+        .unwrap();
+    assert!(again.warnings.is_empty(), "raised once, not at every round");
+    let expired = store.settle_due(policy, expires).await.unwrap();
+    assert_eq!(expired.ledger_entries.get("expiry"), Some(&1));
+    let expiring: Vec<_> = warning_messages(&store).await[before..].to_vec();
+    assert_eq!(
+        expiring.iter().map(told).collect::<Vec<_>>(),
+        [
+            ("open".into(), "expiring".into(), "20 of \"trial\"".into()),
+            (
+                "resolved".into(),
+                "expiring".into(),
+                "0 of \"trial\"".into()
+            ),
+        ]
+    );
+    assert!(expiring
+        .iter()
+        .all(|message| message["caused_by"] == "trial"
+            && message["expires_at"]
+                .as_str()
+                .map(|at| at.parse::<DateTime<Utc>>().unwrap())
+                == Some(expires.trunc_subsecs(6))));
+
+    // PostgreSQL keeps each warning as last published, resolved, with its revisions.
+    let rows: Vec<(String, String, bool, i64)> = sqlx::query_as(
+        "SELECT kind, grant_id, open, revision FROM pool_warnings ORDER BY kind, grant_id",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        [
+            ("expiring".to_owned(), "trial".to_owned(), false, 2),
+            ("low".to_owned(), String::new(), false, 3),
+        ]
     );
 }

@@ -11,6 +11,7 @@ use super::catalogue::Definition;
 use super::commands::{Command, CommandBody, Input, RevocationTarget};
 use super::ids::{EventId, OrgId, ParticipantId, Product, WorkspaceId};
 use super::state::{PoolState, StateChange, WorkspaceCounts};
+use super::warnings::{PoolWarning, WarningKey, WarningRecord, WarningThresholds};
 use super::workspaces::{LifeUpdate, WorkspaceLife};
 
 /// How the organization's modules are handed out.
@@ -19,6 +20,8 @@ pub struct Policy {
     /// When true, an enabled module moves from the pool by itself, like seats (rule 6),
     /// unless the catalogue gives it an assignment of its own (rule 14).
     pub modules_auto_assign: bool,
+    /// The thresholds of pool warnings (rule 15).
+    pub warnings: WarningThresholds,
 }
 
 /// One organization's ledger position.
@@ -399,6 +402,12 @@ pub struct Book {
     pub alerts: Vec<Alert>,
     /// The new state of every key the batch changed, filled by `finish`.
     pub states: Vec<StateChange>,
+    /// The pool warnings (rule 15) of the organizations in the book as last published:
+    /// every open one, every `low` one and every resolved `expiring` one whose grant still
+    /// has units in the pool.
+    pub warnings: HashMap<WarningKey, WarningRecord>,
+    /// Pool warning changes of this batch, filled by `finish`.
+    pub pool_warnings: Vec<PoolWarning>,
 }
 
 impl Book {
@@ -500,10 +509,11 @@ impl Book {
         verdict
     }
 
-    /// Ends the batch: publishes the shortfall changes it made and the new state of what
-    /// it changed.
+    /// Ends the batch: publishes the shortfall and pool warning changes it made and the new
+    /// state of what it changed.
     pub fn finish(&mut self, now: DateTime<Utc>) {
         self.collect_alerts(now);
+        self.collect_warnings(now);
         self.collect_states(now);
     }
 

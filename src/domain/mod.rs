@@ -10,6 +10,7 @@
 //! | 11, revocations, also of grants that arrive later | [`revocations`] |
 //! | 13, workspaces have a life: live, then past | [`workspaces`] |
 //! | 14, the catalogue: names, and each module's assignment | [`catalogue`] |
+//! | 15, pool warnings: `low` and `expiring`, before shortfalls | [`warnings`] |
 //! | alerts only on change | [`shortfalls`] |
 //! | the state of each key the batch changed, with its version | [`state`] |
 //!
@@ -28,6 +29,7 @@ pub mod shortfalls;
 pub mod state;
 pub mod tenancy;
 pub mod transfers;
+pub mod warnings;
 pub mod workspaces;
 
 pub use book::{
@@ -41,6 +43,7 @@ pub use commands::{
 };
 pub use ids::{EventId, IdError, OrgId, ParticipantId, Product, Quantity, WorkspaceId};
 pub use state::{PoolState, StateBody, StateChange, StateKey, WorkspaceCounts};
+pub use warnings::{PoolWarning, WarningKey, WarningNumbers, WarningRecord, WarningThresholds};
 pub use workspaces::WorkspaceLife;
 
 #[cfg(test)]

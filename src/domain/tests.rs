@@ -57,10 +57,38 @@ impl World {
     }
 
     fn inputs(&mut self, inputs: &[Input], now: DateTime<Utc>) -> Vec<Verdict> {
+        self.begin();
+        let verdicts = inputs
+            .iter()
+            .map(|input| self.book.apply_input(input, now))
+            .collect();
+        self.book.finish(now);
+        verdicts
+    }
+
+    /// A clock round at `now` for `org`, as the store runs it: no event, only time.
+    fn clock(&mut self, org: &str, now: DateTime<Utc>) {
+        self.begin();
+        self.book.settle_time(&OrgId::parse(org).unwrap(), now);
+        self.book.finish(now);
+    }
+
+    /// Clears what one batch produced and marks everything as stored, as the store's next
+    /// load would see it.
+    fn begin(&mut self) {
         self.book.ledger.clear();
         self.book.alerts.clear();
         self.book.states.clear();
+        self.book.pool_warnings.clear();
         self.book.settled.clear();
+        for lot in self.book.lots.values_mut().flatten() {
+            lot.dirty = false;
+            lot.is_new = false;
+        }
+        for record in self.book.warnings.values_mut() {
+            record.dirty = false;
+            record.is_new = false;
+        }
         for consumption in self.book.consumption.values_mut() {
             consumption.dirty = false;
             consumption.is_new = false;
@@ -75,12 +103,6 @@ impl World {
             life.is_new = false;
             life.dirty = false;
         }
-        let verdicts = inputs
-            .iter()
-            .map(|input| self.book.apply_input(input, now))
-            .collect();
-        self.book.finish(now);
-        verdicts
     }
 
     /// A `product-defined` of `product` at `occurred_at`.
@@ -337,6 +359,7 @@ fn modules_wait_for_a_person_by_default() {
 fn modules_move_by_themselves_when_auto_assigned() {
     let mut world = World::with_policy(Policy {
         modules_auto_assign: true,
+        ..Policy::default()
     });
     let enabled = world.command("acme", enable("summit", "live-stream"), at(0));
     world.batch(&[enabled], at(0));
@@ -562,6 +585,32 @@ fn sourced(product: &str, quantity: i64, kind: &str, reference: &str) -> Command
             kind: kind.into(),
             reference: reference.into(),
         }),
+    }
+}
+
+fn sourced_window(
+    product: &str,
+    quantity: i64,
+    kind: &str,
+    reference: &str,
+    expires_at: DateTime<Utc>,
+) -> CommandBody {
+    let CommandBody::EntitlementGranted {
+        product,
+        units,
+        valid_from,
+        source,
+        ..
+    } = sourced(product, quantity, kind, reference)
+    else {
+        unreachable!("sourced() makes a grant");
+    };
+    CommandBody::EntitlementGranted {
+        product,
+        units,
+        valid_from,
+        expires_at: Some(expires_at),
+        source,
     }
 }
 
@@ -1026,6 +1075,7 @@ fn a_module_defined_manual_stops_moving_by_itself_until_the_policy_decides_again
     // Given modules that move by themselves (modules.auto_assign) and 3 units in the pool,
     let mut world = World::with_policy(Policy {
         modules_auto_assign: true,
+        ..Policy::default()
     });
     let units = world.command("acme", grant("gamification", 3), at(0));
     let keynote = world.command("acme", enable("keynote", "gamification"), at(1));
@@ -1348,4 +1398,311 @@ fn a_grant_not_valid_yet_is_published_as_pending_and_then_as_available() {
     };
     assert_eq!((pool.pending, pool.available, pool.granted), (0, 4, 4));
     assert_eq!(w.book.states[0].version, 2);
+}
+
+/// The pool warnings of the last batch: kind, status, the numbers and the cause.
+fn warnings(world: &World) -> Vec<(&'static str, AlertStatus, WarningNumbers, String)> {
+    world
+        .book
+        .pool_warnings
+        .iter()
+        .map(|warning| {
+            (
+                warning.key.kind(),
+                warning.status,
+                warning.numbers,
+                warning.caused_by.to_string(),
+            )
+        })
+        .collect()
+}
+
+fn low(available: i64, threshold: i64) -> WarningNumbers {
+    WarningNumbers::Low {
+        available,
+        threshold,
+    }
+}
+
+fn joins(
+    world: &mut World,
+    workspace: &str,
+    from: usize,
+    to: usize,
+    at: DateTime<Utc>,
+) -> Vec<Command> {
+    (from..to)
+        .map(|n| world.command("acme", join(workspace, &format!("p{n}")), at))
+        .collect()
+}
+
+#[test]
+fn a_pool_of_100_warns_at_10_left_follows_its_numbers_and_resolves_on_a_refill() {
+    let mut world = World::new();
+    let plan = world.command("acme", grant("seat", 100), at(0));
+    world.batch(&[plan], at(0));
+    assert!(warnings(&world).is_empty(), "100 left of 100: no warning");
+
+    let first = joins(&mut world, "summit", 0, 89, at(1));
+    world.batch(&first, at(1));
+    assert_eq!(world.available("acme", "seat"), 11);
+    assert!(warnings(&world).is_empty(), "11 left is above 10% of 100");
+
+    let tenth = joins(&mut world, "summit", 89, 90, at(2));
+    let cause = tenth[0].event_id.to_string();
+    world.batch(&tenth, at(2));
+    assert_eq!(
+        warnings(&world),
+        vec![("low", AlertStatus::Open, low(10, 10), cause)],
+        "10 left is at the threshold: the warning opens"
+    );
+    let opened = world.book.pool_warnings[0].clone();
+    assert_eq!(opened.opened_at, at(2));
+
+    let more = joins(&mut world, "summit", 90, 93, at(3));
+    world.batch(&more, at(3));
+    let changed = &world.book.pool_warnings;
+    assert_eq!(
+        changed.len(),
+        1,
+        "one message for the batch's three transfers"
+    );
+    assert_eq!(
+        (changed[0].status, changed[0].numbers),
+        (AlertStatus::Open, low(7, 10))
+    );
+    assert_eq!(
+        changed[0].opened_at,
+        at(2),
+        "still the warning that opened at minute 2"
+    );
+    assert_ne!(
+        changed[0].key.warning_id(changed[0].revision),
+        opened.key.warning_id(opened.revision),
+        "each message has its own id"
+    );
+
+    let nothing = world.command("acme", cancel("expo", "p0", false), at(4));
+    world.batch(&[nothing], at(4));
+    assert!(
+        warnings(&world).is_empty(),
+        "numbers unchanged: nothing published"
+    );
+
+    let add_on = world.command("acme", grant("seat", 50), at(5));
+    let cause = add_on.event_id.to_string();
+    world.batch(&[add_on], at(5));
+    assert_eq!(
+        warnings(&world),
+        vec![("low", AlertStatus::Resolved, low(57, 15), cause)],
+        "57 left of 150 is above 15: resolved, with the new threshold"
+    );
+    assert_eq!(world.book.pool_warnings[0].opened_at, at(2));
+}
+
+#[test]
+fn the_low_threshold_is_the_larger_of_its_settings_and_rounds_up() {
+    let thresholds = WarningThresholds {
+        low_percent: 10,
+        low_units: 3,
+        expiring_within: Duration::days(30),
+    };
+    assert_eq!(thresholds.low_threshold(100), 10);
+    assert_eq!(
+        thresholds.low_threshold(15),
+        3,
+        "1.5 rounds up to 2, below 3 units"
+    );
+    assert_eq!(thresholds.low_threshold(45), 5, "4.5 rounds up to 5");
+    assert_eq!(thresholds.low_threshold(0), 3);
+}
+
+#[test]
+fn a_pool_with_no_valid_counted_grant_or_an_unlimited_one_does_not_warn_low() {
+    let mut world = World::new();
+    let pending = world.command("acme", grant_window("seat", 10, Some(at(60)), None), at(0));
+    let waiting = joins(&mut world, "summit", 0, 3, at(0));
+    let mut batch = vec![pending];
+    batch.extend(waiting);
+    world.batch(&batch, at(0));
+    assert!(
+        warnings(&world).is_empty(),
+        "0 available, but no grant is valid yet: a shortfall, no warning"
+    );
+    let top = world.command("acme", unlimited("seat", None), at(1));
+    world.batch(&[top], at(1));
+    let spent = joins(&mut world, "summit", 3, 20, at(2));
+    world.batch(&spent, at(2));
+    assert!(warnings(&world).is_empty(), "unlimited: never low");
+    world.clock("acme", at(60));
+    assert!(
+        warnings(&world).is_empty(),
+        "10 counted units valid, unlimited still: no warning"
+    );
+}
+
+#[test]
+fn a_grant_expiring_in_20_days_warns_at_once_and_resolves_when_its_units_are_drawn() {
+    let mut world = World::new();
+    let plan = world.command("acme", grant("seat", 1000), at(0));
+    let expires_at = at(0) + Duration::days(20);
+    let trial = world.command(
+        "acme",
+        grant_window("seat", 30, None, Some(expires_at)),
+        at(0),
+    );
+    let trial_id = trial.event_id.to_string();
+    world.batch(&[plan, trial], at(0));
+    let expiring = |units| WarningNumbers::Expiring { units, expires_at };
+    assert_eq!(
+        warnings(&world),
+        vec![(
+            "expiring",
+            AlertStatus::Open,
+            expiring(30),
+            trial_id.clone()
+        )],
+        "30 units expire in 20 days, within 30: warned at once"
+    );
+    assert_eq!(
+        world.book.pool_warnings[0]
+            .key
+            .grant_id
+            .as_ref()
+            .map(ToString::to_string),
+        Some(trial_id.clone())
+    );
+
+    // The trial expires first, so it is drawn first.
+    let first = joins(&mut world, "summit", 0, 10, at(1));
+    let cause = first[9].event_id.to_string();
+    world.batch(&first, at(1));
+    assert_eq!(
+        warnings(&world),
+        vec![("expiring", AlertStatus::Open, expiring(20), cause)],
+        "10 drawn: 20 left to expire"
+    );
+    let rest = joins(&mut world, "summit", 10, 35, at(2));
+    // A warning names the input that last changed its pool in the batch, as alerts do.
+    let cause = rest[24].event_id.to_string();
+    world.batch(&rest, at(2));
+    assert_eq!(
+        warnings(&world),
+        vec![("expiring", AlertStatus::Resolved, expiring(0), cause)],
+        "all 30 drawn: nothing left to expire"
+    );
+    world.clock("acme", expires_at);
+    assert!(world.book.ledger.is_empty(), "nothing left to expire");
+    assert!(warnings(&world).is_empty());
+}
+
+#[test]
+fn the_clock_raises_an_expiring_warning_as_a_grant_comes_within_range_and_resolves_it_at_expiry() {
+    let mut world = World::new();
+    let expires_at = at(0) + Duration::days(40);
+    let add_on = world.command(
+        "acme",
+        grant_window("seat", 20, None, Some(expires_at)),
+        at(0),
+    );
+    let add_on_id = add_on.event_id.to_string();
+    let plan = world.command("acme", grant("seat", 100), at(0));
+    world.batch(&[add_on, plan], at(0));
+    assert!(warnings(&world).is_empty(), "40 days away: not yet");
+    world.clock(
+        "acme",
+        expires_at - Duration::days(30) - Duration::minutes(1),
+    );
+    assert!(
+        warnings(&world).is_empty(),
+        "a minute before the range: not yet"
+    );
+    world.clock("acme", expires_at - Duration::days(30));
+    let expiring = |units| WarningNumbers::Expiring { units, expires_at };
+    assert_eq!(
+        warnings(&world),
+        vec![(
+            "expiring",
+            AlertStatus::Open,
+            expiring(20),
+            add_on_id.clone()
+        )],
+        "30 days before: the clock raises it, caused by the grant"
+    );
+    world.clock("acme", expires_at - Duration::days(1));
+    assert!(
+        warnings(&world).is_empty(),
+        "nothing changed: nothing published"
+    );
+    world.clock("acme", expires_at);
+    assert_eq!(
+        warnings(&world),
+        vec![("expiring", AlertStatus::Resolved, expiring(0), add_on_id)],
+        "the units expired"
+    );
+    assert_eq!(world.book.ledger[0].kind, LedgerKind::Expiry);
+}
+
+#[test]
+fn a_revocation_resolves_the_expiring_warning_of_what_it_took() {
+    let mut world = World::new();
+    let expires_at = at(0) + Duration::days(10);
+    let trial = world.command(
+        "acme",
+        sourced_window("seat", 5, "trial", "t-1", expires_at),
+        at(0),
+    );
+    let plan = world.command("acme", grant("seat", 100), at(0));
+    world.batch(&[trial, plan], at(0));
+    assert_eq!(world.book.pool_warnings.len(), 1);
+    let revoke = world.command("acme", revoke_source("trial", "t-1", None), at(1));
+    let cause = revoke.event_id.to_string();
+    world.batch(&[revoke], at(1));
+    assert_eq!(
+        warnings(&world),
+        vec![(
+            "expiring",
+            AlertStatus::Resolved,
+            WarningNumbers::Expiring {
+                units: 0,
+                expires_at
+            },
+            cause
+        )]
+    );
+}
+
+#[test]
+fn an_open_low_warning_resolves_when_the_last_valid_grant_it_counted_expires_spent() {
+    let mut world = World::new();
+    let expires_at = at(0) + Duration::days(90);
+    let plan = world.command(
+        "acme",
+        grant_window("seat", 10, None, Some(expires_at)),
+        at(0),
+    );
+    let plan_id = plan.event_id.to_string();
+    world.batch(&[plan], at(0));
+    let all = joins(&mut world, "summit", 0, 10, at(1));
+    world.batch(&all, at(1));
+    assert_eq!(
+        world
+            .book
+            .pool_warnings
+            .iter()
+            .map(|warning| (warning.key.kind(), warning.status))
+            .collect::<Vec<_>>(),
+        vec![("low", AlertStatus::Open)],
+        "0 left of 10; the grant expires in 90 days, beyond the expiring range"
+    );
+    world.clock("acme", expires_at);
+    assert!(
+        world.book.ledger.is_empty(),
+        "a spent grant leaves nothing to expire"
+    );
+    assert_eq!(
+        warnings(&world),
+        vec![("low", AlertStatus::Resolved, low(0, 0), plan_id)],
+        "no valid counted grant left: the warning is resolved, caused by the grant that ended"
+    );
 }

@@ -184,6 +184,7 @@ impl Relay {
                     Channel::Shortfalls => &topics.shortfalls,
                     Channel::Dlq => &topics.dlq,
                     Channel::State => &topics.state,
+                    Channel::PoolWarnings => &topics.pool_warnings,
                 };
                 let payload = self.payload_to_send(row.id, index, message);
                 loop {

@@ -5,11 +5,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 
 use super::outbox::{Channel, OutboxMessage};
 use super::{Store, StoreError};
-use crate::codec::{AlertMessage, DeadLetterMessage, LedgerMessage, Rejection, StateMessage};
+use crate::codec::{
+    AlertMessage, DeadLetterMessage, LedgerMessage, PoolWarningMessage, Rejection, StateMessage,
+};
 use crate::domain::{Book, Input, LedgerKind, OrgId, Policy, Verdict, WorkspaceId};
 
 /// One consumed message and what decoding made of it.
@@ -42,6 +44,8 @@ pub struct BatchReport {
     pub ledger_entries: BTreeMap<&'static str, u64>,
     pub seats_transferred: i64,
     pub alerts: u64,
+    /// Pool warning messages, by kind and status.
+    pub warnings: BTreeMap<(&'static str, &'static str), u64>,
     /// State messages of changed keys (published when `state.publish` is on).
     pub states: u64,
     /// Workspaces the clock turned past because their `ends_at` passed (rule 13).
@@ -123,6 +127,12 @@ impl BatchReport {
             }
         }
         self.alerts += book.alerts.len() as u64;
+        for warning in &book.pool_warnings {
+            *self
+                .warnings
+                .entry((warning.key.kind(), warning.status.as_str()))
+                .or_default() += 1;
+        }
         self.states += book.states.len() as u64;
     }
 
@@ -142,6 +152,9 @@ impl Store {
         policy: Policy,
         now: DateTime<Utc>,
     ) -> Result<BatchReport, StoreError> {
+        // PostgreSQL keeps microseconds: an instant published now and one read back later
+        // (a shortfall's or a warning's opened_at) are then the same.
+        let now = now.trunc_subsecs(6);
         let mut laps = Laps::start();
         let mut transaction = self.pool.begin().await?;
         let mut report = BatchReport::default();
@@ -234,21 +247,34 @@ impl Store {
     }
 
     /// Runs the clock through the same path as a batch (lock, load, core, write, commit)
-    /// for every organization with units that became valid or expired by `now`, and for
-    /// every live workspace whose `ends_at` has passed by `now`, which turns past (rule 13)
-    /// without any event.
+    /// for every organization with units that became valid or expired by `now`, or whose
+    /// pool warnings change by time alone (rule 15: units coming within
+    /// `warnings.expiring_within_days` of their expiry, a grant counted in an open `low`
+    /// warning's threshold expiring), and for every live workspace whose `ends_at` has
+    /// passed by `now`, which turns past (rule 13) without any event.
     pub async fn settle_due(
         &self,
         policy: Policy,
         now: DateTime<Utc>,
     ) -> Result<BatchReport, StoreError> {
+        let now = now.trunc_subsecs(6);
         let due: Vec<(String,)> = sqlx::query_as(
             "SELECT org_id FROM lots WHERE status = 'pending' AND valid_from <= $1
              UNION
              SELECT org_id FROM lots WHERE status = 'active' AND expires_at <= $1
+             UNION
+             SELECT l.org_id FROM lots l
+              WHERE l.status = 'active' AND l.expires_at <= $2 AND NOT l.unlimited
+                AND l.remaining > 0
+                AND NOT EXISTS (SELECT 1 FROM pool_warnings w
+                                 WHERE w.org_id = l.org_id AND w.product = l.product
+                                   AND w.kind = 'expiring' AND w.grant_id = l.lot_id AND w.open)
+             UNION
+             SELECT org_id FROM pool_warnings WHERE recheck_at <= $1
              ORDER BY 1 LIMIT 500",
         )
         .bind(now)
+        .bind(now + policy.warnings.expiring_within)
         .fetch_all(&self.pool)
         .await?;
         let ending: Vec<(String, String)> = sqlx::query_as(
@@ -276,7 +302,8 @@ impl Store {
             .collect();
         let mut transaction = self.pool.begin().await?;
         let mut book: Book =
-            super::load::load_book_for_orgs(&mut transaction, &orgs, &workspaces, policy).await?;
+            super::load::load_book_for_orgs(&mut transaction, &orgs, &workspaces, policy, now)
+                .await?;
         for org in &orgs {
             book.settle_time(org, now);
         }
@@ -298,9 +325,9 @@ impl Store {
 }
 
 impl Store {
-    /// The ledger entries, alerts and (when the state topic is on) state messages a book
-    /// produced, as outbox messages in the order they were recorded: the ledger and alerts
-    /// keyed by organization, the state by its own key.
+    /// The ledger entries, alerts, pool warnings and (when the state topic is on) state
+    /// messages a book produced, as outbox messages in the order they were recorded: the
+    /// ledger, alerts and warnings keyed by organization, the state by its own key.
     fn effects_to_publish(&self, book: &Book) -> Vec<OutboxMessage> {
         let ledger = book.ledger.iter().map(|entry| {
             OutboxMessage::new(
@@ -334,7 +361,14 @@ impl Store {
                     ),
                 )
             });
-        ledger.chain(alerts).chain(states).collect()
+        let warnings = book.pool_warnings.iter().map(|warning| {
+            OutboxMessage::new(
+                Channel::PoolWarnings,
+                Some(warning.key.org_id.to_string()),
+                &PoolWarningMessage::from(warning),
+            )
+        });
+        ledger.chain(alerts).chain(warnings).chain(states).collect()
     }
 }
 

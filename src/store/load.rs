@@ -9,7 +9,8 @@ use super::StoreError;
 use crate::domain::{
     Assignment, Book, CommandBody, Consumption, Definition, EventId, GrantSource, Input, Lot,
     LotStatus, OrgId, Organization, ParticipantId, ParticipantRecord, Policy, Pool, Product,
-    Quantity, Revocation, RevocationTarget, WorkspaceCounts, WorkspaceId, WorkspaceLife,
+    Quantity, Revocation, RevocationTarget, WarningKey, WarningNumbers, WarningRecord,
+    WorkspaceCounts, WorkspaceId, WorkspaceLife,
 };
 
 /// The advisory lock of the catalogue (rule 14): shared by the transactions that may ask
@@ -81,7 +82,7 @@ pub(super) async fn load_book<'a>(
     let waiting = organizations_waiting_for(connection, &defined).await?;
     orgs.extend(waiting.iter().cloned());
     let orgs: Vec<OrgId> = orgs.into_iter().collect();
-    let mut book = lock_and_load_pools(connection, &orgs, policy).await?;
+    let mut book = lock_and_load_pools(connection, &orgs, policy, now).await?;
     let named_grants: Vec<(String, String)> = named_grants.into_iter().collect();
     load_named_lots(connection, &named_grants, &mut book).await?;
     // Only a pool that gains units fills waiting workspaces (rule 8): a grant in this
@@ -164,8 +165,9 @@ pub(super) async fn load_book_for_orgs(
     orgs: &[OrgId],
     workspaces: &[String],
     policy: Policy,
+    now: DateTime<Utc>,
 ) -> Result<Book, StoreError> {
-    let mut book = lock_and_load_pools(connection, orgs, policy).await?;
+    let mut book = lock_and_load_pools(connection, orgs, policy, now).await?;
     let names: Vec<&str> = orgs.iter().map(OrgId::as_str).collect();
     load_open_shortfalls(connection, &names, &mut book).await?;
     load_revocations(connection, &names, &mut book).await?;
@@ -453,11 +455,13 @@ async fn load_open_shortfalls(
 }
 
 /// Locks the organizations (creating their rows if new) in `org_id` order, so that two
-/// batches can never wait on each other in a cycle, and loads their pools and lots.
+/// batches can never wait on each other in a cycle, and loads their pools, lots and pool
+/// warnings.
 async fn lock_and_load_pools(
     connection: &mut PgConnection,
     orgs: &[OrgId],
     policy: Policy,
+    now: DateTime<Utc>,
 ) -> Result<Book, StoreError> {
     let mut names: Vec<&str> = orgs.iter().map(OrgId::as_str).collect();
     names.sort_unstable();
@@ -552,18 +556,119 @@ async fn lock_and_load_pools(
 
     let lots: Vec<LotRow> = sqlx::query_as(LOTS_IN_THE_POOL)
         .bind(&names)
+        .bind(now)
         .fetch_all(&mut *connection)
         .await?;
     insert_lots(&mut book, lots)?;
     book.remember_pool_states();
+    load_warnings(connection, &names, &mut book).await?;
     Ok(book)
 }
 
-/// The organizations' pending and active lots: what a batch can draw, credit or expire.
+/// The organizations' pending and active lots, what a batch can draw, credit or expire,
+/// and the spent or revoked counted ones still valid at `$2`, whose units count in their
+/// pool's low threshold (rule 15).
 const LOTS_IN_THE_POOL: &str =
     "SELECT lot_id, org_id, product, quantity, remaining, revoked, occurred_at, valid_from,
             expires_at, status, source_kind, source_reference, drawn, expired, unlimited
-       FROM lots WHERE org_id = ANY($1) AND status IN ('pending', 'active')";
+       FROM lots
+      WHERE org_id = ANY($1)
+        AND (status IN ('pending', 'active')
+             OR (status IN ('spent', 'revoked') AND NOT unlimited AND quantity > revoked
+                 AND (expires_at IS NULL OR expires_at > $2)))";
+
+/// The pool warnings a batch may change: the open ones, each pool's `low` one, and the
+/// resolved `expiring` ones whose grant still has units in the pool.
+const WARNINGS_OF_ORGS: &str =
+    "SELECT org_id, product, grant_id, open, available, threshold, units, expires_at,
+            opened_at, revision, recheck_at, recheck_cause
+       FROM pool_warnings
+      WHERE org_id = ANY($1) AND (open OR kind = 'low' OR units > 0)";
+
+/// org, product, grant ('' for low), open, available, threshold, units, expires_at,
+/// opened_at, revision, recheck_at, recheck_cause.
+type WarningRow = (
+    String,
+    String,
+    String,
+    bool,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
+    i64,
+    Option<DateTime<Utc>>,
+    Option<String>,
+);
+
+async fn load_warnings(
+    connection: &mut PgConnection,
+    orgs: &[&str],
+    book: &mut Book,
+) -> Result<(), StoreError> {
+    let rows: Vec<WarningRow> = sqlx::query_as(WARNINGS_OF_ORGS)
+        .bind(orgs)
+        .fetch_all(&mut *connection)
+        .await?;
+    for (
+        org_id,
+        product,
+        grant_id,
+        open,
+        available,
+        threshold,
+        units,
+        expires_at,
+        opened_at,
+        revision,
+        recheck_at,
+        recheck_cause,
+    ) in rows
+    {
+        let corrupt =
+            || StoreError::Corrupt(format!("pool warning {org_id}/{product}/{grant_id:?}"));
+        let numbers = match (available, threshold, units, expires_at) {
+            (Some(available), Some(threshold), None, None) if grant_id.is_empty() => {
+                WarningNumbers::Low {
+                    available,
+                    threshold,
+                }
+            }
+            (None, None, Some(units), Some(expires_at)) if !grant_id.is_empty() => {
+                WarningNumbers::Expiring { units, expires_at }
+            }
+            _ => return Err(corrupt()),
+        };
+        let recheck = match (recheck_at, recheck_cause) {
+            (Some(at), Some(cause)) => Some((at, parse(EventId::parse(&cause))?)),
+            (None, None) => None,
+            _ => return Err(corrupt()),
+        };
+        let key = WarningKey {
+            org_id: parse(OrgId::parse(&org_id))?,
+            product: parse(Product::parse(&product))?,
+            grant_id: if grant_id.is_empty() {
+                None
+            } else {
+                Some(parse(EventId::parse(&grant_id))?)
+            },
+        };
+        book.warnings.insert(
+            key,
+            WarningRecord {
+                open,
+                numbers,
+                opened_at,
+                revision,
+                recheck,
+                is_new: false,
+                dirty: false,
+            },
+        );
+    }
+    Ok(())
+}
 
 /// The named lots no longer in the pool (same columns as [`LOTS_IN_THE_POOL`]).
 const LOTS_NAMED_OUT_OF_THE_POOL: &str =
@@ -614,28 +719,34 @@ fn insert_lots(book: &mut Book, lots: Vec<LotRow>) -> Result<(), StoreError> {
         let product = parse(Product::parse(&product))?;
         let status = LotStatus::parse(&status)
             .ok_or_else(|| StoreError::Corrupt(format!("lot status {status:?}")))?;
-        book.lots
+        let lot_id = parse(EventId::parse(&lot_id))?;
+        let pool = book
+            .lots
             .entry((org_id.clone(), product.clone()))
-            .or_default()
-            .push(Lot {
-                lot_id: parse(EventId::parse(&lot_id))?,
-                org_id,
-                product,
-                quantity,
-                remaining,
-                revoked,
-                drawn,
-                expired,
-                unlimited,
-                occurred_at,
-                valid_from,
-                expires_at,
-                status,
-                source_kind: kind,
-                source_reference: reference,
-                is_new: false,
-                dirty: false,
-            });
+            .or_default();
+        // A lot a revocation names may be loaded already, as one its pool's threshold counts.
+        if pool.iter().any(|lot| lot.lot_id == lot_id) {
+            continue;
+        }
+        pool.push(Lot {
+            lot_id,
+            org_id,
+            product,
+            quantity,
+            remaining,
+            revoked,
+            drawn,
+            expired,
+            unlimited,
+            occurred_at,
+            valid_from,
+            expires_at,
+            status,
+            source_kind: kind,
+            source_reference: reference,
+            is_new: false,
+            dirty: false,
+        });
     }
     Ok(())
 }

@@ -169,6 +169,21 @@ impl Store {
                 .await?;
         Ok(count)
     }
+
+    /// How many pool warnings are open now, per kind (`low`, `expiring`).
+    pub async fn open_pool_warnings(&self) -> Result<[(&'static str, i64); 2], StoreError> {
+        let counts: Vec<(String, i64)> =
+            sqlx::query_as("SELECT kind, count(*) FROM pool_warnings WHERE open GROUP BY kind")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(["low", "expiring"].map(|kind| {
+            let open = counts
+                .iter()
+                .find(|(counted, _)| counted == kind)
+                .map_or(0, |(_, open)| *open);
+            (kind, open)
+        }))
+    }
 }
 
 /// Creates the database named in `options` when it does not exist yet, through the

@@ -16,6 +16,8 @@ pub enum Channel {
     Dlq,
     /// `entitlement-state`, keyed by the state's key rather than by organization.
     State,
+    /// `entitlement-pool-warnings` (rule 15).
+    PoolWarnings,
 }
 
 impl Channel {
@@ -25,6 +27,7 @@ impl Channel {
             Channel::Shortfalls => "shortfalls",
             Channel::Dlq => "dlq",
             Channel::State => "state",
+            Channel::PoolWarnings => "pool_warnings",
         }
     }
 
@@ -34,6 +37,7 @@ impl Channel {
             "shortfalls" => Channel::Shortfalls,
             "dlq" => Channel::Dlq,
             "state" => Channel::State,
+            "pool_warnings" => Channel::PoolWarnings,
             _ => return None,
         })
     }

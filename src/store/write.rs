@@ -7,7 +7,7 @@ use super::StoreError;
 use crate::codec::entry_id;
 use crate::domain::{
     Assignment, Book, Consumption, ParticipantId, ParticipantRecord, Product, RevocationTarget,
-    WorkspaceId,
+    WarningNumbers, WorkspaceId,
 };
 
 pub(super) async fn write_book(
@@ -19,6 +19,7 @@ pub(super) async fn write_book(
     write_organizations(connection, book).await?;
     write_pools(connection, book).await?;
     write_lots(connection, book).await?;
+    write_warnings(connection, book).await?;
     write_revocations(connection, book).await?;
     write_catalogue(connection, book).await?;
     write_consumption(connection, book).await?;
@@ -239,6 +240,93 @@ async fn write_lots(connection: &mut PgConnection, book: &Book) -> Result<(), St
     .bind(&drawn)
     .bind(&expired)
     .bind(&unlimited)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}
+
+/// The pool warnings whose record changed: published, or with a new recheck time.
+async fn write_warnings(connection: &mut PgConnection, book: &Book) -> Result<(), StoreError> {
+    let dirty: Vec<_> = book
+        .warnings
+        .iter()
+        .filter(|(_, record)| record.dirty)
+        .collect();
+    if dirty.is_empty() {
+        return Ok(());
+    }
+    let orgs: Vec<&str> = dirty.iter().map(|(key, _)| key.org_id.as_str()).collect();
+    let products: Vec<&str> = dirty.iter().map(|(key, _)| key.product.as_str()).collect();
+    let kinds: Vec<&str> = dirty.iter().map(|(key, _)| key.kind()).collect();
+    let grants: Vec<&str> = dirty
+        .iter()
+        .map(|(key, _)| key.grant_id.as_ref().map_or("", |grant| grant.as_str()))
+        .collect();
+    let open: Vec<bool> = dirty.iter().map(|(_, record)| record.open).collect();
+    let mut available: Vec<Option<i64>> = Vec::with_capacity(dirty.len());
+    let mut thresholds: Vec<Option<i64>> = Vec::with_capacity(dirty.len());
+    let mut units: Vec<Option<i64>> = Vec::with_capacity(dirty.len());
+    let mut expires: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(dirty.len());
+    for (_, record) in &dirty {
+        match record.numbers {
+            WarningNumbers::Low {
+                available: left,
+                threshold,
+            } => {
+                available.push(Some(left));
+                thresholds.push(Some(threshold));
+                units.push(None);
+                expires.push(None);
+            }
+            WarningNumbers::Expiring {
+                units: held,
+                expires_at,
+            } => {
+                available.push(None);
+                thresholds.push(None);
+                units.push(Some(held));
+                expires.push(Some(expires_at));
+            }
+        }
+    }
+    let opened: Vec<Option<DateTime<Utc>>> =
+        dirty.iter().map(|(_, record)| record.opened_at).collect();
+    let revisions: Vec<i64> = dirty.iter().map(|(_, record)| record.revision).collect();
+    let recheck_at: Vec<Option<DateTime<Utc>>> = dirty
+        .iter()
+        .map(|(_, record)| record.recheck.as_ref().map(|(at, _)| *at))
+        .collect();
+    let recheck_cause: Vec<Option<&str>> = dirty
+        .iter()
+        .map(|(_, record)| record.recheck.as_ref().map(|(_, cause)| cause.as_str()))
+        .collect();
+    sqlx::query(
+        "INSERT INTO pool_warnings (org_id, product, kind, grant_id, open, available, threshold,
+                                    units, expires_at, opened_at, revision, recheck_at,
+                                    recheck_cause)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::boolean[],
+                              $6::bigint[], $7::bigint[], $8::bigint[], $9::timestamptz[],
+                              $10::timestamptz[], $11::bigint[], $12::timestamptz[], $13::text[])
+         ON CONFLICT (org_id, product, kind, grant_id) DO UPDATE SET
+             open = EXCLUDED.open, available = EXCLUDED.available,
+             threshold = EXCLUDED.threshold, units = EXCLUDED.units,
+             expires_at = EXCLUDED.expires_at, opened_at = EXCLUDED.opened_at,
+             revision = EXCLUDED.revision, recheck_at = EXCLUDED.recheck_at,
+             recheck_cause = EXCLUDED.recheck_cause",
+    )
+    .bind(&orgs)
+    .bind(&products)
+    .bind(&kinds)
+    .bind(&grants)
+    .bind(&open)
+    .bind(&available)
+    .bind(&thresholds)
+    .bind(&units)
+    .bind(&expires)
+    .bind(&opened)
+    .bind(&revisions)
+    .bind(&recheck_at)
+    .bind(&recheck_cause)
     .execute(&mut *connection)
     .await?;
     Ok(())
