@@ -98,7 +98,7 @@ pub struct StateSettings {
 #[derive(Clone, Debug, Deserialize)]
 pub struct WarningSettings {
     /// `low` opens when a pool's available counted units fall to or below this percentage
-    /// of the units of its valid counted grants (rounded up) ...
+    /// of the units of its valid counted grants ...
     pub low_percent: u32,
     /// ... or to or below this many units, whichever is larger.
     pub low_units: i64,

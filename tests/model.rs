@@ -16,11 +16,12 @@ use chrono::{DateTime, Duration, Utc};
 use entitlement_worker::domain::{
     Actor, AlertStatus, Assignment, Book, Command, CommandBody, EventId, GrantSource, GrantUnits,
     Input, LedgerEntry, LedgerKind, LotStatus, OrgId, ParticipantId, Policy, Product,
-    ProductDefined, Quantity, RevocationTarget, Verdict, WorkspaceId, WorkspaceLife,
+    ProductDefined, Quantity, RevocationTarget, Verdict, WarningKey, WarningNumbers,
+    WarningThresholds, WorkspaceId, WorkspaceLife,
 };
 use oracle::{
     EntryKind, Oracle, OracleBody, OracleDefinition, OracleEntry, OracleEvent, OracleLife,
-    OracleTarget, OracleVerdict, SEAT,
+    OracleTarget, OracleVerdict, OracleWarnings, SEAT,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -595,7 +596,7 @@ impl Core {
         Self {
             book: Book::new(Policy {
                 modules_auto_assign: auto_assign,
-                ..Policy::default()
+                warnings: WARNINGS,
             }),
             ledger: Vec::new(),
             published: BTreeMap::new(),
@@ -609,6 +610,11 @@ impl Core {
         let book = &mut self.book;
         book.ledger.clear();
         book.alerts.clear();
+        book.pool_warnings.clear();
+        for record in book.warnings.values_mut() {
+            record.dirty = false;
+            record.is_new = false;
+        }
         book.settled.clear();
         book.newly_processed.clear();
         book.new_claims.clear();
@@ -667,6 +673,41 @@ impl Core {
                         && lot.expires_at.is_some_and(|end| end <= now))
             })
             .map(|lot| lot.org_id.clone())
+            .collect();
+        // And, as the store's clock, the pools whose warnings change by time alone: a
+        // grant's units coming within range with no open warning, or a grant an open low
+        // warning counts expiring.
+        let warned = &self.book.warnings;
+        let due: BTreeSet<OrgId> = due
+            .into_iter()
+            .chain(
+                self.book
+                    .lots
+                    .values()
+                    .flatten()
+                    .filter(|lot| {
+                        lot.status == LotStatus::Active
+                            && !lot.unlimited
+                            && lot.remaining > 0
+                            && lot
+                                .expires_at
+                                .is_some_and(|end| end - WARNINGS.expiring_within <= now)
+                            && !warned
+                                .get(&WarningKey {
+                                    org_id: lot.org_id.clone(),
+                                    product: lot.product.clone(),
+                                    grant_id: Some(lot.lot_id.clone()),
+                                })
+                                .is_some_and(|record| record.open)
+                    })
+                    .map(|lot| lot.org_id.clone()),
+            )
+            .chain(
+                warned
+                    .iter()
+                    .filter(|(_, record)| record.recheck.as_ref().is_some_and(|(at, _)| *at <= now))
+                    .map(|(key, _)| key.org_id.clone()),
+            )
             .collect();
         for org in &due {
             self.book.settle_time(org, now);
@@ -1290,7 +1331,62 @@ fn tick(core: &mut Core, oracle: &mut Oracle, now: DateTime<Utc>) -> Result<(), 
     core.clock(now);
     oracle.settle(now);
     check_core(core)?;
-    check_agreement(core, oracle, from)
+    check_agreement(core, oracle, from)?;
+    check_warnings(core, oracle, now)
+}
+
+/// The warning thresholds of the model's runs: small enough that its pools of a few units
+/// warn, and an expiring range shorter than most of its windows (1 to 25 minutes).
+const WARNINGS: WarningThresholds = WarningThresholds {
+    low_percent: 25,
+    low_units: 1,
+    expiring_within: Duration::minutes(10),
+};
+
+/// Rule 15 after a clock round, when every pool's warnings are up to date: the warnings
+/// the core holds open are those the oracle computes from its grants, with their numbers.
+fn check_warnings(core: &Core, oracle: &Oracle, now: DateTime<Utc>) -> Result<(), TestCaseError> {
+    let expected = oracle.warnings(
+        now,
+        i64::from(WARNINGS.low_percent),
+        WARNINGS.low_units,
+        WARNINGS.expiring_within,
+    );
+    let mut held = OracleWarnings::default();
+    for (key, record) in &core.book.warnings {
+        if !record.open {
+            continue;
+        }
+        let (org, product) = (key.org_id.to_string(), key.product.to_string());
+        match (record.numbers, &key.grant_id) {
+            (
+                WarningNumbers::Low {
+                    available,
+                    threshold,
+                },
+                None,
+            ) => {
+                held.low.insert((org, product), (available, threshold));
+            }
+            (WarningNumbers::Expiring { units, .. }, Some(grant)) => {
+                held.expiring
+                    .insert((org, product, grant.to_string()), units);
+            }
+            _ => prop_assert!(
+                false,
+                "a warning whose numbers are not of its kind: {:?}",
+                key
+            ),
+        }
+    }
+    prop_assert_eq!(&held.low, &expected.low, "open low warnings at {}", now);
+    prop_assert_eq!(
+        &held.expiring,
+        &expected.expiring,
+        "open expiring warnings at {}",
+        now
+    );
+    Ok(())
 }
 
 /// Delivers `delivery` in the batches of `plan` (cycled); returns the last batch's `now`.

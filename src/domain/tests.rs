@@ -1501,19 +1501,20 @@ fn a_pool_of_100_warns_at_10_left_follows_its_numbers_and_resolves_on_a_refill()
 }
 
 #[test]
-fn the_low_threshold_is_the_larger_of_its_settings_and_rounds_up() {
+fn the_low_threshold_is_the_larger_of_its_settings_in_whole_units() {
     let thresholds = WarningThresholds {
         low_percent: 10,
         low_units: 3,
         expiring_within: Duration::days(30),
     };
     assert_eq!(thresholds.low_threshold(100), 10);
+    assert_eq!(thresholds.low_threshold(15), 3, "3 units, above 1.5");
     assert_eq!(
-        thresholds.low_threshold(15),
-        3,
-        "1.5 rounds up to 2, below 3 units"
+        thresholds.low_threshold(45),
+        4,
+        "4 units are at or below 4.5, 5 are not"
     );
-    assert_eq!(thresholds.low_threshold(45), 5, "4.5 rounds up to 5");
+    assert_eq!(thresholds.low_threshold(9), 3);
     assert_eq!(thresholds.low_threshold(0), 3);
 }
 

@@ -16,7 +16,7 @@ use super::shortfalls::ID_NAMESPACE;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WarningThresholds {
     /// `low` opens at or below this percentage of the units of the product's valid counted
-    /// grants (rounded up to a whole unit)...
+    /// grants (whole units: at or below 10% of 15 is at or below 1)...
     pub low_percent: u32,
     /// ... or at or below this many units, whichever is larger.
     pub low_units: i64,
@@ -36,9 +36,11 @@ impl Default for WarningThresholds {
 }
 
 impl WarningThresholds {
-    /// The low threshold of a pool whose valid counted grants hold `basis` units.
+    /// The low threshold of a pool whose valid counted grants hold `basis` units: a count
+    /// of units is at or below `low_percent` % of `basis` exactly when it is at or below
+    /// that share rounded down.
     pub fn low_threshold(&self, basis: i64) -> i64 {
-        let share = (i128::from(basis.max(0)) * i128::from(self.low_percent) + 99) / 100;
+        let share = i128::from(basis.max(0)) * i128::from(self.low_percent) / 100;
         self.low_units.max(i64::try_from(share).unwrap_or(i64::MAX))
     }
 }

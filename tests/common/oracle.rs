@@ -576,6 +576,15 @@ struct Latest {
     counts: bool,
 }
 
+/// The pool warnings that hold at one instant (rule 15).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OracleWarnings {
+    /// (org, product) -> (available, threshold).
+    pub low: BTreeMap<(String, String), (i64, i64)>,
+    /// (org, product, grant) -> units still in the pool.
+    pub expiring: BTreeMap<(String, String, String), i64>,
+}
+
 /// The reference model.
 #[derive(Debug, Clone)]
 pub struct Oracle {
@@ -739,6 +748,69 @@ impl Oracle {
             .keys()
             .map(|(org, product)| ((org.clone(), product.clone()), self.pool(org, product)))
             .collect()
+    }
+
+    /// Rule 15 at `now`, computed from the grants: the pools whose `low` warning holds,
+    /// with (available, threshold), and the grants whose `expiring` warning holds, with
+    /// their units in the pool. The threshold is the larger of `low_units` and
+    /// `low_percent` % of the units of the valid counted grants (spent ones included,
+    /// revoked units not), in whole units.
+    pub fn warnings(
+        &self,
+        now: DateTime<Utc>,
+        low_percent: i64,
+        low_units: i64,
+        within: chrono::Duration,
+    ) -> OracleWarnings {
+        let mut revoked: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+        for entry in &self.ledger {
+            if entry.kind == EntryKind::Revocation && !entry.unlimited {
+                if let Some(grant) = &entry.grant_id {
+                    *revoked
+                        .entry((entry.org_id.as_str(), grant.as_str()))
+                        .or_default() += entry.quantity;
+                }
+            }
+        }
+        let mut warnings = OracleWarnings::default();
+        for (org, product) in self.totals.keys() {
+            let grants = || {
+                self.grants.iter().filter(move |grant| {
+                    &grant.org_id == org
+                        && &grant.product == product
+                        && !grant.unlimited
+                        && grant.state == GrantState::InPool
+                })
+            };
+            let basis: i64 = grants()
+                .filter(|grant| {
+                    grant.valid_from <= now && grant.expires_at.is_none_or(|end| end > now)
+                })
+                .map(|grant| {
+                    grant.quantity
+                        - revoked
+                            .get(&(org.as_str(), grant.event_id.as_str()))
+                            .copied()
+                            .unwrap_or(0)
+                })
+                .sum();
+            let pool = self.pool(org, product);
+            let threshold = low_units.max(basis * low_percent / 100);
+            if basis > 0 && !pool.unlimited && pool.available <= threshold {
+                warnings
+                    .low
+                    .insert((org.clone(), product.clone()), (pool.available, threshold));
+            }
+            for grant in grants() {
+                if grant.remaining > 0 && grant.expires_at.is_some_and(|end| end - within <= now) {
+                    warnings.expiring.insert(
+                        (org.clone(), product.clone(), grant.event_id.clone()),
+                        grant.remaining,
+                    );
+                }
+            }
+        }
+        warnings
     }
 
     /// The whole ledger, in recording order (per organization: sequence order).

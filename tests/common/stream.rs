@@ -550,6 +550,8 @@ pub struct Outputs {
     pub dead_letters: Vec<Value>,
     /// The state topic's messages with their keys, in the order of each partition.
     pub states: Vec<(String, Value)>,
+    /// The pool warnings, in the order of each partition (one per organization).
+    pub warnings: Vec<Value>,
 }
 
 impl Outputs {
@@ -558,7 +560,7 @@ impl Outputs {
         self.states.iter().map(|(key, value)| (key.as_str(), value))
     }
 
-    /// Reads all four output topics from the beginning up to their high watermarks as
+    /// Reads all five output topics from the beginning up to their high watermarks as
     /// they are now (call it once the outbox is empty: everything is in the log), and
     /// checks that `ledger_entries` distinct ledger entries were among them.
     pub fn read(settings: &Settings, ledger_entries: usize, deadline: Duration) -> Self {
@@ -575,6 +577,7 @@ impl Outputs {
             &topics.shortfalls,
             &topics.dlq,
             &topics.state,
+            &topics.pool_warnings,
         ] {
             let metadata = consumer
                 .fetch_metadata(Some(topic), Duration::from_secs(10))
@@ -623,6 +626,8 @@ impl Outputs {
                 let key = message.key().expect("a state message has a key");
                 let key = String::from_utf8(key.to_vec()).expect("a UTF-8 key");
                 outputs.states.push((key, value));
+            } else if message.topic() == topics.pool_warnings {
+                outputs.warnings.push(value);
             } else {
                 outputs.dead_letters.push(value);
             }
@@ -923,6 +928,8 @@ pub async fn check(pool: &PgPool, outputs: &Outputs, expected: &Expected) {
         "open shortfalls"
     );
 
+    check_pool_warnings(pool, &outputs.warnings).await;
+
     // Dead letters: the viewer's request, and nothing else.
     let refused: BTreeSet<String> = outputs
         .dead_letters
@@ -936,4 +943,92 @@ pub async fn check(pool: &PgPool, outputs: &Outputs, expected: &Expected) {
 
     // The state topic: a copy kept from it (last version per key) is what `report` shows.
     super::state_copy::assert_copy_matches_report(pool, outputs.states()).await;
+}
+
+/// Rule 15 against the final state: a repeated warning id repeats the same message; the
+/// last message of every warning is what PostgreSQL keeps; and a pool's `low` warning is
+/// open exactly when its available units are at or below 10% of its valid
+/// counted grants while it has some and is not unlimited (the stream's grants never expire,
+/// so that does not depend on when it is checked).
+async fn check_pool_warnings(pool: &PgPool, warnings: &[Value]) {
+    let mut by_id: HashMap<&str, &Value> = HashMap::new();
+    let mut last: BTreeMap<(String, String, String, String), &Value> = BTreeMap::new();
+    for warning in warnings {
+        let id = warning["warning_id"].as_str().expect("a warning_id");
+        if let Some(seen) = by_id.insert(id, warning) {
+            assert_eq!(seen, warning, "a repeated warning id repeats its message");
+        }
+        let key = (
+            warning["org_id"].as_str().unwrap().to_owned(),
+            warning["product"].as_str().unwrap().to_owned(),
+            warning["kind"].as_str().unwrap().to_owned(),
+            warning["grant_id"].as_str().unwrap_or("").to_owned(),
+        );
+        last.insert(key, warning);
+    }
+    type Row = (
+        String,
+        String,
+        String,
+        String,
+        bool,
+        Option<i64>,
+        Option<i64>,
+        Option<i64>,
+    );
+    let stored: Vec<Row> = sqlx::query_as(
+        "SELECT org_id, product, kind, grant_id, open, available, threshold, units
+           FROM pool_warnings ORDER BY 1, 2, 3, 4",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        last.len(),
+        stored.len(),
+        "one stored warning per warning published"
+    );
+    for (org, product, kind, grant, open, available, threshold, units) in &stored {
+        let message = last
+            .get(&(org.clone(), product.clone(), kind.clone(), grant.clone()))
+            .unwrap_or_else(|| panic!("no warning published for {org} {product} {kind} {grant}"));
+        let status = if *open { "open" } else { "resolved" };
+        assert_eq!(message["status"], status, "{message}");
+        assert_eq!(message["available"].as_i64(), *available, "{message}");
+        assert_eq!(message["threshold"].as_i64(), *threshold, "{message}");
+        assert_eq!(message["units"].as_i64(), *units, "{message}");
+    }
+    let pools: Vec<(String, String, i64, bool, i64)> = sqlx::query_as(
+        "SELECT p.org_id, p.product, p.available, p.unlimited,
+                COALESCE((SELECT sum(l.quantity - l.revoked) FROM lots l
+                           WHERE l.org_id = p.org_id AND l.product = p.product
+                             AND NOT l.unlimited AND l.status IN ('active', 'spent', 'revoked')
+                             AND l.valid_from <= now()
+                             AND (l.expires_at IS NULL OR l.expires_at > now())), 0)::bigint
+           FROM pools p ORDER BY 1, 2",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert!(!pools.is_empty());
+    let mut low_open = 0;
+    for (org, product, available, unlimited, basis) in pools {
+        let threshold = basis * 10 / 100;
+        let expected = basis > 0 && !unlimited && available <= threshold;
+        let message = last.get(&(org.clone(), product.clone(), "low".into(), String::new()));
+        let open = message.is_some_and(|message| message["status"] == "open");
+        assert_eq!(
+            open, expected,
+            "{org} {product}: {available} left, valid counted grants {basis}, unlimited {unlimited}: {message:?}"
+        );
+        if let Some(message) = message.filter(|_| open) {
+            assert_eq!(message["available"].as_i64(), Some(available), "{message}");
+            assert_eq!(message["threshold"].as_i64(), Some(threshold), "{message}");
+        }
+        low_open += i64::from(open);
+    }
+    eprintln!(
+        "pool warnings: {} messages, {low_open} low open at the end",
+        warnings.len()
+    );
 }
