@@ -2,7 +2,8 @@
 //! PostgreSQL, and a short story told step by step: each step's events are sent, the demo
 //! waits until the worker has committed them and published what they caused, and prints
 //! those outputs under the step's heading (ledger entries in sequence order, then alerts,
-//! then dead letters), read back from the output topics.
+//! pool warnings and dead letters, then the states of past workspaces), read back from the
+//! output topics.
 
 use std::future::Future;
 use std::time::Duration;
@@ -16,7 +17,9 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{AlertMessage, DeadLetterMessage, LedgerMessage, StateMessage};
+use crate::codec::{
+    AlertMessage, DeadLetterMessage, LedgerMessage, PoolWarningMessage, StateMessage,
+};
 use crate::settings::Settings;
 
 /// The pause between two steps of the story, so a person can follow it.
@@ -170,7 +173,7 @@ async fn play_story(
             vec![(topics.entitlement_granted.clone(), event(json!({"org_id": "acme", "product": "seat", "quantity": 10, "source": {"kind": "plan", "reference": "PLAN-2026"}})))],
         ),
         (
-            "12 participants join summit-2026: 10 seats move, 2 are missing.",
+            "12 participants join summit-2026: 10 seats move, 2 are missing, and the pool warns that it is low.",
             "",
             (1..=12)
                 .map(|n| (topics.participant_added.clone(), event(json!({"org_id": "acme", "workspace_id": summit, "participant_id": format!("p-{n:04}")}))))
@@ -187,7 +190,7 @@ async fn play_story(
             vec![(topics.participant_cancelled.clone(), event(json!({"org_id": "acme", "workspace_id": summit, "participant_id": "p-0005", "activated": true})))],
         ),
         (
-            "acme buys an add-on of 5 seats: the waiting workspace is filled at once.",
+            "acme buys an add-on of 5 seats: the waiting workspace is filled at once, and the pool is no longer low.",
             "",
             vec![(topics.entitlement_granted.clone(), event(json!({"org_id": "acme", "product": "seat", "quantity": 5, "source": {"kind": "add_on", "reference": "ADD-77"}})))],
         ),
@@ -228,7 +231,7 @@ async fn play_story(
             ],
         ),
         (
-            "After the event, acme's add-on of 5 seats is removed: the 4 still in the pool leave, the seat in summit-2026 stays.",
+            "After the event, acme's add-on of 5 seats is removed: the 4 still in the pool leave, the seat in summit-2026 stays; the pool is low again.",
             "",
             vec![(topics.entitlement_revoked.clone(), event(json!({"org_id": "acme", "source": {"kind": "add_on", "reference": "ADD-77"}, "reason": "event over"})))],
         ),
@@ -238,7 +241,7 @@ async fn play_story(
             vec![(topics.workspace_updated.clone(), event(json!({"org_id": "acme", "workspace_id": summit, "name": "Summit 2026", "starts_at": (Utc::now() - chrono::Duration::days(3)).to_rfc3339_opts(SecondsFormat::Secs, true), "ends_at": (Utc::now() - chrono::Duration::days(1)).to_rfc3339_opts(SecondsFormat::Secs, true)})))],
         ),
         (
-            "acme upgrades to the unlimited Enterprise plan: the old plan is removed (nothing of it is left), the new one has no limit.",
+            "acme upgrades to the unlimited Enterprise plan: the old plan is removed (nothing of it is left), the new one has no limit, so the pool is not low.",
             "",
             vec![
                 (topics.entitlement_revoked.clone(), event(json!({"org_id": "acme", "source": {"kind": "plan", "reference": "PLAN-2026"}, "reason": "upgrade"}))),
@@ -285,7 +288,7 @@ async fn play_story(
         database,
         outputs,
         &mut produced,
-        "acme gets a trial of 3 seats valid in a few seconds, for a few seconds: the timer credits, then expires them.",
+        "acme gets a trial of 3 seats valid in a few seconds, for a few seconds: the timer credits them, the pool warns that they expire soon, then the timer expires them.",
         vec![(topics.entitlement_granted.clone(), trial)],
     )
     .await
@@ -353,7 +356,7 @@ async fn wait_until_published(database: &sqlx::PgPool, produced: i64) -> anyhow:
     }
 }
 
-/// A reader of the three output topics from their start, printing what it reads.
+/// A reader of the output topics from their start, printing what it reads.
 struct Outputs {
     consumer: BaseConsumer,
     topics: crate::settings::TopicSettings,
@@ -363,7 +366,8 @@ struct Outputs {
 
 /// One output, as the demo prints it, with what orders it within a step.
 struct Printed {
-    /// 0 for ledger entries, 1 for alerts, 2 for dead letters, 3 for states.
+    /// 0 for ledger entries, 1 for alerts, 2 for pool warnings, 3 for dead letters, 4 for
+    /// states.
     rank: u8,
     /// The organization and the entry's sequence (ledger entries only).
     sequence: (String, i64),
@@ -384,6 +388,7 @@ impl Outputs {
             &topics.shortfalls,
             &topics.dlq,
             &topics.state,
+            &topics.pool_warnings,
         ] {
             let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
             for partition in metadata
@@ -403,8 +408,8 @@ impl Outputs {
     }
 
     /// Reads every output published so far (up to each partition's high watermark now)
-    /// and prints it in causal order: ledger entries by sequence, then alerts, then dead
-    /// letters.
+    /// and prints it in causal order: ledger entries by sequence, then alerts, pool
+    /// warnings, dead letters and states.
     fn print_caught_up(&mut self) -> anyhow::Result<()> {
         let mut ends = Vec::new();
         let assignment = self.consumer.assignment()?;
@@ -474,7 +479,7 @@ impl Outputs {
                 return Ok(None);
             }
             return Ok(Some(Printed {
-                rank: 3,
+                rank: 4,
                 sequence: (String::new(), 0),
                 line: format!(
                     "   state    {} {} ({}) {}: past, required {}, allocated {} (version {})",
@@ -532,10 +537,38 @@ impl Outputs {
                 ),
                 expiry: false,
             }
+        } else if topic == self.topics.pool_warnings {
+            let warning: PoolWarningMessage = serde_json::from_slice(payload)?;
+            let numbers = match (warning.available, warning.threshold, warning.units) {
+                (Some(available), Some(threshold), _) => {
+                    format!("{available} left, warns at {threshold} or fewer")
+                }
+                (_, _, Some(units)) => format!(
+                    "{units} units of {} in the pool, expiring {}",
+                    warning.grant_id.as_deref().unwrap_or("?"),
+                    warning
+                        .expires_at
+                        .map(|at| at.to_rfc3339_opts(SecondsFormat::Secs, true))
+                        .unwrap_or_default()
+                ),
+                _ => String::new(),
+            };
+            Printed {
+                rank: 2,
+                sequence: (String::new(), 0),
+                line: format!(
+                    "   WARNING  {} {} {} {}: {numbers}",
+                    warning.status.to_uppercase(),
+                    warning.kind,
+                    warning.org_id,
+                    warning.product
+                ),
+                expiry: false,
+            }
         } else {
             let letter: DeadLetterMessage = serde_json::from_slice(payload)?;
             Printed {
-                rank: 2,
+                rank: 3,
                 sequence: (String::new(), 0),
                 line: format!("   DLQ      {}: {}", letter.reason, letter.detail),
                 expiry: false,

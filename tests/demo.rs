@@ -91,10 +91,13 @@ fn the_demo_prints_each_steps_effects_under_it_in_the_order_they_happened() {
         .count();
     assert_eq!(transfers, 10, "ten seats move: {join:#?}");
     let open = position(join, "ALERT    OPEN summit-2026 seat: 2 missing");
+    assert_eq!(open, 10, "the alert follows the transfers: {join:#?}");
+    // However the worker batched the joins, the pool ends low: 0 of 10 left, the threshold
+    // 10% of 10.
     assert_eq!(
-        open,
-        join.len() - 1,
-        "the alert follows the transfers: {join:#?}"
+        join.last().map(String::as_str),
+        Some("WARNING  OPEN low acme seat: 0 left, warns at 1 or fewer"),
+        "{join:#?}"
     );
 
     let cancel = step(&steps, "p-0003 cancels without ever activating");
@@ -113,9 +116,10 @@ fn the_demo_prints_each_steps_effects_under_it_in_the_order_they_happened() {
     let grant = position(add_on, " grant ");
     let transfer = position(add_on, " transfer ");
     let resolved = position(add_on, "ALERT    RESOLVED summit-2026 seat");
+    let not_low = position(add_on, "WARNING  RESOLVED low acme seat: 4 left");
     assert!(
-        grant < transfer && transfer < resolved,
-        "the add-on's grant, then the transfer, then the resolved alert: {add_on:#?}"
+        grant < transfer && transfer < resolved && resolved < not_low,
+        "the add-on's grant, then the transfer, the resolved alert and warning: {add_on:#?}"
     );
 
     let viewer = step(&steps, "A viewer tries to transfer the module");
@@ -146,10 +150,14 @@ fn the_demo_prints_each_steps_effects_under_it_in_the_order_they_happened() {
         &steps,
         "After the event, acme's add-on of 5 seats is removed",
     );
-    assert_eq!(removed.len(), 1, "{removed:#?}");
+    assert_eq!(removed.len(), 2, "{removed:#?}");
     assert!(
         removed[0].contains(" revocation ") && removed[0].contains("4 seat; pool now 0"),
         "{removed:#?}"
+    );
+    assert_eq!(
+        removed[1], "WARNING  OPEN low acme seat: 0 left, warns at 1 or fewer",
+        "the plan's 10 and the 1 seat the add-on gave still count: {removed:#?}"
     );
     let past = step(&steps, "summit-2026 is over");
     assert!(
@@ -165,8 +173,12 @@ fn the_demo_prints_each_steps_effects_under_it_in_the_order_they_happened() {
     let upgrade = step(&steps, "acme upgrades to the unlimited Enterprise plan");
     assert_eq!(
         upgrade.len(),
-        1,
+        2,
         "the old plan had nothing left: {upgrade:#?}"
+    );
+    assert!(
+        upgrade[1].starts_with("WARNING  RESOLVED low acme seat"),
+        "unlimited is never low: {upgrade:#?}"
     );
     assert!(
         upgrade[0].contains(" grant ") && upgrade[0].contains("seat (unlimited); pool now 0"),
@@ -206,6 +218,11 @@ fn the_demo_prints_each_steps_effects_under_it_in_the_order_they_happened() {
 
     let trial = step(&steps, "acme gets a trial of 3 seats");
     let credited = position(trial, " grant ");
+    let warned = position(trial, "WARNING  OPEN expiring acme seat: 3 units of");
     let expired = position(trial, " expiry ");
-    assert!(credited < expired, "credited, then expired: {trial:#?}");
+    let over = position(trial, "WARNING  RESOLVED expiring acme seat: 0 units of");
+    assert!(
+        credited < warned && warned < expired.max(over),
+        "credited, warned, then expired: {trial:#?}"
+    );
 }

@@ -1512,6 +1512,23 @@ async fn pool_warnings_open_change_and_resolve_across_batches_and_clock_rounds()
         .apply_batch(&joins(89, 90), policy, now)
         .await
         .unwrap();
+    // `report` lists the open warning.
+    let report = entitlement_worker::ops::report::Report::load(store.pool(), "acme", now)
+        .await
+        .unwrap();
+    let listed: Vec<(&str, Option<i64>, Option<i64>)> = report
+        .warnings
+        .iter()
+        .map(|warning| (warning.kind.as_str(), warning.available, warning.threshold))
+        .collect();
+    assert_eq!(listed, [("low", Some(10), Some(10))]);
+    assert!(
+        report
+            .to_table()
+            .contains("WARNINGS (open)\nseat             low: 10 left, warns at 10 or fewer"),
+        "{}",
+        report.to_table()
+    );
     // The next batch loads the open warning from PostgreSQL and follows its numbers.
     store
         .apply_batch(&joins(90, 91), policy, now)

@@ -13,12 +13,23 @@ use super::cell;
 /// How far ahead `expiring_soon` looks.
 pub const EXPIRY_HORIZON_DAYS: i64 = 30;
 
+/// The open pool warnings of one organization, `low` first, then `expiring` by expiry.
+const OPEN_WARNINGS: &str =
+    "SELECT w.product, COALESCE(p.name, w.product) AS product_name, w.kind, w.available,
+            w.threshold, NULLIF(w.grant_id, '') AS grant_id, w.units, w.expires_at, w.opened_at
+       FROM pool_warnings w
+       LEFT JOIN products p ON p.product = w.product
+      WHERE w.org_id = $1 AND w.open
+      ORDER BY w.kind DESC, w.expires_at NULLS FIRST, w.product, w.grant_id";
+
 /// The report, as `--format json` prints it. Field names are a stable interface.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Report {
     pub org_id: String,
     pub generated_at: DateTime<Utc>,
     pub pools: Vec<PoolLine>,
+    /// The pool warnings open now (rule 15): `low` first, then `expiring` by expiry.
+    pub warnings: Vec<WarningLine>,
     pub sources: Vec<SourceLine>,
     pub workspaces: Vec<WorkspaceLine>,
     pub totals: Vec<ProductTotals>,
@@ -54,6 +65,24 @@ pub struct PoolLine {
     pub expiring_soon: i64,
     /// Units granted whose validity has not started yet (not in `granted`).
     pub pending: i64,
+}
+
+/// An open pool warning, as last published (rule 15).
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct WarningLine {
+    pub product: String,
+    /// The product's name in the catalogue; its handle when it was never defined.
+    pub product_name: String,
+    /// `low` or `expiring`.
+    pub kind: String,
+    /// `low`: the pool's available counted units and its threshold.
+    pub available: Option<i64>,
+    pub threshold: Option<i64>,
+    /// `expiring`: the grant, its units still in the pool and when they expire.
+    pub grant_id: Option<String>,
+    pub units: Option<i64>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub opened_at: DateTime<Utc>,
 }
 
 /// Where a pool's units came from: its grants of one source kind, counted or unlimited.
@@ -122,6 +151,10 @@ impl Report {
         anyhow::ensure!(known, "no organization {org_id:?} is known to the worker");
         let mut connection = pool.acquire().await?;
         let pools = pool_lines(&mut connection, org_id, now).await?;
+        let warnings: Vec<WarningLine> = sqlx::query_as(OPEN_WARNINGS)
+            .bind(org_id)
+            .fetch_all(&mut *connection)
+            .await?;
         let sources = source_lines(&mut connection, org_id).await?;
         let workspaces: Vec<WorkspaceLine> = workspace_lines(&mut connection, org_id, None)
             .collect::<Vec<_>>()
@@ -161,6 +194,7 @@ impl Report {
             org_id: org_id.to_owned(),
             generated_at: now,
             pools,
+            warnings,
             sources,
             workspaces,
             totals,
@@ -208,6 +242,30 @@ impl Report {
         }
         if self.pools.is_empty() {
             out.push_str("(no grants yet)\n");
+        }
+        if !self.warnings.is_empty() {
+            out.push_str("\nWARNINGS (open)\n");
+            for warning in &self.warnings {
+                let says = match (warning.available, warning.threshold, warning.units) {
+                    (Some(available), Some(threshold), _) => {
+                        format!("low: {available} left, warns at {threshold} or fewer")
+                    }
+                    (_, _, Some(units)) => format!(
+                        "expiring: {units} units of {} expire {}",
+                        warning.grant_id.as_deref().unwrap_or("?"),
+                        warning
+                            .expires_at
+                            .map(|at| at.format("%Y-%m-%d %H:%M UTC").to_string())
+                            .unwrap_or_default()
+                    ),
+                    _ => warning.kind.clone(),
+                };
+                out.push_str(&format!(
+                    "{} {says} (since {})\n",
+                    cell(&warning.product_name, 16),
+                    warning.opened_at.format("%Y-%m-%d %H:%M UTC")
+                ));
+            }
         }
         out.push_str("\nSOURCES (where each pool's units came from)\n");
         out.push_str(&format!(
