@@ -395,6 +395,24 @@ async fn verify_fails_on_a_pool_balance_edited_by_hand() {
 }
 
 #[tokio::test]
+async fn verify_fails_on_a_pool_warning_edited_by_hand() {
+    let (settings, _store) = known_ledger().await;
+    // acme's seats are all drawn: its low warning is open at 0 of 10 (threshold 1).
+    let text = verify_after_tampering(
+        &settings,
+        "UPDATE pool_warnings SET available = 1
+          WHERE org_id = 'acme' AND product = 'seat' AND kind = 'low' AND open;",
+    )
+    .await;
+    assert!(
+        text.contains(
+            "acme seat: the open low warning says Some(1) available, the pool holds Some(0)"
+        ),
+        "{text}"
+    );
+}
+
+#[tokio::test]
 async fn verify_agrees_with_a_ledger_holding_revocations() {
     let (settings, store) = ledger_with_revocations().await;
     let pool: (i64, i64, i64) = sqlx::query_as(

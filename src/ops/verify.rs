@@ -226,6 +226,10 @@ pub async fn verify(pool: &PgPool) -> anyhow::Result<Verification> {
     let mut allocated_match =
         Check::new("each workspace's allocated units equal the transfers into it");
     let mut last_sequence = Check::new("each organization's last sequence matches its ledger");
+    let mut warnings_follow = Check::new(
+        "each open pool warning says what is in the pool: a low one its available units, an \
+         expiring one its grant's units still there",
+    );
 
     // Every query reads the same snapshot, however long the replay takes.
     let mut transaction = pool.begin().await?;
@@ -660,6 +664,54 @@ pub async fn verify(pool: &PgPool) -> anyhow::Result<Verification> {
         )
     });
 
+    // Rule 15: every batch that changes a pool evaluates its warnings, so an open warning
+    // carries the numbers the pool and its grant hold now.
+    /// org, product, kind, grant, available and units as published, the pool's available,
+    /// the grant's remaining units and status.
+    type WarningRow = (
+        String,
+        String,
+        String,
+        String,
+        Option<i64>,
+        Option<i64>,
+        Option<i64>,
+        Option<i64>,
+        Option<String>,
+    );
+    let open_warnings: Vec<WarningRow> = sqlx::query_as(
+        "SELECT w.org_id, w.product, w.kind, w.grant_id, w.available, w.units, p.available,
+                l.remaining, l.status
+           FROM pool_warnings w
+           LEFT JOIN pools p ON p.org_id = w.org_id AND p.product = w.product
+           LEFT JOIN lots l ON l.org_id = w.org_id AND l.lot_id = w.grant_id
+                           AND l.product = w.product
+          WHERE w.open
+          ORDER BY w.org_id, w.product, w.kind, w.grant_id",
+    )
+    .fetch_all(&mut *transaction)
+    .await?;
+    for (org, product, kind, grant, said, units, available, remaining, status) in open_warnings {
+        if kind == "low" {
+            warnings_follow.expect(said.is_some() && said == available, || {
+                format!(
+                    "{org} {product}: the open low warning says {said:?} available, the pool \
+                     holds {available:?}"
+                )
+            });
+        } else {
+            warnings_follow.expect(
+                units.is_some() && units == remaining && status.as_deref() == Some("active"),
+                || {
+                    format!(
+                        "{org} {product}: the open expiring warning of grant {grant} says \
+                         {units:?} units, the grant has {remaining:?} ({status:?})"
+                    )
+                },
+            );
+        }
+    }
+
     let organizations: Vec<(String, i64)> =
         sqlx::query_as("SELECT org_id, last_sequence FROM organizations ORDER BY org_id")
             .fetch_all(&mut *transaction)
@@ -689,6 +741,7 @@ pub async fn verify(pool: &PgPool) -> anyhow::Result<Verification> {
             revocations_done,
             allocated_match,
             last_sequence,
+            warnings_follow,
         ],
     })
 }
