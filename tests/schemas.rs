@@ -6,7 +6,8 @@ use std::path::Path;
 
 use chrono::Utc;
 use entitlement_worker::codec::{
-    self, AlertMessage, DeadLetterMessage, InputKind, LedgerMessage, StateMessage,
+    self, AlertMessage, DeadLetterMessage, InputKind, LedgerMessage, PoolWarningMessage,
+    StateMessage,
 };
 use serde_json::Value;
 
@@ -67,6 +68,7 @@ fn every_example_validates_or_fails_as_its_name_says() {
         "entitlement-ledger",
         "entitlement-dlq",
         "entitlement-state",
+        "entitlement-pool-warnings",
     ]);
     for topic in topics {
         let validator = schema(topic);
@@ -288,6 +290,59 @@ fn the_messages_the_worker_publishes_validate() {
             let message = serde_json::to_value(StateMessage::new(change, name, live)).unwrap();
             assert!(states.is_valid(&message), "{message}");
         }
+    }
+    let warnings = schema("entitlement-pool-warnings");
+    let expires_at = now + chrono::Duration::days(20);
+    let grant = EventId::parse("g-trial").unwrap();
+    for (grant_id, status, numbers) in [
+        (
+            None,
+            AlertStatus::Open,
+            WarningNumbers::Low {
+                available: 10,
+                threshold: 10,
+            },
+        ),
+        (
+            None,
+            AlertStatus::Resolved,
+            WarningNumbers::Low {
+                available: 57,
+                threshold: 15,
+            },
+        ),
+        (
+            Some(grant.clone()),
+            AlertStatus::Open,
+            WarningNumbers::Expiring {
+                units: 30,
+                expires_at,
+            },
+        ),
+        (
+            Some(grant.clone()),
+            AlertStatus::Resolved,
+            WarningNumbers::Expiring {
+                units: 0,
+                expires_at,
+            },
+        ),
+    ] {
+        let warning = PoolWarning {
+            key: WarningKey {
+                org_id: org.clone(),
+                product: Product::seat(),
+                grant_id,
+            },
+            status,
+            numbers,
+            opened_at: now,
+            occurred_at: now,
+            caused_by: cause.clone(),
+            revision: 2,
+        };
+        let message = serde_json::to_value(PoolWarningMessage::from(&warning)).unwrap();
+        assert!(warnings.is_valid(&message), "{message}");
     }
     let dlq = schema("entitlement-dlq");
     // The last: a catalogue input, which names no organization.
