@@ -650,6 +650,30 @@ pub struct PoolWarningMessage {
     pub caused_by: String,
 }
 
+/// What a pool warning says, for people: `9 left, warns at 10 or fewer`, or `20 units of
+/// g-1 in the pool, expiring 2027-01-31T00:00:00Z`.
+pub fn warning_numbers(
+    available: Option<i64>,
+    threshold: Option<i64>,
+    grant_id: Option<&str>,
+    units: Option<i64>,
+    expires_at: Option<DateTime<Utc>>,
+) -> String {
+    match (available, threshold, units) {
+        (Some(available), Some(threshold), _) => {
+            format!("{available} left, warns at {threshold} or fewer")
+        }
+        (_, _, Some(units)) => format!(
+            "{units} units of {} in the pool, expiring {}",
+            grant_id.unwrap_or("?"),
+            expires_at
+                .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                .unwrap_or_default()
+        ),
+        _ => String::new(),
+    }
+}
+
 impl From<&PoolWarning> for PoolWarningMessage {
     fn from(warning: &PoolWarning) -> Self {
         let (available, threshold, units, expires_at) = match warning.numbers {

@@ -539,20 +539,13 @@ impl Outputs {
             }
         } else if topic == self.topics.pool_warnings {
             let warning: PoolWarningMessage = serde_json::from_slice(payload)?;
-            let numbers = match (warning.available, warning.threshold, warning.units) {
-                (Some(available), Some(threshold), _) => {
-                    format!("{available} left, warns at {threshold} or fewer")
-                }
-                (_, _, Some(units)) => format!(
-                    "{units} units of {} in the pool, expiring {}",
-                    warning.grant_id.as_deref().unwrap_or("?"),
-                    warning
-                        .expires_at
-                        .map(|at| at.to_rfc3339_opts(SecondsFormat::Secs, true))
-                        .unwrap_or_default()
-                ),
-                _ => String::new(),
-            };
+            let numbers = crate::codec::warning_numbers(
+                warning.available,
+                warning.threshold,
+                warning.grant_id.as_deref(),
+                warning.units,
+                warning.expires_at,
+            );
             Printed {
                 rank: 2,
                 sequence: (String::new(), 0),

@@ -308,6 +308,10 @@ fn main() -> ExitCode {
             command => ops_command(&settings, command).await,
         }
     });
+    // The runtime's own drop would wait, without end, for blocking work still running: a
+    // consumer whose broker stopped answering could hold the process past the shutdown
+    // bound the pipeline has already given up at.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
     match result {
         Ok(code) => code,
         Err(error) => {
@@ -320,6 +324,9 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// How long the process waits, once its work has returned, for blocking work left behind.
+const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn verify(settings: &Settings, format: Format) -> anyhow::Result<ExitCode> {
     let pool = ops::connect(&settings.database).await?;

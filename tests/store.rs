@@ -1253,17 +1253,22 @@ async fn life_of(store: &Store, workspace: &str) -> LifeRow {
     .unwrap()
 }
 
-/// The state messages waiting in the outbox, oldest first.
-async fn state_messages(store: &Store) -> Vec<serde_json::Value> {
+/// The messages of `channel` waiting in the outbox, oldest first.
+async fn outbox_messages(store: &Store, channel: &str) -> Vec<serde_json::Value> {
     store
         .pending_outbox(100_000)
         .await
         .unwrap()
         .iter()
         .flat_map(|row| row.messages.iter())
-        .filter(|message| message.channel.as_str() == "state")
+        .filter(|message| message.channel.as_str() == channel)
         .map(|message| serde_json::from_slice(&message.payload).unwrap())
         .collect()
+}
+
+/// The state messages waiting in the outbox, oldest first.
+async fn state_messages(store: &Store) -> Vec<serde_json::Value> {
+    outbox_messages(store, "state").await
 }
 
 #[tokio::test]
@@ -1451,15 +1456,7 @@ async fn a_workspace_turns_past_when_its_end_passes_and_the_report_lists_it_apar
 
 /// The pool warnings waiting in the outbox, oldest first.
 async fn warning_messages(store: &Store) -> Vec<serde_json::Value> {
-    store
-        .pending_outbox(100_000)
-        .await
-        .unwrap()
-        .iter()
-        .flat_map(|row| row.messages.iter())
-        .filter(|message| message.channel.as_str() == "pool_warnings")
-        .map(|message| serde_json::from_slice(&message.payload).unwrap())
-        .collect()
+    outbox_messages(store, "pool_warnings").await
 }
 
 /// What a warning message says: status, kind, and its numbers.

@@ -246,23 +246,17 @@ impl Report {
         if !self.warnings.is_empty() {
             out.push_str("\nWARNINGS (open)\n");
             for warning in &self.warnings {
-                let says = match (warning.available, warning.threshold, warning.units) {
-                    (Some(available), Some(threshold), _) => {
-                        format!("low: {available} left, warns at {threshold} or fewer")
-                    }
-                    (_, _, Some(units)) => format!(
-                        "expiring: {units} units of {} expire {}",
-                        warning.grant_id.as_deref().unwrap_or("?"),
-                        warning
-                            .expires_at
-                            .map(|at| at.format("%Y-%m-%d %H:%M UTC").to_string())
-                            .unwrap_or_default()
-                    ),
-                    _ => warning.kind.clone(),
-                };
+                let says = crate::codec::warning_numbers(
+                    warning.available,
+                    warning.threshold,
+                    warning.grant_id.as_deref(),
+                    warning.units,
+                    warning.expires_at,
+                );
                 out.push_str(&format!(
-                    "{} {says} (since {})\n",
+                    "{} {}: {says} (since {})\n",
                     cell(&warning.product_name, 16),
+                    warning.kind,
                     warning.opened_at.format("%Y-%m-%d %H:%M UTC")
                 ));
             }

@@ -90,8 +90,9 @@ impl WorkerProcess {
             }
             assert!(
                 started.elapsed() < limit,
-                "the worker did not exit within {limit:?} of SIGTERM; log: {}",
-                self.log.display()
+                "the worker did not exit within {limit:?} of SIGTERM; the end of its log ({}):\n{}",
+                self.log.display(),
+                self.tail_of_log()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
