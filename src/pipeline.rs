@@ -189,6 +189,13 @@ pub async fn run(
         tracing::error!(task, "The {task} task {why}; the worker stops.");
         anyhow::anyhow!("the {task} task {why} while the worker was running")
     });
+    let stopping_since = std::time::Instant::now();
+    let stage = |name: &str| {
+        tracing::info!(
+            elapsed_ms = stopping_since.elapsed().as_millis() as u64,
+            "Stopping: {name}."
+        );
+    };
     let stopping = async {
         cancel.cancel();
         // The consumer thread stops polling and ends every lane; each lane commits what it
@@ -197,6 +204,7 @@ pub async fn run(
             Some(result) => result,
             None => apply.await,
         };
+        stage("the lanes have committed what they held");
         background_stop.cancel();
         // A task that already ended is not awaited twice.
         if ended_task != Some("clock") {
@@ -209,10 +217,27 @@ pub async fn run(
         if ended_task != Some("outbox relay") {
             let _ = (&mut relay).await;
         }
-        for consumer in consumers {
-            if let Ok(consumer) = Arc::try_unwrap(consumer) {
-                tokio::task::spawn_blocking(move || consumer.join()).await?;
+        stage("the outbox relay has drained");
+        // Offsets live in PostgreSQL, so a consumer that cannot leave the group in time
+        // loses nothing: it is left behind, and the group reassigns its partitions once its
+        // session times out.
+        let leaving = consumers.into_iter().filter_map(|consumer| {
+            let consumer = Arc::try_unwrap(consumer).ok()?;
+            Some(tokio::task::spawn_blocking(move || consumer.join()))
+        });
+        let leaving = futures::future::join_all(leaving);
+        match tokio::time::timeout(CONSUMER_LEAVE, leaving).await {
+            Ok(joined) => {
+                for result in joined {
+                    result?;
+                }
+                stage("the consumers have left the group");
             }
+            Err(_) => tracing::warn!(
+                bound_ms = CONSUMER_LEAVE.as_millis() as u64,
+                "A consumer did not leave the group in time; it is left behind, and the group \
+                 reassigns its partitions after kafka.session_timeout_ms."
+            ),
         }
         let _ = server.await;
         match background_failure {
@@ -237,6 +262,9 @@ pub async fn run(
         ),
     }
 }
+
+/// How long the stopping worker waits for its consumers to leave the group.
+const CONSUMER_LEAVE: Duration = Duration::from_secs(5);
 
 /// Waits for every lane and returns the first failure. A lane that fails stops the
 /// consumer (through `cancel`), so the other lanes receive their end, commit what they

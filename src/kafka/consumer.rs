@@ -502,6 +502,7 @@ impl ConsumerThread {
         if self.thread.join().is_err() {
             tracing::error!("The consumer thread panicked.");
         }
+        tracing::debug!("The consumer thread has ended; the consumer leaves the group.");
         self.consumer.unsubscribe();
     }
 }
