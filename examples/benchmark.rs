@@ -50,6 +50,8 @@ use serde_json::{json, Value};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 
+/// Relations listed by name in the summary's WAL by relation (the JSON has them all).
+const WAL_SHARES_SHOWN: usize = 16;
 /// Modules the stream enables (any handle but `seat` is an advanced module).
 const MODULES: [&str; 4] = ["gamification", "live-stream", "networking", "analytics"];
 /// Organizations the latency phase uses: none of them ever gets a grant.
@@ -580,6 +582,7 @@ impl Bench<'_> {
             meter_stop.clone(),
         );
         let wal_start = wal_bytes(&pool).await;
+        let wal_window = WalWindow::open(&pool, &format!("bench_{}_{label}", self.run_id)).await;
         let checkpoints_start = checkpoints(&pool).await;
         let mut next_sample = started + Duration::from_secs(1);
         let done_at = loop {
@@ -653,6 +656,7 @@ impl Bench<'_> {
         // After the worker's sessions ended, so that their statistics are all flushed.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let tables = table_statistics(&pool).await;
+        let wal_by_relation = wal_window.attribute(&pool).await;
         pool.close().await;
         Ok(RunResult {
             label: label.to_owned(),
@@ -671,6 +675,7 @@ impl Bench<'_> {
             stop_seconds,
             log,
             wal_bytes: wal,
+            wal_by_relation,
             checkpoints,
             tables,
         })
@@ -2918,6 +2923,9 @@ struct RunResult {
     log: LogScan,
     /// WAL written by the whole PostgreSQL server during the run.
     wal_bytes: i64,
+    /// The run's WAL by the relation its records change (pg_walinspect), largest first,
+    /// or why it could not be read.
+    wal_by_relation: Result<Vec<WalShare>, String>,
     /// Checkpoints the server made during the run (timed and requested).
     checkpoints: i64,
     /// pg_stat_user_tables of the run's database after the run.
@@ -2930,6 +2938,94 @@ async fn wal_bytes(pool: &PgPool) -> i64 {
         .fetch_one(pool)
         .await
         .unwrap_or(0)
+}
+
+/// The WAL a relation's records took in a run.
+struct WalShare {
+    /// The table or index, or what a record without a relation is (commits and the like).
+    relation: String,
+    records: i64,
+    /// Whole records, full-page images included.
+    bytes: i64,
+    /// Of which full-page images (the first change of a page after a checkpoint).
+    fpi_bytes: i64,
+}
+
+/// A stretch of WAL kept for reading afterwards: a physical replication slot, reserved at
+/// once (from the last checkpoint on), holds every segment from the window's start, the
+/// position after the slot was made, whatever checkpoints come meanwhile.
+struct WalWindow {
+    slot: String,
+    start: Result<String, String>,
+}
+
+impl WalWindow {
+    async fn open(pool: &PgPool, slot: &str) -> Self {
+        let start = sqlx::query_scalar::<_, String>(
+            "SELECT pg_current_wal_lsn()::text
+               FROM pg_create_physical_replication_slot($1, true)",
+        )
+        .bind(slot)
+        .fetch_one(pool)
+        .await
+        .map_err(|error| format!("no replication slot ({error})"));
+        Self {
+            slot: slot.to_owned(),
+            start,
+        }
+    }
+
+    /// The WAL from the window's start to now, by relation (of the run's database), and
+    /// the slot dropped.
+    async fn attribute(self, pool: &PgPool) -> Result<Vec<WalShare>, String> {
+        let result = match &self.start {
+            Ok(start) => Self::read(pool, start)
+                .await
+                .map_err(|error| error.to_string()),
+            Err(error) => Err(error.clone()),
+        };
+        if self.start.is_ok() {
+            let _ = sqlx::query("SELECT pg_drop_replication_slot($1)")
+                .bind(&self.slot)
+                .execute(pool)
+                .await;
+        }
+        result
+    }
+
+    async fn read(pool: &PgPool, start: &str) -> sqlx::Result<Vec<WalShare>> {
+        sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+            .execute(pool)
+            .await?;
+        let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+            "WITH records AS (
+                 SELECT regexp_match(block_ref, 'rel \\d+/(\\d+)/(\\d+)') AS rel,
+                        resource_manager, record_type, record_length, fpi_length
+                   FROM pg_get_wal_records_info($1::pg_lsn, pg_current_wal_lsn()))
+             SELECT CASE
+                      WHEN r.rel IS NULL THEN '(' || r.resource_manager || ' ' || r.record_type || ')'
+                      WHEN r.rel[1]::oid <> d.oid THEN '(another database)'
+                      ELSE coalesce(c.relname, '(relation ' || r.rel[2] || ')')
+                    END AS relation,
+                    count(*)::bigint, sum(r.record_length)::bigint, sum(r.fpi_length)::bigint
+               FROM records r
+               JOIN pg_database d ON d.datname = current_database()
+               LEFT JOIN pg_class c ON c.relfilenode = r.rel[2]::oid AND r.rel[1]::oid = d.oid
+              GROUP BY 1 ORDER BY 3 DESC",
+        )
+        .bind(start)
+        .fetch_all(pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(relation, records, bytes, fpi_bytes)| WalShare {
+                relation,
+                records,
+                bytes,
+                fpi_bytes,
+            })
+            .collect())
+    }
 }
 
 /// Checkpoints so far (pg_stat_bgwriter), timed and requested.
@@ -3057,6 +3153,14 @@ impl RunResult {
             "exit_code": self.exit,
             "stop_seconds": self.stop_seconds,
             "wal_bytes": self.wal_bytes,
+            "wal_by_relation": match &self.wal_by_relation {
+                Ok(shares) => json!(shares.iter().map(|share| json!({
+                    "relation": share.relation, "records": share.records,
+                    "bytes": share.bytes, "fpi_bytes": share.fpi_bytes,
+                    "bytes_per_event": share.bytes as f64 / self.events.max(1) as f64,
+                })).collect::<Vec<_>>()),
+                Err(error) => json!({"error": error}),
+            },
             "checkpoints": self.checkpoints,
             "tables": self.tables,
             "log": {"warnings": self.log.warnings, "errors": self.log.errors,
@@ -3392,6 +3496,39 @@ impl Report {
                 m.checkpoints
             ),
         );
+        match &m.wal_by_relation {
+            Ok(shares) => {
+                line(
+                    &mut out,
+                    "    by relation (pg_walinspect): bytes per event (of which full-page images), records per event".into(),
+                );
+                let per_event = |n: i64| n as f64 / m.events.max(1) as f64;
+                for share in shares.iter().take(WAL_SHARES_SHOWN) {
+                    line(
+                        &mut out,
+                        format!(
+                            "      {:<40} {:>6.1} ({:>5.1}) B, {:>5.2} records",
+                            share.relation,
+                            per_event(share.bytes),
+                            per_event(share.fpi_bytes),
+                            per_event(share.records)
+                        ),
+                    );
+                }
+                let rest: i64 = shares
+                    .iter()
+                    .skip(WAL_SHARES_SHOWN)
+                    .map(|share| share.bytes)
+                    .sum();
+                if rest > 0 {
+                    line(
+                        &mut out,
+                        format!("      {:<40} {:>6.1} B", "(the rest)", per_event(rest)),
+                    );
+                }
+            }
+            Err(error) => line(&mut out, format!("    by relation: not read ({error})")),
+        }
         line(
             &mut out,
             "  tables: rows inserted / updated (HOT) / deleted; index scans, rows fetched by index; rows read by sequential scans".into(),
