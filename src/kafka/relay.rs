@@ -43,6 +43,10 @@ const MESSAGE_BYTES_MAX: usize = 1_000_000;
 /// queue (`queue.buffering.max.messages`, 100,000), so that a row of any size goes out in
 /// windows instead of overflowing the queue.
 const IN_FLIGHT_MAX: usize = 10_000;
+/// How long a message waits for the producer's queue to free a place when nothing of the
+/// relay's is in flight, and how many times before the round fails (about a second).
+const QUEUE_FULL_WAIT: Duration = Duration::from_millis(2);
+const QUEUE_FULL_WAITS: u32 = 500;
 /// The pause after a failed round, so a broker outage is not hammered.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 /// The relay's name on `/healthz`.
@@ -187,6 +191,7 @@ impl Relay {
                     Channel::PoolWarnings => &topics.pool_warnings,
                 };
                 let payload = self.payload_to_send(row.id, index, message);
+                let mut full_and_idle = 0;
                 loop {
                     while in_flight.len() >= IN_FLIGHT_MAX {
                         self.settle_oldest(&mut in_flight, &rows, &mut row_done, &mut failure)
@@ -210,6 +215,16 @@ impl Relay {
                         {
                             self.settle_oldest(&mut in_flight, &rows, &mut row_done, &mut failure)
                                 .await;
+                        }
+                        // A delivery is reported a moment before librdkafka frees its place
+                        // in the queue: with nothing left in flight the queue empties by
+                        // itself, so the message waits for it rather than failing the round
+                        // (which would send the row's acknowledged messages again).
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
+                            if full_and_idle < QUEUE_FULL_WAITS =>
+                        {
+                            full_and_idle += 1;
+                            tokio::time::sleep(QUEUE_FULL_WAIT).await;
                         }
                         Err((error, _)) => {
                             failure = Some((row.id, index, error));
