@@ -800,8 +800,9 @@ impl StateMessage {
     }
 }
 
-/// A message on `entitlement-ledger`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A message on `entitlement-ledger`; its fields are the ledger's columns of the same
+/// names, so the outbox reads it from a ledger row as it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct LedgerMessage {
     pub entry_id: Uuid,
     pub sequence: i64,

@@ -201,15 +201,72 @@ async fn a_batch_leaves_its_messages_in_one_outbox_row_read_whole_and_in_order()
     assert_eq!(
         kinds,
         [
+            "ledger",
+            "ledger",
             "dlq",
-            "ledger",
-            "ledger",
             "shortfalls",
             "pool_warnings",
             "state",
             "state"
         ]
     );
+    // The rows name their ledger entries by range instead of holding them a second time,
+    // and the messages read back are the ledger's rows.
+    type Ranges = (Vec<String>, Vec<i64>, Vec<i64>, i32, Vec<String>);
+    let stored: Vec<Ranges> = sqlx::query_as(
+        "SELECT ledger_orgs, ledger_first, ledger_last, ledger_messages, channels
+           FROM outbox ORDER BY id",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(stored.len(), 2);
+    assert_eq!(
+        (&stored[0].0, &stored[0].1, &stored[0].2, stored[0].3),
+        (&vec!["acme".to_owned()], &vec![1], &vec![2], 2)
+    );
+    assert_eq!(
+        (&stored[1].1, &stored[1].2, stored[1].3),
+        (&vec![3], &vec![4], 2)
+    );
+    assert!(stored
+        .iter()
+        .all(|row| !row.4.iter().any(|channel| channel == "ledger")));
+    let ledger: Vec<serde_json::Value> = sqlx::query_scalar(
+        "SELECT json_strip_nulls(json_build_object('entry_id', entry_id, 'sequence', sequence,
+                'org_id', org_id, 'product', product, 'kind', kind, 'quantity', quantity,
+                'workspace_id', workspace_id, 'pool_available_after', pool_available_after,
+                'caused_by', caused_by, 'grant_id', grant_id, 'actor', actor,
+                'recorded_at', recorded_at))
+           FROM ledger ORDER BY sequence",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    let published: Vec<serde_json::Value> = store
+        .pending_outbox(100)
+        .await
+        .unwrap()
+        .iter()
+        .flat_map(|row| &row.messages)
+        .filter(|message| message.channel.as_str() == "ledger")
+        .map(|message| {
+            assert_eq!(message.key.as_deref(), Some("acme"));
+            let mut value: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+            let at: DateTime<Utc> = value["recorded_at"].as_str().unwrap().parse().unwrap();
+            value["recorded_at"] = serde_json::json!(at.to_rfc3339());
+            value
+        })
+        .collect();
+    let ledger: Vec<serde_json::Value> = ledger
+        .into_iter()
+        .map(|mut value| {
+            let at: DateTime<Utc> = value["recorded_at"].as_str().unwrap().parse().unwrap();
+            value["recorded_at"] = serde_json::json!(at.to_rfc3339());
+            value
+        })
+        .collect();
+    assert_eq!(published, ledger);
     let sequences: Vec<i64> = rows[0]
         .messages
         .iter()
@@ -646,6 +703,10 @@ async fn the_upgrade_from_version_1_keeps_every_row_and_the_worker_goes_on_from_
             "lots.unlimited",
             "lots.drawn",
             "lots.expired",
+            "outbox.ledger_orgs",
+            "outbox.ledger_first",
+            "outbox.ledger_last",
+            "outbox.ledger_messages",
             "pools.revoked_total",
             "pools.unlimited",
             "pools.state_version",
@@ -659,6 +720,25 @@ async fn the_upgrade_from_version_1_keeps_every_row_and_the_worker_goes_on_from_
             "workspaces.life_event_id",
         ]
     );
+    // the row waiting in the outbox goes out as it was written, its ledger message inline,
+    let waiting: Vec<(Option<String>, String)> = store
+        .pending_outbox(100)
+        .await
+        .unwrap()
+        .iter()
+        .flat_map(|row| &row.messages)
+        .map(|message| {
+            (
+                message.key.clone(),
+                String::from_utf8(message.payload.clone()).unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        waiting,
+        [(Some("acme".to_owned()), r#"{"sequence":7}"#.to_owned())]
+    );
+    assert_eq!(store.outbox_backlog().await.unwrap(), 1);
     // each pool knows the input behind its last ledger entry, for its state messages,
     let causes: Vec<(String, Option<String>, String)> = sqlx::query_as(
         "SELECT p.product, p.last_cause,

@@ -9,9 +9,7 @@ use chrono::{DateTime, SubsecRound, Utc};
 
 use super::outbox::{Channel, OutboxMessage};
 use super::{Store, StoreError};
-use crate::codec::{
-    AlertMessage, DeadLetterMessage, LedgerMessage, PoolWarningMessage, Rejection, StateMessage,
-};
+use crate::codec::{AlertMessage, DeadLetterMessage, PoolWarningMessage, Rejection, StateMessage};
 use crate::domain::{Book, Input, LedgerKind, OrgId, Policy, Verdict, WorkspaceId};
 
 /// One consumed message and what decoding made of it.
@@ -236,7 +234,7 @@ impl Store {
         laps.lap(Stage::Core);
 
         super::write::write_book(&mut transaction, &book).await?;
-        super::outbox::insert(&mut transaction, &outbox).await?;
+        super::outbox::insert(&mut transaction, &book.ledger, &outbox).await?;
         report.next_offsets = next_offsets(&positions, &stored, &fresh);
         store_offsets(&mut transaction, &report.next_offsets).await?;
         laps.lap(Stage::Write);
@@ -317,7 +315,7 @@ impl Store {
         book.finish(now);
         let outbox = self.effects_to_publish(&book);
         super::write::write_book(&mut transaction, &book).await?;
-        super::outbox::insert(&mut transaction, &outbox).await?;
+        super::outbox::insert(&mut transaction, &book.ledger, &outbox).await?;
         transaction.commit().await?;
         report.count_effects(&book);
         Ok(report)
@@ -325,17 +323,11 @@ impl Store {
 }
 
 impl Store {
-    /// The ledger entries, alerts, pool warnings and (when the state topic is on) state
-    /// messages a book produced, as outbox messages in the order they were recorded: the
-    /// ledger, alerts and warnings keyed by organization, the state by its own key.
+    /// The alerts, pool warnings and (when the state topic is on) state messages a book
+    /// produced, as outbox messages in the order they were recorded: alerts and warnings
+    /// keyed by organization, the state by its own key. Its ledger entries go into the
+    /// outbox by range (`outbox::insert`).
     fn effects_to_publish(&self, book: &Book) -> Vec<OutboxMessage> {
-        let ledger = book.ledger.iter().map(|entry| {
-            OutboxMessage::new(
-                Channel::Ledger,
-                Some(entry.org_id.to_string()),
-                &LedgerMessage::from(entry),
-            )
-        });
         let alerts = book.alerts.iter().map(|alert| {
             OutboxMessage::new(
                 Channel::Shortfalls,
@@ -368,7 +360,7 @@ impl Store {
                 &PoolWarningMessage::from(warning),
             )
         });
-        ledger.chain(alerts).chain(warnings).chain(states).collect()
+        alerts.chain(warnings).chain(states).collect()
     }
 }
 

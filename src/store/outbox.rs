@@ -1,11 +1,16 @@
 //! The outbox: messages committed in the same transaction as the state they describe,
 //! one row per committed batch, published by the relay and removed once the broker
-//! acknowledged all its messages.
+//! acknowledged all its messages. A row names its batch's ledger entries by range (per
+//! organization, first and last sequence) rather than holding them a second time: the
+//! ledger is append-only, and the messages are rendered from its rows when the row is read.
 
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgConnection;
 
 use super::{Store, StoreError};
+use crate::codec::LedgerMessage;
+use crate::domain::LedgerEntry;
 
 /// Which output topic a row goes to; the topic name is resolved when it is published, so
 /// a renamed topic applies to rows already waiting.
@@ -67,35 +72,89 @@ impl OutboxMessage {
 pub struct OutboxRow {
     pub id: i64,
     /// When the transaction that wrote the row began: its commit came a little later.
-    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub created_at: DateTime<Utc>,
     pub messages: Vec<OutboxMessage>,
 }
 
-/// Writes a batch's messages as one row: the cost of the outbox is per batch, not per
-/// message. Returns the row's id, None when there was nothing to write.
+/// Per organization, the runs of consecutive sequences among `entries`: (organization,
+/// first, last), ordered by organization and sequence.
+fn ledger_ranges(entries: &[LedgerEntry]) -> Vec<(&str, i64, i64)> {
+    let mut named: Vec<(&str, i64)> = entries
+        .iter()
+        .map(|entry| (entry.org_id.as_str(), entry.sequence))
+        .collect();
+    named.sort_unstable();
+    let mut ranges: Vec<(&str, i64, i64)> = Vec::new();
+    for (org, sequence) in named {
+        match ranges.last_mut() {
+            Some((last_org, _, last)) if *last_org == org && *last + 1 == sequence => {
+                *last = sequence;
+            }
+            _ => ranges.push((org, sequence, sequence)),
+        }
+    }
+    ranges
+}
+
+/// Writes a batch's outputs as one row, its ledger `entries` (already written to the
+/// ledger in this transaction) by range and the other `messages` whole: the cost of the
+/// outbox is per batch, not per message. Returns the row's id, None when there was
+/// nothing to write.
 pub(super) async fn insert(
     connection: &mut PgConnection,
+    entries: &[LedgerEntry],
     messages: &[OutboxMessage],
 ) -> Result<Option<i64>, StoreError> {
-    if messages.is_empty() {
+    if messages.is_empty() && entries.is_empty() {
         return Ok(None);
     }
     let count = i32::try_from(messages.len()).expect("a batch holds fewer than 2^31 messages");
+    let ledger_count =
+        i32::try_from(entries.len()).expect("a batch holds fewer than 2^31 ledger entries");
     let channels: Vec<&str> = messages.iter().map(|m| m.channel.as_str()).collect();
     let keys: Vec<Option<&str>> = messages.iter().map(|m| m.key.as_deref()).collect();
     let payloads: Vec<&[u8]> = messages.iter().map(|m| m.payload.as_slice()).collect();
+    let ranges = ledger_ranges(entries);
+    let orgs: Vec<&str> = ranges.iter().map(|(org, _, _)| *org).collect();
+    let firsts: Vec<i64> = ranges.iter().map(|(_, first, _)| *first).collect();
+    let lasts: Vec<i64> = ranges.iter().map(|(_, _, last)| *last).collect();
     let id: i64 = sqlx::query_scalar(
-        "INSERT INTO outbox (messages, channels, message_keys, payloads)
-         VALUES ($1, $2::text[], $3::text[], $4::bytea[])
+        "INSERT INTO outbox (messages, channels, message_keys, payloads,
+                             ledger_orgs, ledger_first, ledger_last, ledger_messages)
+         VALUES ($1, $2::text[], $3::text[], $4::bytea[], $5::text[], $6::bigint[],
+                 $7::bigint[], $8)
          RETURNING id",
     )
     .bind(count)
     .bind(&channels)
     .bind(&keys)
     .bind(&payloads)
+    .bind(&orgs)
+    .bind(&firsts)
+    .bind(&lasts)
+    .bind(ledger_count)
     .fetch_one(&mut *connection)
     .await?;
     Ok(Some(id))
+}
+
+/// The ledger's rows in the ranges of the outbox rows `ids`, with the row that names each,
+/// in order of row, organization and sequence.
+const LEDGER_OF_ROWS: &str = "SELECT o.id, l.entry_id, l.sequence, l.org_id, l.product, l.kind,
+        l.quantity, l.workspace_id, l.pool_available_after, l.caused_by, l.grant_id, l.actor,
+        l.unlimited, l.recorded_at
+   FROM outbox o
+  CROSS JOIN LATERAL unnest(o.ledger_orgs, o.ledger_first, o.ledger_last) AS r (org_id, first, last)
+   JOIN ledger l ON l.org_id = r.org_id AND l.sequence BETWEEN r.first AND r.last
+  WHERE o.id = ANY($1) AND o.ledger_messages > 0
+  ORDER BY o.id, l.org_id, l.sequence";
+
+/// A ledger entry named by an outbox row, and the row.
+#[derive(sqlx::FromRow)]
+struct NamedEntry {
+    id: i64,
+    #[sqlx(flatten)]
+    message: LedgerMessage,
 }
 
 impl Store {
@@ -106,52 +165,76 @@ impl Store {
         // a round never reads more than it publishes.
         type Row = (
             i64,
-            chrono::DateTime<chrono::Utc>,
+            DateTime<Utc>,
             Vec<String>,
             Vec<Option<String>>,
             Vec<Vec<u8>>,
+            i32,
         );
         let rows: Vec<Row> = sqlx::query_as(
             "WITH head AS (
-                 SELECT id, sum(messages) OVER (ORDER BY id) - messages AS before
-                   FROM (SELECT id, messages FROM outbox ORDER BY id LIMIT $1) AS oldest
+                 SELECT id, total, sum(total) OVER (ORDER BY id) - total AS before
+                   FROM (SELECT id, messages + ledger_messages AS total
+                           FROM outbox ORDER BY id LIMIT $1) AS oldest
              )
-             SELECT o.id, o.created_at, o.channels, o.message_keys, o.payloads
+              SELECT o.id, o.created_at, o.channels, o.message_keys, o.payloads,
+                    o.ledger_messages
                FROM outbox o JOIN head h ON h.id = o.id
-              WHERE h.before = 0 OR h.before + o.messages <= $1
+              WHERE h.before = 0 OR h.before + h.total <= $1
               ORDER BY o.id",
         )
         .bind(limit_messages.max(1))
         .fetch_all(&self.pool)
         .await?;
+        let ids: Vec<i64> = rows.iter().map(|row| row.0).collect();
+        let ledger: Vec<NamedEntry> = sqlx::query_as(LEDGER_OF_ROWS)
+            .bind(&ids)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut ledger = ledger.into_iter().peekable();
         rows.into_iter()
-            .map(|(id, created_at, channels, keys, payloads)| {
-                if channels.len() != keys.len() || channels.len() != payloads.len() {
-                    return Err(StoreError::Corrupt(format!(
-                        "outbox row {id} has arrays of different lengths"
+            .map(
+                |(id, created_at, channels, keys, payloads, ledger_messages)| {
+                    if channels.len() != keys.len() || channels.len() != payloads.len() {
+                        return Err(StoreError::Corrupt(format!(
+                            "outbox row {id} has arrays of different lengths"
+                        )));
+                    }
+                    let mut messages = Vec::with_capacity(channels.len());
+                    while let Some(entry) = ledger.next_if(|entry| entry.id == id) {
+                        let key = Some(entry.message.org_id.clone());
+                        messages.push(OutboxMessage::new(Channel::Ledger, key, &entry.message));
+                    }
+                    if messages.len() != ledger_messages as usize {
+                        return Err(StoreError::Corrupt(format!(
+                        "outbox row {id} names {ledger_messages} ledger entries and the ledger \
+                         holds {} of them",
+                        messages.len()
                     )));
-                }
-                let messages = channels
-                    .into_iter()
-                    .zip(keys)
-                    .zip(payloads)
-                    .map(|((channel, key), payload)| {
-                        let channel = Channel::parse(&channel).ok_or_else(|| {
-                            StoreError::Corrupt(format!("outbox channel {channel:?}"))
-                        })?;
-                        Ok(OutboxMessage {
-                            channel,
-                            key,
-                            payload,
+                    }
+                    let inline = channels
+                        .into_iter()
+                        .zip(keys)
+                        .zip(payloads)
+                        .map(|((channel, key), payload)| {
+                            let channel = Channel::parse(&channel).ok_or_else(|| {
+                                StoreError::Corrupt(format!("outbox channel {channel:?}"))
+                            })?;
+                            Ok(OutboxMessage {
+                                channel,
+                                key,
+                                payload,
+                            })
                         })
+                        .collect::<Result<Vec<_>, StoreError>>()?;
+                    messages.extend(inline);
+                    Ok(OutboxRow {
+                        id,
+                        created_at,
+                        messages,
                     })
-                    .collect::<Result<_, StoreError>>()?;
-                Ok(OutboxRow {
-                    id,
-                    created_at,
-                    messages,
-                })
-            })
+                },
+            )
             .collect()
     }
 
@@ -167,7 +250,8 @@ impl Store {
     /// Messages of the rows up to `id` not yet published.
     pub async fn unpublished_up_to(&self, id: i64) -> Result<i64, StoreError> {
         Ok(sqlx::query_scalar(
-            "SELECT coalesce(sum(messages), 0)::bigint FROM outbox WHERE id <= $1",
+            "SELECT coalesce(sum(messages + ledger_messages), 0)::bigint FROM outbox
+              WHERE id <= $1",
         )
         .bind(id)
         .fetch_one(&self.pool)
@@ -176,10 +260,11 @@ impl Store {
 
     /// Messages committed and not yet published, for the gauge.
     pub async fn outbox_backlog(&self) -> Result<i64, StoreError> {
-        let (count,): (i64,) =
-            sqlx::query_as("SELECT coalesce(sum(messages), 0)::bigint FROM outbox")
-                .fetch_one(&self.pool)
-                .await?;
+        let (count,): (i64,) = sqlx::query_as(
+            "SELECT coalesce(sum(messages + ledger_messages), 0)::bigint FROM outbox",
+        )
+        .fetch_one(&self.pool)
+        .await?;
         Ok(count)
     }
 }

@@ -165,7 +165,7 @@ impl Store {
             messages.push(state_message(&change, None, true));
             queued.pools += 1;
         }
-        if let Some(row) = super::outbox::insert(&mut transaction, &messages).await? {
+        if let Some(row) = super::outbox::insert(&mut transaction, &[], &messages).await? {
             queued.last_row = Some(row);
         }
         progress(seen);
@@ -209,7 +209,7 @@ impl Store {
                 messages.push(state_message(&change, name.as_deref(), live));
                 queued.workspaces += 1;
             }
-            if let Some(row) = super::outbox::insert(&mut transaction, &messages).await? {
+            if let Some(row) = super::outbox::insert(&mut transaction, &[], &messages).await? {
                 queued.last_row = Some(row);
             }
             progress(seen);

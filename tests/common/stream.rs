@@ -536,7 +536,7 @@ pub async fn applied(pool: &PgPool) -> i64 {
 }
 
 pub async fn outbox_backlog(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT coalesce(sum(messages), 0)::bigint FROM outbox")
+    sqlx::query_scalar("SELECT coalesce(sum(messages + ledger_messages), 0)::bigint FROM outbox")
         .fetch_one(pool)
         .await
         .unwrap_or(-1)
