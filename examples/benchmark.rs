@@ -650,13 +650,14 @@ impl Bench<'_> {
             .map(|(_, body)| body)
             .unwrap_or_default();
         let wal = wal_bytes(&pool).await - wal_start;
+        let wal_end = wal_window.end(&pool).await;
         let checkpoints = checkpoints(&pool).await - checkpoints_start;
         let (exit, stop_seconds) = worker.terminate(Duration::from_secs(60));
         let log = scan_log(&worker.log);
         // After the worker's sessions ended, so that their statistics are all flushed.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let tables = table_statistics(&pool).await;
-        let wal_by_relation = wal_window.attribute(&pool).await;
+        let wal_by_relation = wal_window.attribute(&pool, wal_end).await;
         pool.close().await;
         Ok(RunResult {
             label: label.to_owned(),
@@ -1036,7 +1037,7 @@ async fn applied(pool: &PgPool) -> i64 {
 }
 
 async fn outbox_backlog(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT coalesce(sum(messages), 0)::bigint FROM outbox")
+    sqlx::query_scalar("SELECT coalesce(sum(messages + ledger_messages), 0)::bigint FROM outbox")
         .fetch_one(pool)
         .await
         .unwrap_or(-1)
@@ -2975,14 +2976,27 @@ impl WalWindow {
         }
     }
 
-    /// The WAL from the window's start to now, by relation (of the run's database), and
+    /// Where the window ends: the server's WAL position now.
+    async fn end(&self, pool: &PgPool) -> Result<String, String> {
+        sqlx::query_scalar::<_, String>("SELECT pg_current_wal_lsn()::text")
+            .fetch_one(pool)
+            .await
+            .map_err(|error| error.to_string())
+    }
+
+    /// The WAL from the window's start to `end`, by relation (of the run's database), and
     /// the slot dropped.
-    async fn attribute(self, pool: &PgPool) -> Result<Vec<WalShare>, String> {
-        let result = match &self.start {
-            Ok(start) => Self::read(pool, start)
+    async fn attribute(
+        self,
+        pool: &PgPool,
+        end: Result<String, String>,
+    ) -> Result<Vec<WalShare>, String> {
+        let result = match (&self.start, end) {
+            (Ok(start), Ok(end)) => Self::read(pool, start, &end)
                 .await
                 .map_err(|error| error.to_string()),
-            Err(error) => Err(error.clone()),
+            (Err(error), _) => Err(error.clone()),
+            (_, Err(error)) => Err(error),
         };
         if self.start.is_ok() {
             let _ = sqlx::query("SELECT pg_drop_replication_slot($1)")
@@ -2993,7 +3007,7 @@ impl WalWindow {
         result
     }
 
-    async fn read(pool: &PgPool, start: &str) -> sqlx::Result<Vec<WalShare>> {
+    async fn read(pool: &PgPool, start: &str, end: &str) -> sqlx::Result<Vec<WalShare>> {
         sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
             .execute(pool)
             .await?;
@@ -3001,7 +3015,7 @@ impl WalWindow {
             "WITH records AS (
                  SELECT regexp_match(block_ref, 'rel \\d+/(\\d+)/(\\d+)') AS rel,
                         resource_manager, record_type, record_length, fpi_length
-                   FROM pg_get_wal_records_info($1::pg_lsn, pg_current_wal_lsn()))
+                   FROM pg_get_wal_records_info($1::pg_lsn, $2::pg_lsn))
              SELECT CASE
                       WHEN r.rel IS NULL THEN '(' || r.resource_manager || ' ' || r.record_type || ')'
                       WHEN r.rel[1]::oid <> d.oid THEN '(another database)'
@@ -3014,6 +3028,7 @@ impl WalWindow {
               GROUP BY 1 ORDER BY 3 DESC",
         )
         .bind(start)
+        .bind(end)
         .fetch_all(pool)
         .await?;
         Ok(rows
