@@ -86,6 +86,12 @@ struct Args {
     /// Duration of each latency phase; 0 skips them.
     #[arg(long, default_value_t = 30)]
     latency_seconds: u64,
+    /// The worker's own instructions per event: two runs under valgrind's callgrind on the
+    /// stream's first N1 and first N2 events (each on topics and a database of its own),
+    /// and the difference of their counts over N2 - N1, so the start and the stop cancel
+    /// out. "none" skips them.
+    #[arg(long, default_value = "5000,25000")]
+    instructions_events: String,
     /// Seconds sent at the offered rate before each latency phase's measured seconds,
     /// and not counted: the first seconds of small fetches and produce requests after the
     /// catch-up runs' large ones ran seconds behind on a broker sharing two cores (its
@@ -360,7 +366,10 @@ async fn bench(
         .iter()
         .filter(|event| matches!(event.kind, Kind::Added | Kind::Cancelled))
         .count() as u64;
-    drop(events);
+    // Only the prefix the instruction counts replay is kept.
+    let counts = parse_sizes(&args.instructions_events, "--instructions-events")?;
+    let mut prefix = events;
+    prefix.truncate(counts.iter().copied().max().unwrap_or(0) as usize);
     let copy_limit = copy_limit(&main_settings.database.url, &copy_rows).await?;
     drop(copy_rows);
     println!(
@@ -401,6 +410,25 @@ async fn bench(
             .await;
     }
     lap(&mut phases, "end to end without the state topic");
+
+    // The worker's own instructions per event.
+    let instructions = match counts.as_slice() {
+        [] => Err("skipped (--instructions-events none)".to_owned()),
+        [first, second] if first < second => {
+            bench
+                .instructions(&prefix, &[*first as usize, *second as usize], cleanup)
+                .await
+        }
+        _ => bail!("--instructions-events takes two counts, the smaller first"),
+    };
+    match &instructions {
+        Ok(instructions) => println!("{}", instructions.one_line()),
+        Err(why) => println!("instructions per event: not measured ({why})"),
+    }
+    lap(
+        &mut phases,
+        "instructions per event (two runs under callgrind)",
+    );
 
     // State growth.
     let mut growth = Vec::new();
@@ -468,6 +496,7 @@ async fn bench(
         participant_events,
         main_run,
         without_state,
+        instructions,
         growth,
         latency,
         phases,
@@ -475,7 +504,170 @@ async fn bench(
     })
 }
 
+/// The worker's instructions over two prefixes of the stream (callgrind's `Ir`).
+struct Instructions {
+    /// (events, instructions, seconds under callgrind) per run, the smaller first.
+    runs: Vec<(usize, u64, f64)>,
+}
+
+impl Instructions {
+    /// Instructions per event between the two runs: what one more event costs.
+    fn per_event(&self) -> f64 {
+        let (small, large) = (&self.runs[0], &self.runs[1]);
+        (large.1 as f64 - small.1 as f64) / (large.0 - small.0).max(1) as f64
+    }
+
+    fn one_line(&self) -> String {
+        let runs: Vec<String> = self
+            .runs
+            .iter()
+            .map(|(events, instructions, seconds)| {
+                format!(
+                    "{} events {} instructions ({seconds:.0} s under callgrind)",
+                    fmt_int(*events as u64),
+                    fmt_int(*instructions)
+                )
+            })
+            .collect();
+        format!(
+            "instructions per event (the worker's own, valgrind --tool=callgrind): {}; {}",
+            fmt_int(self.per_event().max(0.0) as u64),
+            runs.join(", ")
+        )
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "per_event": self.per_event(),
+            "runs": self.runs.iter().map(|(events, instructions, seconds)| json!({
+                "events": events, "instructions": instructions, "seconds": seconds,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// Callgrind's total of instructions executed (its `summary:` line) in `path`.
+fn callgrind_total(path: &Path) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading callgrind's output {}", path.display()))?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("summary:"))
+        .and_then(|total| total.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no summary line in {}", path.display()))
+}
+
 impl Bench<'_> {
+    /// Runs the worker under callgrind on the first `counts[i]` events of the stream, each
+    /// run on input topics and a database of its own, until everything is applied and
+    /// published; the worker's instructions per run. Err says why it was not measured.
+    async fn instructions(
+        &self,
+        events: &[Event],
+        counts: &[usize],
+        cleanup: &mut Cleanup,
+    ) -> Result<Instructions, String> {
+        if Command::new("valgrind")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_err()
+        {
+            return Err("valgrind is not installed; scripts/bench.sh installs it".to_owned());
+        }
+        let mut runs = Vec::new();
+        for &count in counts {
+            let run = self
+                .instructions_run(&events[..count.min(events.len())], cleanup)
+                .await
+                .map_err(|error| format!("the run on {count} events failed: {error:#}"))?;
+            runs.push(run);
+        }
+        Ok(Instructions { runs })
+    }
+
+    async fn instructions_run(
+        &self,
+        events: &[Event],
+        cleanup: &mut Cleanup,
+    ) -> anyhow::Result<(usize, u64, f64)> {
+        let label = format!("instr{}", events.len());
+        let mut settings = self.fresh_run(&label, cleanup).await?;
+        let defaults = Settings::load(None)?.topics;
+        settings.topics.participant_added = format!(
+            "bench-{}-{label}-{}",
+            self.run_id, defaults.participant_added
+        );
+        settings.topics.participant_cancelled = format!(
+            "bench-{}-{label}-{}",
+            self.run_id, defaults.participant_cancelled
+        );
+        settings.topics.module_enabled =
+            format!("bench-{}-{label}-{}", self.run_id, defaults.module_enabled);
+        settings.topics.entitlement_granted = format!(
+            "bench-{}-{label}-{}",
+            self.run_id, defaults.entitlement_granted
+        );
+        settings.topics.transfer_requested = format!(
+            "bench-{}-{label}-{}",
+            self.run_id, defaults.transfer_requested
+        );
+        entitlement_worker::kafka::admin::create_topics(
+            &settings.kafka,
+            &settings.topics,
+            self.args.partitions,
+            1,
+        )
+        .await?;
+        let produced = {
+            let brokers = self.brokers.clone();
+            let topics = settings.topics.clone();
+            let events = events.to_vec();
+            tokio::task::spawn_blocking(move || produce_stream(&brokers, &topics, &events))
+                .await??
+        };
+        let total = produced.messages as i64;
+        let out = self.log_dir.join(format!("callgrind-{label}.out"));
+        let wrapper = [
+            "valgrind".to_owned(),
+            "--tool=callgrind".to_owned(),
+            format!("--callgrind-out-file={}", out.display()),
+        ];
+        let pool = monitor_pool(&settings.database.url).await?;
+        let mut worker = self.start_worker_under(&wrapper, &settings, &label)?;
+        let deadline = Duration::from_secs(self.args.run_timeout_seconds);
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if let Some(status) = worker.child.try_wait()? {
+                bail!(
+                    "the worker exited with {status} under callgrind; log {}:\n{}",
+                    worker.log.display(),
+                    worker.tail_of_log()
+                );
+            }
+            if worker.started.elapsed() > deadline {
+                bail!(
+                    "not done after {deadline:?} under callgrind (applied {} of {total})",
+                    applied(&pool).await
+                );
+            }
+            if applied(&pool).await >= total && outbox_backlog(&pool).await == 0 {
+                break;
+            }
+        }
+        let seconds = worker.started.elapsed().as_secs_f64();
+        let (exit, _) = worker.terminate(Duration::from_secs(300));
+        pool.close().await;
+        if exit != Some(0) {
+            bail!("the worker under callgrind exited with {exit:?}");
+        }
+        if !self.args.keep {
+            cleanup
+                .drop_now(&database_name(&settings.database.url))
+                .await;
+        }
+        Ok((events.len(), callgrind_total(&out)?, seconds))
+    }
+
     /// The settings of a run on a database of its own (created and migrated, dropped at
     /// the end) with output topics of its own, created.
     async fn fresh_run(&self, label: &str, cleanup: &mut Cleanup) -> anyhow::Result<Settings> {
@@ -528,6 +720,15 @@ impl Bench<'_> {
     }
 
     fn start_worker(&self, settings: &Settings, label: &str) -> anyhow::Result<WorkerProcess> {
+        self.start_worker_under(&[], settings, label)
+    }
+
+    fn start_worker_under(
+        &self,
+        wrapper: &[String],
+        settings: &Settings,
+        label: &str,
+    ) -> anyhow::Result<WorkerProcess> {
         let mut arguments = Vec::new();
         if !self.args.worker_kafka_properties.is_empty() {
             let mut toml = String::from("[kafka.properties]\n");
@@ -549,6 +750,7 @@ impl Bench<'_> {
             extra.push((key.to_owned(), value.to_owned()));
         }
         WorkerProcess::start(
+            wrapper,
             &self.worker_bin,
             settings,
             &arguments,
@@ -1074,6 +1276,7 @@ fn topic_of(topics: &TopicSettings, kind: Kind) -> &str {
     }
 }
 
+#[derive(Clone)]
 struct Event {
     /// Milliseconds after the stream's start at which the platform produces it.
     produce_at: i64,
@@ -2260,7 +2463,10 @@ fn environment(settings: &Settings, metrics_address: &str) -> Vec<(String, Strin
 }
 
 impl WorkerProcess {
+    /// Starts `binary run`, under `wrapper` (a program and its arguments) when it is not
+    /// empty.
     fn start(
+        wrapper: &[String],
         binary: &Path,
         settings: &Settings,
         arguments: &[String],
@@ -2273,7 +2479,15 @@ impl WorkerProcess {
             .append(true)
             .open(log)?;
         let started = Instant::now();
-        let child = Command::new(binary)
+        let mut command = match wrapper.split_first() {
+            Some((program, leading)) => {
+                let mut command = Command::new(program);
+                command.args(leading).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let child = command
             .arg("run")
             .args(arguments)
             .env_clear()
@@ -3233,6 +3447,8 @@ struct Report {
     main_run: RunResult,
     /// The same stream with `state.publish = false`.
     without_state: RunResult,
+    /// The worker's instructions per event, or why they were not measured.
+    instructions: Result<Instructions, String>,
     growth: Vec<RunResult>,
     /// One latency phase per offered rate, in order.
     latency: Vec<LatencyResult>,
@@ -3636,6 +3852,15 @@ impl Report {
             }
         }
 
+        line(&mut out, String::new());
+        match &self.instructions {
+            Ok(instructions) => line(&mut out, instructions.one_line()),
+            Err(why) => line(
+                &mut out,
+                format!("instructions per event: not measured ({why})"),
+            ),
+        }
+
         let mut runs: Vec<&RunResult> = vec![&self.main_run];
         runs.extend(self.growth.iter());
         line(&mut out, String::new());
@@ -3794,7 +4019,7 @@ impl Report {
             "arguments": {
                 "events": self.args.events, "orgs": self.args.orgs, "seed": self.args.seed,
                 "partitions": self.args.partitions, "latency_rates": self.args.latency_rates,
-                "latency_seconds": self.args.latency_seconds, "latency_broker": self.args.latency_broker.name(), "latency_linger_ms": self.args.latency_linger_ms, "stored": self.args.stored,
+                "latency_seconds": self.args.latency_seconds, "instructions_events": self.args.instructions_events, "latency_broker": self.args.latency_broker.name(), "latency_linger_ms": self.args.latency_linger_ms, "stored": self.args.stored,
                 "batch_max_messages": self.args.batch_max_messages, "batch_max_wait_ms": self.args.batch_max_wait_ms,
                 "worker_kafka_properties": self.args.worker_kafka_properties,
                 "worker_env": self.args.worker_env,
@@ -3821,6 +4046,10 @@ impl Report {
             "ratio_to_slower_limit": self.main_run.rate() / slower,
             "end_to_end_without_state_topic": self.without_state.json(),
             "state_topic_rate_ratio": self.main_run.rate() / self.without_state.rate(),
+            "instructions": match &self.instructions {
+                Ok(instructions) => instructions.json(),
+                Err(why) => json!({"not_measured": why}),
+            },
             "latency": self.latency.iter().map(|l| json!({
                 "offered_rate": l.offered_rate, "produced": l.produced, "produce_seconds": l.produce_seconds,
                 "broker": l.on.name(),
