@@ -3233,7 +3233,13 @@ impl WalWindow {
              SELECT CASE
                       WHEN r.rel IS NULL THEN '(' || r.resource_manager || ' ' || r.record_type || ')'
                       WHEN r.rel[1]::oid <> d.oid THEN '(another database)'
-                      ELSE coalesce(c.relname, '(relation ' || r.rel[2] || ')')
+                      ELSE coalesce(
+                          (SELECT o.relname || ' (TOAST)' FROM pg_class o
+                            WHERE o.reltoastrelid = c.oid),
+                          (SELECT o.relname || ' (TOAST index)' FROM pg_index i
+                             JOIN pg_class o ON o.reltoastrelid = i.indrelid
+                            WHERE i.indexrelid = c.oid),
+                          c.relname, '(relation ' || r.rel[2] || ')')
                     END AS relation,
                     count(*)::bigint, sum(r.record_length)::bigint, sum(r.fpi_length)::bigint
                FROM records r
