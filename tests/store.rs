@@ -1312,6 +1312,58 @@ async fn a_module_enabled_while_it_becomes_automatic_never_waits_with_units_in_t
     }
 }
 
+#[tokio::test]
+async fn a_module_enabled_and_defined_automatic_in_one_batch_gets_its_unit() {
+    // Given an organization holding one unit of a module and no shortfall stored,
+    let store = store().await;
+    let now = Utc::now();
+    let grant = r#"{"event_id":"g-1","occurred_at":"2026-01-01T09:00:00Z","org_id":"acme","product":"q-and-a","quantity":1}"#;
+    store
+        .apply_batch(
+            &[inbound("granted", 0, InputKind::EntitlementGranted, grant)],
+            Policy::default(),
+            now,
+        )
+        .await
+        .unwrap();
+    // when one batch enables the module in a workspace (a shortfall opens: modules wait
+    // for a person) and then defines it automatic,
+    let enabled = r#"{"event_id":"m-1","occurred_at":"2026-01-01T09:00:01Z","org_id":"acme","workspace_id":"summit","module":"q-and-a"}"#;
+    let report = store
+        .apply_batch(
+            &[
+                inbound("enabled", 0, InputKind::ModuleEnabled, enabled),
+                definition(
+                    0,
+                    "d-1",
+                    "2026-01-01T09:00:02Z",
+                    "q-and-a",
+                    r#","assignment":"automatic""#,
+                ),
+            ],
+            Policy::default(),
+            now,
+        )
+        .await
+        .unwrap();
+    // then the definition fills the shortfall the batch opened: the unit moves, the pool
+    // is empty and nothing is left missing.
+    assert_eq!(report.ledger_total(), 1, "one transfer");
+    let consumption: (i64, i64) =
+        sqlx::query_as("SELECT required, allocated FROM consumption WHERE workspace_id = 'summit'")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(consumption, (1, 1));
+    let available: i64 = sqlx::query_scalar(
+        "SELECT available FROM pools WHERE org_id = 'acme' AND product = 'q-and-a'",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(available, 0);
+}
+
 /// A `workspace-updated` of acme's `summit` at `offset`.
 fn workspace_update(offset: i64, event_id: &str, at: DateTime<Utc>, fields: &str) -> Inbound {
     let payload = format!(

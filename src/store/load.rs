@@ -89,9 +89,15 @@ pub(super) async fn load_book<'a>(
     // batch, or a stored lot whose validity starts by `now`. Every other organization's
     // open shortfalls stay in the database; reloading them for each batch made the cost
     // of a batch grow with the shortfalls left open, which modules waiting for a person
-    // keep open for good.
+    // keep open for good. A batch that defines a product loads them for all its
+    // organizations: a shortfall of the module may open earlier in the same batch, in an
+    // organization that had none in the database, and the definition must fill it too
+    // (definitions are rare, so the cost is too).
     let (crediting, not_crediting): (Vec<&OrgId>, Vec<&OrgId>) = orgs.iter().partition(|org_id| {
-        granting.contains(*org_id) || waiting.contains(*org_id) || has_lot_due(&book, org_id, now)
+        !defined.is_empty()
+            || granting.contains(*org_id)
+            || waiting.contains(*org_id)
+            || has_lot_due(&book, org_id, now)
     });
     book.shortfalls_not_loaded = not_crediting.into_iter().cloned().collect();
     if !crediting.is_empty() {
