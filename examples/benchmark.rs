@@ -92,6 +92,10 @@ struct Args {
     /// out. "none" skips them.
     #[arg(long, default_value = "5000,25000")]
     instructions_events: String,
+    /// Instances of the worker in one consumer group for the scale-out run: the same
+    /// stream on a fresh database, beside the single instance's run; 1 or 0 skips it.
+    #[arg(long, default_value_t = 2)]
+    instances: usize,
     /// Seconds sent at the offered rate before each latency phase's measured seconds,
     /// and not counted: the first seconds of small fetches and produce requests after the
     /// catch-up runs' large ones ran seconds behind on a broker sharing two cores (its
@@ -411,6 +415,31 @@ async fn bench(
     }
     lap(&mut phases, "end to end without the state topic");
 
+    // Scale-out: several instances in one group on the same stream, broker and database.
+    let scale_out = if args.instances > 1 {
+        let label = format!("x{}", args.instances);
+        let settings = bench.fresh_run(&label, cleanup).await?;
+        let run = bench
+            .instances_run(&label, &settings, total, args.instances)
+            .await?;
+        println!(
+            "{} instances in one group: {} events/s ({} with one, {:.0}%)",
+            args.instances,
+            fmt_int(run.rate() as u64),
+            fmt_int(main_run.rate() as u64),
+            100.0 * run.rate() / main_run.rate()
+        );
+        if !args.keep {
+            cleanup
+                .drop_now(&database_name(&settings.database.url))
+                .await;
+        }
+        lap(&mut phases, "end to end with several instances");
+        Some(run)
+    } else {
+        None
+    };
+
     // The worker's own instructions per event.
     let instructions = match counts.as_slice() {
         [] => Err("skipped (--instructions-events none)".to_owned()),
@@ -496,12 +525,41 @@ async fn bench(
         participant_events,
         main_run,
         without_state,
+        scale_out,
         instructions,
         growth,
         latency,
         phases,
         total_seconds: all_started.elapsed().as_secs_f64(),
     })
+}
+
+/// The stream applied by several instances of the worker in one consumer group.
+struct ScaleOut {
+    instances: usize,
+    events: u64,
+    seconds: f64,
+    /// Per instance: peak RSS (KiB) and exit code.
+    workers: Vec<(u64, Option<i32>)>,
+    /// PostgreSQL's and the broker's cores and the machine's over the run.
+    cpu: CpuShare,
+}
+
+impl ScaleOut {
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.seconds.max(1e-9)
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "instances": self.instances, "events": self.events, "seconds": self.seconds,
+            "events_per_second": self.rate(),
+            "workers": self.workers.iter().map(|(rss, exit)| json!({
+                "peak_rss_mib": *rss as f64 / 1024.0, "exit_code": exit,
+            })).collect::<Vec<_>>(),
+            "cpu": self.cpu.json(),
+        })
+    }
 }
 
 /// The worker's instructions over two prefixes of the stream (callgrind's `Ir`).
@@ -557,6 +615,63 @@ fn callgrind_total(path: &Path) -> anyhow::Result<u64> {
 }
 
 impl Bench<'_> {
+    /// Starts `instances` workers in one consumer group on `settings` and measures until
+    /// `total` messages are applied and the outbox is empty.
+    async fn instances_run(
+        &self,
+        label: &str,
+        settings: &Settings,
+        total: i64,
+        instances: usize,
+    ) -> anyhow::Result<ScaleOut> {
+        let pool = monitor_pool(&settings.database.url).await?;
+        let mut workers = Vec::new();
+        for instance in 0..instances {
+            workers.push(self.start_worker(settings, &format!("{label}-{instance}"))?);
+        }
+        let started = workers[0].started;
+        let meter_stop = Arc::new(AtomicBool::new(false));
+        let meter = meter_in_background(
+            CpuMeter::new(workers[0].child.id(), self.kafka_pid, self.clock_ticks),
+            meter_stop.clone(),
+        );
+        let deadline = Duration::from_secs(self.args.run_timeout_seconds);
+        let seconds = loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            for worker in &mut workers {
+                if let Some(status) = worker.child.try_wait()? {
+                    bail!(
+                        "a worker exited with {status} during run {label}; log {}:\n{}",
+                        worker.log.display(),
+                        worker.tail_of_log()
+                    );
+                }
+            }
+            if started.elapsed() > deadline {
+                bail!("run {label}: not done after {deadline:?}");
+            }
+            if applied(&pool).await >= total && outbox_backlog(&pool).await == 0 {
+                break started.elapsed().as_secs_f64();
+            }
+        };
+        meter_stop.store(true, Ordering::SeqCst);
+        let cpu = meter.await?;
+        let mut summary = Vec::new();
+        for worker in &mut workers {
+            let rss = proc_status_kib(worker.child.id(), "VmHWM").unwrap_or(0);
+            let (exit, _) = worker.terminate(Duration::from_secs(60));
+            summary.push((rss, exit));
+        }
+        pool.close().await;
+        Ok(ScaleOut {
+            instances,
+            events: total as u64,
+            seconds,
+            workers: summary,
+            cpu,
+        })
+    }
+
     /// Runs the worker under callgrind on the first `counts[i]` events of the stream, each
     /// run on input topics and a database of its own, until everything is applied and
     /// published; the worker's instructions per run. Err says why it was not measured.
@@ -3453,6 +3568,8 @@ struct Report {
     main_run: RunResult,
     /// The same stream with `state.publish = false`.
     without_state: RunResult,
+    /// The same stream with several instances in one group, if it ran.
+    scale_out: Option<ScaleOut>,
     /// The worker's instructions per event, or why they were not measured.
     instructions: Result<Instructions, String>,
     growth: Vec<RunResult>,
@@ -3859,6 +3976,21 @@ impl Report {
         }
 
         line(&mut out, String::new());
+        if let Some(run) = &self.scale_out {
+            line(
+                &mut out,
+                format!(
+                    "{} instances in one group (batch.lanes each as above), same stream, fresh database: {} events/s ({:.0}% of one instance's {}); peak RSS {}; exits {:?}",
+                    run.instances,
+                    fmt_int(run.rate() as u64),
+                    100.0 * run.rate() / self.main_run.rate(),
+                    fmt_int(self.main_run.rate() as u64),
+                    run.workers.iter().map(|(rss, _)| mib(*rss)).collect::<Vec<_>>().join(", "),
+                    run.workers.iter().map(|(_, exit)| *exit).collect::<Vec<_>>(),
+                ),
+            );
+            line(&mut out, format!("  {}", run.cpu.line()));
+        }
         match &self.instructions {
             Ok(instructions) => line(&mut out, instructions.one_line()),
             Err(why) => line(
@@ -4025,7 +4157,7 @@ impl Report {
             "arguments": {
                 "events": self.args.events, "orgs": self.args.orgs, "seed": self.args.seed,
                 "partitions": self.args.partitions, "latency_rates": self.args.latency_rates,
-                "latency_seconds": self.args.latency_seconds, "instructions_events": self.args.instructions_events, "latency_broker": self.args.latency_broker.name(), "latency_linger_ms": self.args.latency_linger_ms, "stored": self.args.stored,
+                "latency_seconds": self.args.latency_seconds, "instructions_events": self.args.instructions_events, "instances": self.args.instances, "latency_broker": self.args.latency_broker.name(), "latency_linger_ms": self.args.latency_linger_ms, "stored": self.args.stored,
                 "batch_max_messages": self.args.batch_max_messages, "batch_max_wait_ms": self.args.batch_max_wait_ms,
                 "worker_kafka_properties": self.args.worker_kafka_properties,
                 "worker_env": self.args.worker_env,
@@ -4052,6 +4184,7 @@ impl Report {
             "ratio_to_slower_limit": self.main_run.rate() / slower,
             "end_to_end_without_state_topic": self.without_state.json(),
             "state_topic_rate_ratio": self.main_run.rate() / self.without_state.rate(),
+            "scale_out": self.scale_out.as_ref().map(ScaleOut::json),
             "instructions": match &self.instructions {
                 Ok(instructions) => instructions.json(),
                 Err(why) => json!({"not_measured": why}),
