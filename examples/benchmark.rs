@@ -899,7 +899,7 @@ impl Bench<'_> {
             meter_stop.clone(),
         );
         let wal_start = wal_bytes(&pool).await;
-        let wal_window = WalWindow::open(&pool, &format!("bench_{}_{label}", self.run_id)).await;
+        let wal_window = WalWindow::open(&settings.database.url).await;
         let checkpoints_start = checkpoints(&pool).await;
         let mut next_sample = started + Duration::from_secs(1);
         let done_at = loop {
@@ -974,7 +974,7 @@ impl Bench<'_> {
         // After the worker's sessions ended, so that their statistics are all flushed.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let tables = table_statistics(&pool).await;
-        let wal_by_relation = wal_window.attribute(&pool, wal_end).await;
+        let wal_by_relation = wal_window.attribute(wal_end).await;
         pool.close().await;
         Ok(RunResult {
             label: label.to_owned(),
@@ -3281,26 +3281,36 @@ struct WalShare {
     fpi_bytes: i64,
 }
 
-/// A stretch of WAL kept for reading afterwards: a physical replication slot, reserved at
-/// once (from the last checkpoint on), holds every segment from the window's start, the
-/// position after the slot was made, whatever checkpoints come meanwhile.
+/// A stretch of WAL kept for reading afterwards: a temporary physical replication slot,
+/// reserved at once (from the last checkpoint on), holds every segment from the window's
+/// start, the position after the slot was made, whatever checkpoints come meanwhile. The
+/// slot lives as long as the window's own session, so a harness that dies leaves none.
 struct WalWindow {
-    slot: String,
+    session: Option<PgConnection>,
     start: Result<String, String>,
 }
 
 impl WalWindow {
-    async fn open(pool: &PgPool, slot: &str) -> Self {
+    async fn open(url: &str) -> Self {
+        let mut session = match PgConnection::connect(url).await {
+            Ok(session) => session,
+            Err(error) => {
+                return Self {
+                    session: None,
+                    start: Err(format!("no session for the WAL window ({error})")),
+                }
+            }
+        };
         let start = sqlx::query_scalar::<_, String>(
             "SELECT pg_current_wal_lsn()::text
-               FROM pg_create_physical_replication_slot($1, true)",
+               FROM pg_create_physical_replication_slot(
+                        'bench_wal_' || pg_backend_pid(), true, true)",
         )
-        .bind(slot)
-        .fetch_one(pool)
+        .fetch_one(&mut session)
         .await
         .map_err(|error| format!("no replication slot ({error})"));
         Self {
-            slot: slot.to_owned(),
+            session: Some(session),
             start,
         }
     }
@@ -3313,58 +3323,64 @@ impl WalWindow {
             .map_err(|error| error.to_string())
     }
 
-    /// The WAL from the window's start to `end`, by relation (of the run's database), and
-    /// the slot dropped.
-    async fn attribute(
-        self,
-        pool: &PgPool,
-        end: Result<String, String>,
-    ) -> Result<Vec<WalShare>, String> {
-        let result = match (&self.start, end) {
-            (Ok(start), Ok(end)) => Self::read(pool, start, &end)
+    /// The WAL from the window's start to `end`, by relation (of the run's database); the
+    /// slot goes with the session.
+    async fn attribute(self, end: Result<String, String>) -> Result<Vec<WalShare>, String> {
+        let (Some(mut session), Ok(start)) = (self.session, self.start.clone()) else {
+            return Err(self.start.err().unwrap_or_default());
+        };
+        let result = match end {
+            Ok(end) => Self::read(&mut session, &start, &end)
                 .await
                 .map_err(|error| error.to_string()),
-            (Err(error), _) => Err(error.clone()),
-            (_, Err(error)) => Err(error),
+            Err(error) => Err(error),
         };
-        if self.start.is_ok() {
-            let _ = sqlx::query("SELECT pg_drop_replication_slot($1)")
-                .bind(&self.slot)
-                .execute(pool)
-                .await;
-        }
+        let _ = session.close().await;
         result
     }
 
-    async fn read(pool: &PgPool, start: &str, end: &str) -> sqlx::Result<Vec<WalShare>> {
+    async fn read(
+        session: &mut PgConnection,
+        start: &str,
+        end: &str,
+    ) -> sqlx::Result<Vec<WalShare>> {
         sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
-            .execute(pool)
+            .execute(&mut *session)
             .await?;
+        // Summed by relation file first, named after: the names' lookups run once per
+        // relation, not once per record.
         let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
             "WITH records AS (
                  SELECT regexp_match(block_ref, 'rel \\d+/(\\d+)/(\\d+)') AS rel,
                         resource_manager, record_type, record_length, fpi_length
-                   FROM pg_get_wal_records_info($1::pg_lsn, $2::pg_lsn))
+                   FROM pg_get_wal_records_info($1::pg_lsn, $2::pg_lsn)),
+             by_file AS (
+                 SELECT rel[1]::oid AS database, rel[2]::oid AS file,
+                        CASE WHEN rel IS NULL
+                             THEN '(' || resource_manager || ' ' || record_type || ')' END AS kind,
+                        count(*) AS records, sum(record_length) AS bytes,
+                        sum(fpi_length) AS fpi_bytes
+                   FROM records GROUP BY 1, 2, 3)
              SELECT CASE
-                      WHEN r.rel IS NULL THEN '(' || r.resource_manager || ' ' || r.record_type || ')'
-                      WHEN r.rel[1]::oid <> d.oid THEN '(another database)'
+                      WHEN f.kind IS NOT NULL THEN f.kind
+                      WHEN f.database <> d.oid THEN '(another database)'
                       ELSE coalesce(
                           (SELECT o.relname || ' (TOAST)' FROM pg_class o
                             WHERE o.reltoastrelid = c.oid),
                           (SELECT o.relname || ' (TOAST index)' FROM pg_index i
                              JOIN pg_class o ON o.reltoastrelid = i.indrelid
                             WHERE i.indexrelid = c.oid),
-                          c.relname, '(relation ' || r.rel[2] || ')')
+                          c.relname, '(relation ' || f.file || ')')
                     END AS relation,
-                    count(*)::bigint, sum(r.record_length)::bigint, sum(r.fpi_length)::bigint
-               FROM records r
+                    sum(f.records)::bigint, sum(f.bytes)::bigint, sum(f.fpi_bytes)::bigint
+               FROM by_file f
                JOIN pg_database d ON d.datname = current_database()
-               LEFT JOIN pg_class c ON c.relfilenode = r.rel[2]::oid AND r.rel[1]::oid = d.oid
+               LEFT JOIN pg_class c ON c.relfilenode = f.file AND f.database = d.oid
               GROUP BY 1 ORDER BY 3 DESC",
         )
         .bind(start)
         .bind(end)
-        .fetch_all(pool)
+        .fetch_all(&mut *session)
         .await?;
         Ok(rows
             .into_iter()
