@@ -707,25 +707,20 @@ impl Bench<'_> {
     ) -> anyhow::Result<(usize, u64, f64)> {
         let label = format!("instr{}", events.len());
         let mut settings = self.fresh_run(&label, cleanup).await?;
-        let defaults = Settings::load(None)?.topics;
-        settings.topics.participant_added = format!(
-            "bench-{}-{label}-{}",
-            self.run_id, defaults.participant_added
-        );
-        settings.topics.participant_cancelled = format!(
-            "bench-{}-{label}-{}",
-            self.run_id, defaults.participant_cancelled
-        );
-        settings.topics.module_enabled =
-            format!("bench-{}-{label}-{}", self.run_id, defaults.module_enabled);
-        settings.topics.entitlement_granted = format!(
-            "bench-{}-{label}-{}",
-            self.run_id, defaults.entitlement_granted
-        );
-        settings.topics.transfer_requested = format!(
-            "bench-{}-{label}-{}",
-            self.run_id, defaults.transfer_requested
-        );
+        // Input topics of the run's own, named like the shared ones (`bench`).
+        let topics = &mut settings.topics;
+        for name in [
+            &mut topics.participant_added,
+            &mut topics.participant_cancelled,
+            &mut topics.module_enabled,
+            &mut topics.entitlement_granted,
+            &mut topics.transfer_requested,
+        ] {
+            let base = name
+                .rsplit_once(&format!("bench-{}-", self.run_id))
+                .map_or(name.as_str(), |(_, base)| base);
+            *name = format!("bench-{}-{label}-{base}", self.run_id);
+        }
         entitlement_worker::kafka::admin::create_topics(
             &settings.kafka,
             &settings.topics,

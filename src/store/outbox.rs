@@ -200,7 +200,8 @@ impl Store {
                             "outbox row {id} has arrays of different lengths"
                         )));
                     }
-                    let mut messages = Vec::with_capacity(channels.len());
+                    let mut messages =
+                        Vec::with_capacity(channels.len() + ledger_messages.max(0) as usize);
                     while let Some(entry) = ledger.next_if(|entry| entry.id == id) {
                         let key = Some(entry.message.org_id.clone());
                         messages.push(OutboxMessage::new(Channel::Ledger, key, &entry.message));
