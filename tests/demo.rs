@@ -90,8 +90,18 @@ fn the_demo_prints_each_steps_effects_under_it_in_the_order_they_happened() {
         .filter(|line| line.contains(" transfer "))
         .count();
     assert_eq!(transfers, 10, "ten seats move: {join:#?}");
+    // The alerts follow the transfers. The joins may fall into one batch or two (a batch
+    // folds its changes into one alert), so "1 missing" may come before "2 missing"; the
+    // last alert says 2.
+    let alerts: Vec<usize> = (0..join.len())
+        .filter(|&index| join[index].starts_with("ALERT"))
+        .collect();
+    assert!(
+        !alerts.is_empty() && alerts.len() <= 2 && alerts[0] == 10,
+        "the alerts follow the transfers: {join:#?}"
+    );
     let open = position(join, "ALERT    OPEN summit-2026 seat: 2 missing");
-    assert_eq!(open, 10, "the alert follows the transfers: {join:#?}");
+    assert_eq!(open, *alerts.last().unwrap(), "the last alert: {join:#?}");
     // However the worker batched the joins, the pool ends low: 0 of 10 left, the threshold
     // 10% of 10.
     assert_eq!(
