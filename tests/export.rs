@@ -871,17 +871,30 @@ async fn insert_large_organization(pool: &PgPool, org_id: &str, workspaces: i64,
          VALUES ($1, 'seat', $4 - ($3 - 1), $4, $3 - 1, 0)",
         "INSERT INTO workspaces (workspace_id, org_id)
          SELECT $1 || '-ws-' || lpad(n::text, 6, '0'), $1 FROM generate_series(1, $2) n",
-        "INSERT INTO ledger (org_id, sequence, entry_id, product, kind, quantity, workspace_id,
-                             pool_available_after, caused_by, actor, recorded_at)
-         SELECT $1, 1, md5($1 || '/1')::uuid, 'seat', 'grant', $4, NULL, $4, 'g-big', NULL,
-                timestamptz '2026-01-01 00:00:00+00'",
-        "INSERT INTO ledger (org_id, sequence, entry_id, product, kind, quantity, workspace_id,
-                             pool_available_after, caused_by, actor, recorded_at)
-         SELECT $1, s, md5($1 || '/' || s)::uuid, 'seat', 'transfer', 1,
-                $1 || '-ws-' || lpad((1 + (s - 2) % $2)::text, 6, '0'),
-                $4 - (s - 1), 'a-' || s, NULL,
-                timestamptz '2026-01-01 00:00:00+00' + s * interval '1 second'
-           FROM generate_series(2, $3) s",
+        "INSERT INTO ledger_blocks (org_id, first_sequence, last_sequence, entry_ids, products,
+                                    kinds, quantities, workspace_ids, pool_available_after,
+                                    caused_by, grant_ids, actors, unlimited, recorded_at)
+         SELECT $1, 1, 1, ARRAY[md5($1 || '/1')::uuid], '{seat}', '{grant}', ARRAY[$4::bigint],
+                '{NULL}', ARRAY[$4::bigint], '{g-big}', '{NULL}', '{NULL}', '{false}',
+                ARRAY[timestamptz '2026-01-01 00:00:00+00']",
+        // The transfers in blocks of 1,000 entries, as batches would have written them.
+        "INSERT INTO ledger_blocks (org_id, first_sequence, last_sequence, entry_ids, products,
+                                    kinds, quantities, workspace_ids, pool_available_after,
+                                    caused_by, grant_ids, actors, unlimited, recorded_at)
+         SELECT $1, f, l, array_agg(md5($1 || '/' || s)::uuid ORDER BY s),
+                array_agg('seat'::text ORDER BY s), array_agg('transfer'::text ORDER BY s),
+                array_agg(1::bigint ORDER BY s),
+                array_agg($1 || '-ws-' || lpad((1 + (s - 2) % $2)::text, 6, '0') ORDER BY s),
+                array_agg($4 - (s - 1) ORDER BY s), array_agg('a-' || s ORDER BY s),
+                array_agg(NULL::text ORDER BY s), array_agg(NULL::text ORDER BY s),
+                array_agg(false ORDER BY s),
+                array_agg(timestamptz '2026-01-01 00:00:00+00' + s * interval '1 second'
+                          ORDER BY s)
+           FROM generate_series(2, $3, 1000) f
+          CROSS JOIN LATERAL (SELECT least(f + 999, $3) AS l) last
+          CROSS JOIN LATERAL generate_series(f, l) s
+          GROUP BY f, l
+          ORDER BY f",
         "INSERT INTO consumption (workspace_id, product, org_id, required, allocated,
                                   shortfall_since)
          SELECT w.workspace_id, 'seat', $1,

@@ -341,11 +341,19 @@ async fn superuser(settings: &Settings) -> sqlx::PgConnection {
 }
 
 #[tokio::test]
-async fn verify_fails_on_a_ledger_row_changed_by_a_superuser() {
+async fn verify_fails_on_a_ledger_entry_changed_by_a_superuser() {
     let (settings, _store) = known_ledger().await;
     // Triggers (the append-only guard among them) do not fire for a replica session.
-    let text = verify_after_tampering(&settings, "SET session_replication_role = replica;
-         UPDATE ledger SET quantity = quantity + 5 WHERE org_id = 'acme' AND kind = 'grant' AND product = 'seat';",).await;
+    let text = verify_after_tampering(
+        &settings,
+        "SET session_replication_role = replica;
+         UPDATE ledger_blocks b SET quantities[g.n] = b.quantities[g.n] + 5
+           FROM (SELECT l.first_sequence, e.n
+                   FROM ledger_blocks l, unnest(l.kinds, l.products) WITH ORDINALITY AS e (k, p, n)
+                  WHERE l.org_id = 'acme' AND e.k = 'grant' AND e.p = 'seat') g
+          WHERE b.org_id = 'acme' AND b.first_sequence = g.first_sequence;",
+    )
+    .await;
     assert!(
         text.contains("FAIL every entry's pool_available_after"),
         "{text}"
@@ -353,13 +361,14 @@ async fn verify_fails_on_a_ledger_row_changed_by_a_superuser() {
 }
 
 #[tokio::test]
-async fn verify_fails_on_a_ledger_row_deleted_with_the_guard_disabled() {
+async fn verify_fails_on_a_ledger_block_deleted_with_the_guard_disabled() {
     let (settings, _store) = known_ledger().await;
     let mut connection = superuser(&settings).await;
     sqlx::raw_sql(
-        "ALTER TABLE ledger DISABLE TRIGGER ledger_no_update_or_delete;
-         DELETE FROM ledger WHERE org_id = 'acme' AND sequence = 3;
-         ALTER TABLE ledger ENABLE TRIGGER ledger_no_update_or_delete;",
+        "ALTER TABLE ledger_blocks DISABLE TRIGGER ledger_no_update_or_delete;
+         DELETE FROM ledger_blocks
+          WHERE org_id = 'acme' AND 3 BETWEEN first_sequence AND last_sequence;
+         ALTER TABLE ledger_blocks ENABLE TRIGGER ledger_no_update_or_delete;",
     )
     .execute(&mut connection)
     .await
@@ -501,8 +510,11 @@ async fn verify_fails_on_revocations_edited_by_hand() {
     let text = verify_after_tampering(
         &settings,
         "SET session_replication_role = replica;
-         UPDATE ledger SET grant_id = 'g-globex'
-          WHERE org_id = 'globex' AND kind = 'revocation' AND grant_id = 'g-late';
+         UPDATE ledger_blocks b SET grant_ids[r.n] = 'g-globex'
+           FROM (SELECT l.first_sequence, e.n
+                   FROM ledger_blocks l, unnest(l.kinds, l.grant_ids) WITH ORDINALITY AS e (k, g, n)
+                  WHERE l.org_id = 'globex' AND e.k = 'revocation' AND e.g = 'g-late') r
+          WHERE b.org_id = 'globex' AND b.first_sequence = r.first_sequence;
          UPDATE revocations SET applied = false WHERE org_id = 'globex' AND event_id = 'r-part';",
     )
     .await;

@@ -759,8 +759,9 @@ async fn the_upgrade_from_version_1_keeps_every_row_and_the_worker_goes_on_from_
         .collect();
     assert_eq!(
         new_tables,
-        ["pool_warnings", "products", "revocations"],
-        "the catalogue's, the revocations' and the pool warnings'"
+        ["ledger_blocks", "pool_warnings", "products", "revocations"],
+        "the ledger's blocks (the ledger is their view now), the catalogue's, the \
+         revocations' and the pool warnings'"
     );
 
     // nothing was revoked before: each lot's grant is dated the earlier of its start of
@@ -879,16 +880,39 @@ async fn the_upgrade_from_version_1_keeps_every_row_and_the_worker_goes_on_from_
         .as_deref(),
         Some("pool_balance")
     );
-    assert_eq!(
-        refused_by(
-            store.pool(),
-            "INSERT INTO ledger (org_id, sequence, entry_id, product, kind, quantity,
-                                 pool_available_after, caused_by, recorded_at)
-                  VALUES ('acme', 8, gen_random_uuid(), 'seat', 'revocation', 2, 0, 'r-0', now())"
+    // the ledger's blocks refuse an entry that breaks its rules, a block whose arrays do not
+    // match its sequences, and a block that does not follow the organization's last,
+    let block = |first: i64, last: i64, kinds: &str, grants: &str| {
+        format!(
+            "INSERT INTO ledger_blocks (org_id, first_sequence, last_sequence, entry_ids,
+                                        products, kinds, quantities, workspace_ids,
+                                        pool_available_after, caused_by, grant_ids, actors,
+                                        unlimited, recorded_at)
+             VALUES ('acme', {first}, {last}, ARRAY[gen_random_uuid()], '{{seat}}', '{kinds}',
+                     '{{2}}', '{{NULL}}', '{{0}}', '{{r-0}}', '{grants}', '{{NULL}}',
+                     '{{false}}', ARRAY[now()])"
         )
+    };
+    assert_eq!(
+        refused_by(store.pool(), &block(8, 8, "{revocation}", "{NULL}"))
+            .await
+            .as_deref(),
+        Some("ledger_entries_consistent")
+    );
+    assert_eq!(
+        refused_by(store.pool(), &block(8, 9, "{revocation}", "{g-seat}"))
+            .await
+            .as_deref(),
+        Some("ledger_blocks_sizes")
+    );
+    let gap = sqlx::query(&block(9, 9, "{revocation}", "{g-seat}"))
+        .execute(store.pool())
         .await
-        .as_deref(),
-        Some("ledger_revocation_names_its_grant")
+        .expect_err("a block after a gap");
+    assert!(
+        gap.to_string()
+            .contains("the ledger of acme is gapless: a block from sequence 9 cannot follow 7"),
+        "{gap}"
     );
 
     // and the worker goes on from the upgraded state: a new participant draws one of the

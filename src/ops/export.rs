@@ -184,12 +184,14 @@ pub async fn export(
     let sources = source_lines(&mut tx, org_id).await?;
     let totals = product_totals(&mut tx, org_id).await?;
     let workspace_total: u64 = totals.iter().map(|total| total.rows).sum();
-    let ledger_total: u64 =
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM ledger WHERE org_id = $1")
-            .bind(org_id)
-            .fetch_one(&mut *tx)
-            .await?
-            .try_into()?;
+    let ledger_total: u64 = sqlx::query_scalar::<_, i64>(
+        "SELECT coalesce(sum(last_sequence - first_sequence + 1), 0)::bigint
+               FROM ledger_blocks WHERE org_id = $1",
+    )
+    .bind(org_id)
+    .fetch_one(&mut *tx)
+    .await?
+    .try_into()?;
     let workspace_rows = workspace_total.min(DATA_ROWS_MAX);
     let ledger_rows = ledger_total.min(DATA_ROWS_MAX);
     let omitted_workspaces = workspace_total - workspace_rows;

@@ -37,15 +37,24 @@ pub struct HistoryQuery {
     pub limit: i64,
 }
 
-const SELECT_ENTRIES: &str = "SELECT sequence, recorded_at, kind, product, quantity, workspace_id,
-        pool_available_after, caused_by, grant_id, actor, entry_id
-   FROM ledger
-  WHERE org_id = $1
-    AND ($2::text IS NULL OR workspace_id = $2)
-    AND ($3::text IS NULL OR product = $3)
-    AND ($4::timestamptz IS NULL OR recorded_at >= $4)
-    AND ($5::bigint IS NULL OR sequence < $5)
-  ORDER BY sequence DESC
+/// Newest first: the organization's blocks by their primary key backwards, each block's
+/// entries last first, so a page reads only the blocks it shows (and those it skips by the
+/// filters).
+const SELECT_ENTRIES: &str = "SELECT b.first_sequence + e.n - 1 AS sequence, e.recorded_at,
+        e.kind, e.product, e.quantity, e.workspace_id, e.pool_available_after, e.caused_by,
+        e.grant_id, e.actor, e.entry_id
+   FROM ledger_blocks b
+  CROSS JOIN LATERAL unnest(b.entry_ids, b.products, b.kinds, b.quantities, b.workspace_ids,
+                            b.pool_available_after, b.caused_by, b.grant_ids, b.actors,
+                            b.recorded_at)
+        WITH ORDINALITY AS e (entry_id, product, kind, quantity, workspace_id,
+                              pool_available_after, caused_by, grant_id, actor, recorded_at, n)
+  WHERE b.org_id = $1
+    AND ($2::text IS NULL OR e.workspace_id = $2)
+    AND ($3::text IS NULL OR e.product = $3)
+    AND ($4::timestamptz IS NULL OR e.recorded_at >= $4)
+    AND ($5::bigint IS NULL OR (b.first_sequence < $5 AND b.first_sequence + e.n - 1 < $5))
+  ORDER BY b.first_sequence DESC, e.n DESC
   LIMIT $6";
 
 /// One page of entries, newest first.

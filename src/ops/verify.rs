@@ -246,9 +246,16 @@ pub async fn verify(pool: &PgPool) -> anyhow::Result<Verification> {
     let mut revocation_entries: Vec<RevocationEntry> = Vec::new();
     let mut entries = 0_u64;
     let mut rows = sqlx::query_as::<_, Entry>(
-        "SELECT org_id, sequence, entry_id, product, kind, quantity, workspace_id,
-                pool_available_after, caused_by, grant_id, unlimited
-           FROM ledger ORDER BY org_id, sequence",
+        "SELECT b.org_id, b.first_sequence + e.n - 1 AS sequence, e.entry_id, e.product,
+                e.kind, e.quantity, e.workspace_id, e.pool_available_after, e.caused_by,
+                e.grant_id, e.unlimited
+           FROM ledger_blocks b
+          CROSS JOIN LATERAL unnest(b.entry_ids, b.products, b.kinds, b.quantities,
+                                    b.workspace_ids, b.pool_available_after, b.caused_by,
+                                    b.grant_ids, b.unlimited)
+                WITH ORDINALITY AS e (entry_id, product, kind, quantity, workspace_id,
+                                      pool_available_after, caused_by, grant_id, unlimited, n)
+          ORDER BY b.org_id, b.first_sequence, e.n",
     )
     .fetch(&mut *transaction);
     while let Some(entry) = rows.try_next().await? {

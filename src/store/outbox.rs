@@ -2,7 +2,8 @@
 //! one row per committed batch, published by the relay and removed once the broker
 //! acknowledged all its messages. A row names its batch's ledger entries by range (per
 //! organization, first and last sequence) rather than holding them a second time: the
-//! ledger is append-only, and the messages are rendered from its rows when the row is read.
+//! ledger is append-only, and the messages are rendered from its blocks when the row is
+//! read.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -138,16 +139,25 @@ pub(super) async fn insert(
     Ok(Some(id))
 }
 
-/// The ledger's rows in the ranges of the outbox rows `ids`, with the row that names each,
-/// in order of row, organization and sequence.
-const LEDGER_OF_ROWS: &str = "SELECT o.id, l.entry_id, l.sequence, l.org_id, l.product, l.kind,
-        l.quantity, l.workspace_id, l.pool_available_after, l.caused_by, l.grant_id, l.actor,
-        l.unlimited, l.recorded_at
+/// The ledger's entries in the ranges of the outbox rows `ids`, with the row that names
+/// each, in order of row, organization and sequence. A range is one block of the ledger
+/// (the batch's entries of one organization), or several where the entries were stored
+/// one block each before blocks were written per batch.
+const LEDGER_OF_ROWS: &str = "SELECT o.id, e.entry_id, b.first_sequence + e.n - 1 AS sequence,
+        b.org_id, e.product, e.kind, e.quantity, e.workspace_id, e.pool_available_after,
+        e.caused_by, e.grant_id, e.actor, e.unlimited, e.recorded_at
    FROM outbox o
   CROSS JOIN LATERAL unnest(o.ledger_orgs, o.ledger_first, o.ledger_last) AS r (org_id, first, last)
-   JOIN ledger l ON l.org_id = r.org_id AND l.sequence BETWEEN r.first AND r.last
+   JOIN ledger_blocks b ON b.org_id = r.org_id AND b.first_sequence BETWEEN r.first AND r.last
+  CROSS JOIN LATERAL unnest(b.entry_ids, b.products, b.kinds, b.quantities, b.workspace_ids,
+                            b.pool_available_after, b.caused_by, b.grant_ids, b.actors,
+                            b.unlimited, b.recorded_at)
+        WITH ORDINALITY AS e (entry_id, product, kind, quantity, workspace_id,
+                              pool_available_after, caused_by, grant_id, actor, unlimited,
+                              recorded_at, n)
   WHERE o.id = ANY($1) AND o.ledger_messages > 0
-  ORDER BY o.id, l.org_id, l.sequence";
+    AND b.first_sequence + e.n - 1 <= r.last
+  ORDER BY o.id, b.org_id COLLATE \"C\", b.first_sequence, e.n";
 
 /// A ledger entry named by an outbox row, and the row.
 #[derive(sqlx::FromRow)]

@@ -6,8 +6,8 @@ use sqlx::PgConnection;
 use super::StoreError;
 use crate::codec::entry_id;
 use crate::domain::{
-    Assignment, Book, Consumption, ParticipantId, ParticipantRecord, Product, RevocationTarget,
-    WarningNumbers, WorkspaceId,
+    Assignment, Book, Consumption, LedgerEntry, ParticipantId, ParticipantRecord, Product,
+    RevocationTarget, WarningNumbers, WorkspaceId,
 };
 
 pub(super) async fn write_book(
@@ -606,55 +606,93 @@ async fn write_processed(connection: &mut PgConnection, book: &Book) -> Result<(
     Ok(())
 }
 
+/// One block of the ledger as stored (migration 20261207000001): an organization's
+/// entries of one batch, consecutive sequences, one array element per entry. The field
+/// order is the table's column order: blocks are bound as an array of its row type.
+#[derive(sqlx::Type)]
+#[sqlx(type_name = "ledger_blocks")]
+struct LedgerBlock {
+    org_id: String,
+    first_sequence: i64,
+    last_sequence: i64,
+    entry_ids: Vec<uuid::Uuid>,
+    products: Vec<String>,
+    kinds: Vec<String>,
+    quantities: Vec<i64>,
+    workspace_ids: Vec<Option<String>>,
+    pool_available_after: Vec<i64>,
+    caused_by: Vec<String>,
+    grant_ids: Vec<Option<String>>,
+    actors: Vec<Option<String>>,
+    unlimited: Vec<bool>,
+    recorded_at: Vec<DateTime<Utc>>,
+}
+
+impl LedgerBlock {
+    fn new(first: &LedgerEntry) -> Self {
+        Self {
+            org_id: first.org_id.to_string(),
+            first_sequence: first.sequence,
+            last_sequence: first.sequence - 1,
+            entry_ids: Vec::new(),
+            products: Vec::new(),
+            kinds: Vec::new(),
+            quantities: Vec::new(),
+            workspace_ids: Vec::new(),
+            pool_available_after: Vec::new(),
+            caused_by: Vec::new(),
+            grant_ids: Vec::new(),
+            actors: Vec::new(),
+            unlimited: Vec::new(),
+            recorded_at: Vec::new(),
+        }
+    }
+
+    /// Whether `entry` is the next entry of this block's organization.
+    fn continued_by(&self, entry: &LedgerEntry) -> bool {
+        self.org_id == entry.org_id.as_str() && self.last_sequence + 1 == entry.sequence
+    }
+
+    fn push(&mut self, entry: &LedgerEntry) {
+        self.last_sequence = entry.sequence;
+        self.entry_ids.push(entry_id(&entry.org_id, entry.sequence));
+        self.products.push(entry.product.to_string());
+        self.kinds.push(entry.kind.as_str().to_owned());
+        self.quantities.push(entry.quantity);
+        self.workspace_ids
+            .push(entry.workspace_id.as_ref().map(|ws| ws.to_string()));
+        self.pool_available_after.push(entry.pool_available_after);
+        self.caused_by.push(entry.caused_by.to_string());
+        self.grant_ids
+            .push(entry.grant_id.as_ref().map(|grant| grant.to_string()));
+        self.actors.push(entry.actor.clone());
+        self.unlimited.push(entry.unlimited);
+        self.recorded_at.push(entry.recorded_at);
+    }
+}
+
+/// Appends the batch's ledger entries as one block per organization: the batch recorded
+/// each organization's entries under its row lock, consecutive from its last sequence.
 async fn write_ledger(connection: &mut PgConnection, book: &Book) -> Result<(), StoreError> {
     if book.ledger.is_empty() {
         return Ok(());
     }
-    let entries = &book.ledger;
-    let orgs: Vec<&str> = entries.iter().map(|e| e.org_id.as_str()).collect();
-    let sequences: Vec<i64> = entries.iter().map(|e| e.sequence).collect();
-    let ids: Vec<uuid::Uuid> = entries
-        .iter()
-        .map(|e| entry_id(&e.org_id, e.sequence))
-        .collect();
-    let products: Vec<&str> = entries.iter().map(|e| e.product.as_str()).collect();
-    let kinds: Vec<&str> = entries.iter().map(|e| e.kind.as_str()).collect();
-    let quantities: Vec<i64> = entries.iter().map(|e| e.quantity).collect();
-    let workspaces: Vec<Option<&str>> = entries
-        .iter()
-        .map(|e| e.workspace_id.as_ref().map(|ws| ws.as_str()))
-        .collect();
-    let after: Vec<i64> = entries.iter().map(|e| e.pool_available_after).collect();
-    let causes: Vec<&str> = entries.iter().map(|e| e.caused_by.as_str()).collect();
-    let grants: Vec<Option<&str>> = entries
-        .iter()
-        .map(|e| e.grant_id.as_ref().map(|grant| grant.as_str()))
-        .collect();
-    let actors: Vec<Option<&str>> = entries.iter().map(|e| e.actor.as_deref()).collect();
-    let recorded: Vec<DateTime<Utc>> = entries.iter().map(|e| e.recorded_at).collect();
-    let unlimited: Vec<bool> = entries.iter().map(|e| e.unlimited).collect();
-    sqlx::query(
-        "INSERT INTO ledger (org_id, sequence, entry_id, product, kind, quantity, workspace_id,
-                             pool_available_after, caused_by, actor, recorded_at, grant_id,
-                             unlimited)
-         SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[],
-                              $6::bigint[], $7::text[], $8::bigint[], $9::text[], $10::text[],
-                              $11::timestamptz[], $12::text[], $13::boolean[])",
-    )
-    .bind(&orgs)
-    .bind(&sequences)
-    .bind(&ids)
-    .bind(&products)
-    .bind(&kinds)
-    .bind(&quantities)
-    .bind(&workspaces)
-    .bind(&after)
-    .bind(&causes)
-    .bind(&actors)
-    .bind(&recorded)
-    .bind(&grants)
-    .bind(&unlimited)
-    .execute(&mut *connection)
-    .await?;
+    let mut entries: Vec<&LedgerEntry> = book.ledger.iter().collect();
+    entries.sort_unstable_by(|a, b| (&a.org_id, a.sequence).cmp(&(&b.org_id, b.sequence)));
+    let mut blocks: Vec<LedgerBlock> = Vec::new();
+    for entry in entries {
+        match blocks.last_mut() {
+            Some(block) if block.continued_by(entry) => block.push(entry),
+            _ => {
+                let mut block = LedgerBlock::new(entry);
+                block.push(entry);
+                blocks.push(block);
+            }
+        }
+    }
+    sqlx::query("INSERT INTO ledger_blocks SELECT * FROM unnest($1::ledger_blocks[])")
+        .bind(&blocks)
+        .execute(&mut *connection)
+        .await?;
     Ok(())
 }
