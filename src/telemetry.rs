@@ -48,6 +48,8 @@ pub struct Metrics {
     pub open_shortfalls: IntGauge,
     pub open_pool_warnings: IntGaugeVec,
     pub outbox_backlog: IntGauge,
+    /// Outbox rows the relay published, by where their messages came from.
+    pub outbox_rows: IntCounterVec,
     pub consumer_lag: IntGaugeVec,
     pub published: IntCounterVec,
     pub publish_errors: IntCounter,
@@ -291,6 +293,11 @@ impl Metrics {
             outbox_backlog: gauge(
                 "entitlements_outbox_backlog",
                 "Committed messages not yet acknowledged by the broker.",
+            ),
+            outbox_rows: counter_vec(
+                "entitlements_outbox_rows_total",
+                "Outbox rows the relay took: source=\"memory\" kept since this instance committed them, source=\"database\" read back from PostgreSQL.",
+                &["source"],
             ),
             consumer_lag,
             published: counter_vec(

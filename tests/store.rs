@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Duration, SubsecRound, Utc};
 use entitlement_worker::codec::{decode, entry_id, InputKind};
 use entitlement_worker::domain::{OrgId, Policy};
-use entitlement_worker::store::{Inbound, Store};
+use entitlement_worker::store::{Inbound, OutboxRow, RowSources, Store};
 use serde_json::json;
 
 fn inbound(topic: &str, offset: i64, kind: InputKind, payload: &str) -> Inbound {
@@ -287,6 +287,125 @@ async fn a_batch_leaves_its_messages_in_one_outbox_row_read_whole_and_in_order()
     let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
     store.remove_published(&ids).await.unwrap();
     assert_eq!(store.outbox_backlog().await.unwrap(), 0);
+}
+
+/// An outbox row as the relay publishes it: id, when it was committed, and per message its
+/// channel, key and payload.
+type ShownRow = (i64, DateTime<Utc>, Vec<(String, Option<String>, String)>);
+
+#[tokio::test]
+async fn the_relay_publishes_from_memory_what_another_process_reads_back() {
+    // Given two batches committed by one process (a grant, joins, a bad message: ledger
+    // entries, an alert, a dead letter, a warning and state messages),
+    let settings = common::settings("unused:9092");
+    let committing = Store::connect(&settings.database).await.unwrap();
+    let now = Utc::now();
+    let grant = r#"{"event_id":"g1","occurred_at":"2026-01-01T09:00:00Z","org_id":"acme","product":"seat","quantity":2}"#;
+    let mut first = vec![inbound("granted", 0, InputKind::EntitlementGranted, grant)];
+    first.extend((1..=3).map(|n| {
+        inbound(
+            "added",
+            n - 1,
+            InputKind::ParticipantAdded,
+            &format!(r#"{{"event_id":"a{n}","occurred_at":"2026-01-01T09:00:0{n}Z","org_id":"acme","workspace_id":"w","participant_id":"p{n}"}}"#),
+        )
+    }));
+    first.push(inbound("added", 3, InputKind::ParticipantAdded, "not json"));
+    committing
+        .apply_batch(&first, Policy::default(), now)
+        .await
+        .unwrap();
+    let grant = r#"{"event_id":"g2","occurred_at":"2026-01-01T09:01:00Z","org_id":"globex","product":"seat","quantity":1}"#;
+    committing
+        .apply_batch(
+            &[inbound("granted", 1, InputKind::EntitlementGranted, grant)],
+            Policy::default(),
+            now,
+        )
+        .await
+        .unwrap();
+    // another process (which kept nothing) reads both rows back from the outbox,
+    let other = Store::connect(&settings.database).await.unwrap();
+    let (read_back, sources) = other.pending_outbox_from(100).await.unwrap();
+    assert_eq!(
+        sources,
+        RowSources {
+            from_memory: 0,
+            read_back: 2
+        }
+    );
+    // the committing process takes the same rows from memory, message for message,
+    let (kept, sources) = committing.pending_outbox_from(100).await.unwrap();
+    assert_eq!(
+        sources,
+        RowSources {
+            from_memory: 2,
+            read_back: 0
+        }
+    );
+    let shown = |rows: &[OutboxRow]| -> Vec<ShownRow> {
+        rows.iter()
+            .map(|row| {
+                let messages = row
+                    .messages
+                    .iter()
+                    .map(|m| {
+                        (
+                            m.channel.as_str().to_owned(),
+                            m.key.clone(),
+                            String::from_utf8(m.payload.clone()).unwrap(),
+                        )
+                    })
+                    .collect();
+                (row.id, row.created_at, messages)
+            })
+            .collect()
+    };
+    assert_eq!(shown(&kept), shown(&read_back));
+    let channels: std::collections::BTreeSet<&str> = kept[0]
+        .messages
+        .iter()
+        .map(|m| m.channel.as_str())
+        .collect();
+    assert_eq!(
+        channels,
+        ["dlq", "ledger", "pool_warnings", "shortfalls", "state"].into(),
+        "{:?}",
+        shown(&kept)
+    );
+    // and once taken, a row not published yet (a failed round) is read back.
+    let (again, sources) = committing.pending_outbox_from(100).await.unwrap();
+    assert_eq!(
+        sources,
+        RowSources {
+            from_memory: 0,
+            read_back: 2
+        }
+    );
+    assert_eq!(shown(&again), shown(&read_back));
+    // A relay that lost the lock forgets what it kept: the holder reads it back.
+    committing
+        .apply_batch(
+            &[inbound(
+                "granted",
+                2,
+                InputKind::EntitlementGranted,
+                r#"{"event_id":"g3","occurred_at":"2026-01-01T09:02:00Z","org_id":"globex","product":"seat","quantity":1}"#,
+            )],
+            Policy::default(),
+            now,
+        )
+        .await
+        .unwrap();
+    committing.forget_committed();
+    let (_, sources) = committing.pending_outbox_from(100).await.unwrap();
+    assert_eq!(
+        sources,
+        RowSources {
+            from_memory: 0,
+            read_back: 3
+        }
+    );
 }
 
 /// A new database with only the migrations older than `version`, as a worker of that

@@ -148,12 +148,22 @@ impl Relay {
     /// rows acknowledged whole. Returns how many messages those rows held.
     async fn round(&mut self) -> anyhow::Result<usize> {
         if !self.hold_lock().await? {
+            // The relay holding the lock reads this instance's rows back.
+            self.store.forget_committed();
             return Ok(0);
         }
-        let rows = self
+        let (rows, sources) = self
             .store
-            .pending_outbox(self.settings.outbox.batch_size)
+            .pending_outbox_from(self.settings.outbox.batch_size)
             .await?;
+        self.metrics
+            .outbox_rows
+            .with_label_values(&["memory"])
+            .inc_by(sources.from_memory as u64);
+        self.metrics
+            .outbox_rows
+            .with_label_values(&["database"])
+            .inc_by(sources.read_back as u64);
         if rows.is_empty() {
             self.health.done(HEALTH_PART);
             return Ok(0);

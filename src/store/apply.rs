@@ -234,11 +234,14 @@ impl Store {
         laps.lap(Stage::Core);
 
         super::write::write_book(&mut transaction, &book).await?;
-        super::outbox::insert(&mut transaction, &book.ledger, &outbox).await?;
+        let row = super::outbox::insert(&mut transaction, &book.ledger, &outbox).await?;
         report.next_offsets = next_offsets(&positions, &stored, &fresh);
         store_offsets(&mut transaction, &report.next_offsets).await?;
         laps.lap(Stage::Write);
         transaction.commit().await?;
+        if let Some(row) = row {
+            self.committed.keep(row, &book.ledger, outbox);
+        }
         laps.lap(Stage::Commit);
         report.stages = laps.laps;
         Ok(report)
@@ -315,8 +318,11 @@ impl Store {
         book.finish(now);
         let outbox = self.effects_to_publish(&book);
         super::write::write_book(&mut transaction, &book).await?;
-        super::outbox::insert(&mut transaction, &book.ledger, &outbox).await?;
+        let row = super::outbox::insert(&mut transaction, &book.ledger, &outbox).await?;
         transaction.commit().await?;
+        if let Some(row) = row {
+            self.committed.keep(row, &book.ledger, outbox);
+        }
         report.count_effects(&book);
         Ok(report)
     }

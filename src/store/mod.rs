@@ -15,7 +15,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
 
 pub use apply::{BatchReport, Inbound, Stage};
-pub use outbox::{Channel, OutboxMessage, OutboxRow};
+pub use outbox::{Channel, OutboxMessage, OutboxRow, RowSources};
 pub use snapshot::Queued;
 
 use crate::settings::DatabaseSettings;
@@ -91,6 +91,8 @@ pub struct Store {
     pool: PgPool,
     /// Whether batches publish their state changes on `entitlement-state`.
     publish_state: bool,
+    /// The outbox rows this process committed and its relay has not taken yet.
+    committed: std::sync::Arc<outbox::Committed>,
 }
 
 impl Store {
@@ -123,6 +125,7 @@ impl Store {
         Ok(Self {
             pool,
             publish_state: true,
+            committed: Default::default(),
         })
     }
 

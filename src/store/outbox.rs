@@ -5,6 +5,8 @@
 //! ledger is append-only, and the messages are rendered from its blocks when the row is
 //! read.
 
+use std::collections::{BTreeMap, HashMap};
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgConnection;
@@ -167,28 +169,119 @@ struct NamedEntry {
     message: LedgerMessage,
 }
 
+/// At most this many messages wait in memory for the relay (about 400 bytes each, 8 MiB in
+/// all): past that, rows are read back from the outbox like rows committed by other
+/// processes.
+const COMMITTED_MESSAGES_MAX: usize = 20_000;
+
+/// The messages of the outbox rows this process committed, kept from the commit until its
+/// relay takes them, so that the relay publishes them without reading them back (the
+/// ledger entries' rendering was most of that read). The outbox stays the record: a row
+/// not found here (committed by another instance, before a restart, or past the bound) is
+/// read from PostgreSQL, and a row taken here whose publishing fails is read from there in
+/// the next round.
+#[derive(Default)]
+pub(crate) struct Committed {
+    rows: std::sync::Mutex<CommittedRows>,
+}
+
+#[derive(Default)]
+struct CommittedRows {
+    by_id: BTreeMap<i64, Vec<OutboxMessage>>,
+    messages: usize,
+}
+
+impl Committed {
+    /// Keeps a committed row's messages, in the order `pending_outbox` reads them back:
+    /// the ledger entries by organization and sequence, then the others as written.
+    pub(super) fn keep(&self, id: i64, entries: &[LedgerEntry], messages: Vec<OutboxMessage>) {
+        let count = entries.len() + messages.len();
+        let mut rows = self
+            .rows
+            .lock()
+            .expect("the committed rows' lock is never poisoned");
+        if rows.messages + count > COMMITTED_MESSAGES_MAX {
+            return;
+        }
+        let mut ordered: Vec<&LedgerEntry> = entries.iter().collect();
+        ordered.sort_unstable_by(|a, b| (&a.org_id, a.sequence).cmp(&(&b.org_id, b.sequence)));
+        let mut all: Vec<OutboxMessage> = ordered
+            .into_iter()
+            .map(|entry| {
+                OutboxMessage::new(
+                    Channel::Ledger,
+                    Some(entry.org_id.to_string()),
+                    &LedgerMessage::from(entry),
+                )
+            })
+            .collect();
+        all.extend(messages);
+        rows.messages += count;
+        rows.by_id.insert(id, all);
+    }
+
+    /// Takes the rows `ids` (the oldest unpublished, in order) that are kept here, and
+    /// forgets rows older than the first of them: those were published by another relay.
+    fn take(&self, ids: &[i64]) -> HashMap<i64, Vec<OutboxMessage>> {
+        let mut rows = self
+            .rows
+            .lock()
+            .expect("the committed rows' lock is never poisoned");
+        let Some(&first) = ids.first() else {
+            return HashMap::new();
+        };
+        let newer = rows.by_id.split_off(&first);
+        let gone = std::mem::replace(&mut rows.by_id, newer);
+        let mut taken = HashMap::new();
+        for id in ids {
+            if let Some(messages) = rows.by_id.remove(id) {
+                taken.insert(*id, messages);
+            }
+        }
+        rows.messages = rows.by_id.values().map(Vec::len).sum();
+        drop(gone);
+        taken
+    }
+
+    /// Forgets every row: another instance's relay publishes them.
+    pub(crate) fn clear(&self) {
+        let mut rows = self
+            .rows
+            .lock()
+            .expect("the committed rows' lock is never poisoned");
+        rows.by_id.clear();
+        rows.messages = 0;
+    }
+}
+
+/// How many of the rows a relay round took came from memory and how many were read back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RowSources {
+    pub from_memory: usize,
+    pub read_back: usize,
+}
+
 impl Store {
     /// The oldest committed rows not yet published, in commit order per organization: as
     /// many whole rows as hold at most `limit_messages` messages, and at least one row.
+    /// Rows this process committed come from memory, the others from the outbox.
     pub async fn pending_outbox(&self, limit_messages: i64) -> Result<Vec<OutboxRow>, StoreError> {
-        // The row sizes are read first (without the payloads, which live out of line), so
-        // a round never reads more than it publishes.
-        type Row = (
-            i64,
-            DateTime<Utc>,
-            Vec<String>,
-            Vec<Option<String>>,
-            Vec<Vec<u8>>,
-            i32,
-        );
-        let rows: Vec<Row> = sqlx::query_as(
+        Ok(self.pending_outbox_from(limit_messages).await?.0)
+    }
+
+    /// `pending_outbox`, and where its rows came from.
+    pub async fn pending_outbox_from(
+        &self,
+        limit_messages: i64,
+    ) -> Result<(Vec<OutboxRow>, RowSources), StoreError> {
+        // The row sizes are read first, so a round never reads more than it publishes.
+        let head: Vec<(i64, DateTime<Utc>, i32, i32)> = sqlx::query_as(
             "WITH head AS (
                  SELECT id, total, sum(total) OVER (ORDER BY id) - total AS before
                    FROM (SELECT id, messages + ledger_messages AS total
                            FROM outbox ORDER BY id LIMIT $1) AS oldest
              )
-              SELECT o.id, o.created_at, o.channels, o.message_keys, o.payloads,
-                    o.ledger_messages
+              SELECT o.id, o.created_at, o.messages, o.ledger_messages
                FROM outbox o JOIN head h ON h.id = o.id
               WHERE h.before = 0 OR h.before + h.total <= $1
               ORDER BY o.id",
@@ -196,57 +289,105 @@ impl Store {
         .bind(limit_messages.max(1))
         .fetch_all(&self.pool)
         .await?;
-        let ids: Vec<i64> = rows.iter().map(|row| row.0).collect();
+        let ids: Vec<i64> = head.iter().map(|row| row.0).collect();
+        let mut kept = self.committed.take(&ids);
+        let unread: Vec<i64> = ids
+            .iter()
+            .copied()
+            .filter(|id| !kept.contains_key(id))
+            .collect();
+        let mut read = if unread.is_empty() {
+            HashMap::new()
+        } else {
+            self.read_outbox_rows(&unread).await?
+        };
+        let sources = RowSources {
+            from_memory: kept.len(),
+            read_back: unread.len(),
+        };
+        let rows = head
+            .into_iter()
+            .map(|(id, created_at, inline, ledger)| {
+                let messages = match kept.remove(&id) {
+                    Some(messages) => messages,
+                    None => read.remove(&id).ok_or_else(|| {
+                        StoreError::Corrupt(format!("outbox row {id} went while it was read"))
+                    })?,
+                };
+                let expected = inline.max(0) as usize + ledger.max(0) as usize;
+                if messages.len() != expected {
+                    return Err(StoreError::Corrupt(format!(
+                        "outbox row {id} holds {expected} messages, {} were found",
+                        messages.len()
+                    )));
+                }
+                Ok(OutboxRow {
+                    id,
+                    created_at,
+                    messages,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok((rows, sources))
+    }
+
+    /// The messages of the outbox rows `ids`, read back: the ledger entries they name,
+    /// rendered from the ledger, then the messages they hold.
+    async fn read_outbox_rows(
+        &self,
+        ids: &[i64],
+    ) -> Result<HashMap<i64, Vec<OutboxMessage>>, StoreError> {
+        type Row = (i64, Vec<String>, Vec<Option<String>>, Vec<Vec<u8>>, i32);
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT id, channels, message_keys, payloads, ledger_messages
+               FROM outbox WHERE id = ANY($1) ORDER BY id",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
         let ledger: Vec<NamedEntry> = sqlx::query_as(LEDGER_OF_ROWS)
-            .bind(&ids)
+            .bind(ids)
             .fetch_all(&self.pool)
             .await?;
         let mut ledger = ledger.into_iter().peekable();
         rows.into_iter()
-            .map(
-                |(id, created_at, channels, keys, payloads, ledger_messages)| {
-                    if channels.len() != keys.len() || channels.len() != payloads.len() {
-                        return Err(StoreError::Corrupt(format!(
-                            "outbox row {id} has arrays of different lengths"
-                        )));
-                    }
-                    let mut messages =
-                        Vec::with_capacity(channels.len() + ledger_messages.max(0) as usize);
-                    while let Some(entry) = ledger.next_if(|entry| entry.id == id) {
-                        let key = Some(entry.message.org_id.clone());
-                        messages.push(OutboxMessage::new(Channel::Ledger, key, &entry.message));
-                    }
-                    if messages.len() != ledger_messages as usize {
-                        return Err(StoreError::Corrupt(format!(
+            .map(|(id, channels, keys, payloads, ledger_messages)| {
+                if channels.len() != keys.len() || channels.len() != payloads.len() {
+                    return Err(StoreError::Corrupt(format!(
+                        "outbox row {id} has arrays of different lengths"
+                    )));
+                }
+                let mut messages =
+                    Vec::with_capacity(channels.len() + ledger_messages.max(0) as usize);
+                while let Some(entry) = ledger.next_if(|entry| entry.id == id) {
+                    let key = Some(entry.message.org_id.clone());
+                    messages.push(OutboxMessage::new(Channel::Ledger, key, &entry.message));
+                }
+                if messages.len() != ledger_messages as usize {
+                    return Err(StoreError::Corrupt(format!(
                         "outbox row {id} names {ledger_messages} ledger entries and the ledger \
                          holds {} of them",
                         messages.len()
                     )));
-                    }
-                    let inline = channels
-                        .into_iter()
-                        .zip(keys)
-                        .zip(payloads)
-                        .map(|((channel, key), payload)| {
-                            let channel = Channel::parse(&channel).ok_or_else(|| {
-                                StoreError::Corrupt(format!("outbox channel {channel:?}"))
-                            })?;
-                            Ok(OutboxMessage {
-                                channel,
-                                key,
-                                payload,
-                            })
-                        })
-                        .collect::<Result<Vec<_>, StoreError>>()?;
-                    messages.extend(inline);
-                    Ok(OutboxRow {
-                        id,
-                        created_at,
-                        messages,
-                    })
-                },
-            )
+                }
+                for ((channel, key), payload) in channels.into_iter().zip(keys).zip(payloads) {
+                    let channel = Channel::parse(&channel).ok_or_else(|| {
+                        StoreError::Corrupt(format!("outbox channel {channel:?}"))
+                    })?;
+                    messages.push(OutboxMessage {
+                        channel,
+                        key,
+                        payload,
+                    });
+                }
+                Ok((id, messages))
+            })
             .collect()
+    }
+
+    /// Forgets the rows kept in memory for the relay (which reads them back instead).
+    pub fn forget_committed(&self) {
+        self.committed.clear();
     }
 
     /// Removes rows the broker acknowledged.
